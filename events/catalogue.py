@@ -1,0 +1,280 @@
+"""The event catalogue: every decision the orchestrator makes, as a versioned pydantic model.
+
+Events are facts. They are never edited; state is a fold over them (see `events.projections`).
+Each type records `session_id` and, where they apply, `worker_id` and `task_id`. A change to
+an event's shape bumps its `version` and adds an upcaster, so old logs stay readable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelPolicy = Literal["sticky", "dynamic"]
+ModelSource = Literal["task", "session", "profile"]
+RejectReason = Literal[
+    "model_mismatch",
+    "policy_mismatch",
+    "profile_mismatch",
+    "process_gone",
+    "pid_recycled",
+    "health_failed",
+    "force_new",
+    "other_host",
+]
+
+
+def utcnow() -> datetime:
+    """The one clock every event is stamped with."""
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Base of every event. `version` is the schema version of the event type."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = 1
+    session_id: str
+    worker_id: str | None = None
+    task_id: str | None = None
+    timestamp: datetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def type_name(cls) -> str:
+        """The event's stable type name, used as the stored topic."""
+        return cls.__name__
+
+
+# --- session stream: model overrides -------------------------------------------------------
+
+
+class SessionOpened(Event):
+    """An orchestrator opened (or resumed) a session."""
+
+    resumed: bool
+    host: str
+    pid: int
+
+
+class WorkerModelSet(Event):
+    """A session pinned (sticky) or tagged (dynamic) a worker's model."""
+
+    version: int = 2
+    model_ref: str
+    resolved_model: str
+    model_policy: ModelPolicy
+    reason: str
+
+
+class WorkerModelReset(Event):
+    """A session dropped its override: the profile's configured model applies again."""
+
+    previous_model_ref: str | None = None
+
+
+# --- session stream: tasks -----------------------------------------------------------------
+
+
+class TaskStarted(Event):
+    """A task was accepted. `args` is the validated request, without secrets."""
+
+    kind: Literal["worker", "op"]
+    op: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelResolved(Event):
+    """Which model will serve a worker task, and which rule chose it."""
+
+    model_ref: str
+    resolved_model: str
+    model_policy: ModelPolicy
+    source: ModelSource
+    reason: str
+    override_position: int | None = None
+    fingerprint: str | None = None
+
+
+class TaskCompleted(Event):
+    """A task finished. Worker tasks carry the model and process that served them."""
+
+    model: str | None = None
+    response: str | None = None
+    result: dict[str, Any] | None = None
+    instance_id: str | None = None
+    pid: int | None = None
+
+
+class TaskFailed(Event):
+    """A well-formed task could not be done; `error` says what to do about it."""
+
+    error: str
+
+
+class TaskCancelled(Event):
+    """The caller cancelled a running task."""
+
+
+# --- memory stream ----------------------------------------------------------------------------
+
+
+class MemoryPut(Event):
+    """A note was written to the memory store."""
+
+    key: str
+    value: str
+    tags: list[str] = Field(default_factory=list)
+
+
+class MemoryLinked(Event):
+    """Two notes were linked."""
+
+    from_key: str
+    to_key: str
+    link_type: str
+
+
+class MemoryDone(Event):
+    """A task was summarised as done in the memory store."""
+
+    done_task_id: str
+    summary: str
+
+
+# --- registry stream: worker processes ---------------------------------------------------------
+
+
+class WorkerSpawnRequested(Event):
+    """A claim to spawn one process for (worker, fingerprint, host); others wait for it."""
+
+    claim_id: str
+    fingerprint: str
+    model: str
+    model_policy: ModelPolicy
+    host: str
+    claimant_pid: int
+    claimant_started_at: float
+    force_new: bool = False
+
+
+class WorkerSpawned(Event):
+    """A worker process was started (not yet known to answer)."""
+
+    claim_id: str | None = None
+    instance_id: str
+    backend: Literal["server", "agent"]
+    host: str
+    pid: int
+    pid_started_at: float
+    url: str | None = None
+    fingerprint: str
+    model: str
+    model_policy: ModelPolicy
+
+
+class WorkerReady(Event):
+    """The worker process printed READY and answers on its url."""
+
+    instance_id: str
+
+
+class WorkerSpawnFailed(Event):
+    """A spawn claim ended without a working process."""
+
+    claim_id: str
+    error: str
+
+
+class WorkerReused(Event):
+    """An existing worker process was taken for a request."""
+
+    instance_id: str
+    fingerprint: str
+
+
+class WorkerReuseRejected(Event):
+    """A registry candidate was not reused, and why."""
+
+    instance_id: str
+    reason: RejectReason
+    detail: str = ""
+    fingerprint: str = ""
+    requested_fingerprint: str = ""
+
+
+class WorkerStopped(Event):
+    """A worker process was asked to stop and is gone."""
+
+    instance_id: str
+    reason: str = "requested"
+
+
+class WorkerExited(Event):
+    """A worker process was found dead (or not the one recorded)."""
+
+    instance_id: str
+    detail: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type_name(): cls
+    for cls in (
+        SessionOpened,
+        WorkerModelSet,
+        WorkerModelReset,
+        TaskStarted,
+        ModelResolved,
+        TaskCompleted,
+        TaskFailed,
+        TaskCancelled,
+        MemoryPut,
+        MemoryLinked,
+        MemoryDone,
+        WorkerSpawnRequested,
+        WorkerSpawned,
+        WorkerReady,
+        WorkerSpawnFailed,
+        WorkerReused,
+        WorkerReuseRejected,
+        WorkerStopped,
+        WorkerExited,
+    )
+}
+
+TERMINAL_TASK_EVENTS = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled"})
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _model_set_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # v1 had no policy or reason: every v1 override was a pinned model.
+    return {
+        **data,
+        "version": 2,
+        "model_policy": data.get("model_policy", "sticky"),
+        "reason": data.get("reason", "explicit model (recorded before reasons were kept)"),
+    }
+
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("WorkerModelSet", 1): _model_set_v1_to_v2,
+}
+
+
+def upcast(type_name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a stored event's data up to its type's current version."""
+    version = int(data.get("version", 1))
+    while (type_name, version) in UPCASTERS:
+        data = UPCASTERS[(type_name, version)](data)
+        version = int(data["version"])
+    return data
+
+
+def event_from_data(type_name: str, data: dict[str, Any]) -> Event:
+    """Validate stored data (upcast first) into its event model."""
+    cls = EVENT_TYPES[type_name]
+    return cls.model_validate(upcast(type_name, data))

@@ -1,0 +1,301 @@
+"""Projections: state as folds over events, with no I/O.
+
+Each fold takes the state it owns, an event's type and (upcast) data, and returns the state.
+Folds update the state they are given in place rather than copying it: replaying a million
+events must not copy a growing dict a million times (ADR-0001). They are deterministic and
+touch nothing else, so the same fold serves live streams, snapshots and `replay`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from events.catalogue import ModelPolicy
+
+TaskStatus = Literal["running", "completed", "failed", "cancelled"]
+WorkerStatus = Literal["starting", "ready", "stopped", "exited"]
+
+
+class TaskRecord(BaseModel):
+    """A task as the caller sees it."""
+
+    task_id: str
+    kind: Literal["worker", "op"]
+    op: str | None = None
+    status: TaskStatus = "running"
+    worker_id: str | None = None
+    model: str | None = None
+    response: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    session_id: str
+
+
+class Override(BaseModel):
+    """A session's model override for one worker."""
+
+    worker_id: str
+    model_ref: str
+    resolved_model: str
+    model_policy: ModelPolicy
+    reason: str
+    set_at: datetime
+    set_by_task: str | None = None
+
+
+class SessionState(BaseModel):
+    """Everything one session decided: overrides and tasks."""
+
+    session_id: str
+    overrides: dict[str, Override] = Field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+
+
+class RegistryEntry(BaseModel):
+    """One worker process in the device registry."""
+
+    worker_id: str
+    instance_id: str
+    backend: Literal["server", "agent"] = "server"
+    host: str
+    pid: int
+    pid_started_at: float
+    url: str | None = None
+    status: WorkerStatus = "starting"
+    fingerprint: str
+    model: str
+    model_policy: ModelPolicy
+    session_id: str
+    started_at: datetime
+    updated_at: datetime
+
+    @property
+    def live(self) -> bool:
+        """Recorded as running (the process may still have died unseen)."""
+        return self.status in ("starting", "ready")
+
+
+class Claim(BaseModel):
+    """A pending claim to spawn one process for (worker, fingerprint, host)."""
+
+    claim_id: str
+    worker_id: str
+    fingerprint: str
+    host: str
+    claimant_pid: int
+    claimant_started_at: float
+    claimed_at: datetime
+    force_new: bool
+    session_id: str
+
+
+class RegistryState(BaseModel):
+    """The device registry: worker processes and in-flight spawn claims."""
+
+    entries: dict[str, RegistryEntry] = Field(default_factory=dict)
+    claims: dict[str, Claim] = Field(default_factory=dict)
+
+
+class Note(BaseModel):
+    """A memory note."""
+
+    key: str
+    value: str
+    tags: list[str]
+    session_id: str
+    updated_at: datetime
+
+
+class Link(BaseModel):
+    """A typed link between two memory notes."""
+
+    from_key: str
+    to_key: str
+    type: str
+
+
+class Done(BaseModel):
+    """A task summary recorded as done."""
+
+    task_id: str
+    summary: str
+    session_id: str
+
+
+class MemoryState(BaseModel):
+    """The memory store: notes, links and done summaries."""
+
+    notes: dict[str, Note] = Field(default_factory=dict)
+    links: list[Link] = Field(default_factory=list)
+    done: list[Done] = Field(default_factory=list)
+
+
+def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> SessionState:
+    """Fold one session-stream event."""
+    worker_id = data.get("worker_id")
+    task_id = data.get("task_id")
+    ts = _ts(data)
+    if type_ == "WorkerModelSet" and worker_id:
+        state.overrides[worker_id] = Override(
+            worker_id=worker_id,
+            model_ref=data["model_ref"],
+            resolved_model=data["resolved_model"],
+            model_policy=data["model_policy"],
+            reason=data["reason"],
+            set_at=ts,
+            set_by_task=task_id,
+        )
+    elif type_ == "WorkerModelReset" and worker_id:
+        state.overrides.pop(worker_id, None)
+    elif type_ == "TaskStarted" and task_id:
+        state.tasks[task_id] = TaskRecord(
+            task_id=task_id,
+            kind=data["kind"],
+            op=data.get("op"),
+            worker_id=worker_id,
+            started_at=ts,
+            session_id=state.session_id,
+        )
+    elif task_id in state.tasks:
+        _finish_task(state.tasks[task_id], type_, data)
+    return state
+
+
+def _finish_task(task: TaskRecord, type_: str, data: dict[str, Any]) -> None:
+    if task.status != "running":
+        return  # the first terminal event wins; a late completion after cancel changes nothing
+    if type_ == "TaskCompleted":
+        task.status = "completed"
+        task.model = data.get("model")
+        task.response = data.get("response")
+        task.result = data.get("result")
+    elif type_ == "TaskFailed":
+        task.status = "failed"
+        task.error = data["error"]
+    elif type_ == "TaskCancelled":
+        task.status = "cancelled"
+    else:
+        return
+    task.finished_at = _ts(data)
+
+
+def _ts(data: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(data["timestamp"])
+
+
+def apply_registry(state: RegistryState, type_: str, data: dict[str, Any]) -> RegistryState:
+    """Fold one registry-stream event."""
+    ts = _ts(data)
+    if type_ == "WorkerSpawnRequested":
+        state.claims[data["claim_id"]] = Claim(
+            claim_id=data["claim_id"],
+            worker_id=data["worker_id"],
+            fingerprint=data["fingerprint"],
+            host=data["host"],
+            claimant_pid=data["claimant_pid"],
+            claimant_started_at=data["claimant_started_at"],
+            claimed_at=ts,
+            force_new=data.get("force_new", False),
+            session_id=data["session_id"],
+        )
+    elif type_ == "WorkerSpawnFailed":
+        state.claims.pop(data["claim_id"], None)
+    elif type_ == "WorkerSpawned":
+        if data.get("claim_id"):
+            state.claims.pop(data["claim_id"], None)
+        state.entries[data["instance_id"]] = RegistryEntry(
+            worker_id=data["worker_id"],
+            instance_id=data["instance_id"],
+            backend=data["backend"],
+            host=data["host"],
+            pid=data["pid"],
+            pid_started_at=data["pid_started_at"],
+            url=data.get("url"),
+            fingerprint=data["fingerprint"],
+            model=data["model"],
+            model_policy=data["model_policy"],
+            session_id=data["session_id"],
+            started_at=ts,
+            updated_at=ts,
+        )
+    elif type_ in _REGISTRY_STATUS and data.get("instance_id") in state.entries:
+        entry = state.entries[data["instance_id"]]
+        status = _REGISTRY_STATUS[type_]
+        if status is not None and entry.live:
+            entry.status = status
+        entry.updated_at = ts
+    return state
+
+
+_REGISTRY_STATUS: dict[str, WorkerStatus | None] = {
+    "WorkerReady": "ready",
+    "WorkerReused": None,
+    "WorkerStopped": "stopped",
+    "WorkerExited": "exited",
+}
+
+
+def apply_memory(state: MemoryState, type_: str, data: dict[str, Any]) -> MemoryState:
+    """Fold one memory-stream event."""
+    if type_ == "MemoryPut":
+        state.notes[data["key"]] = Note(
+            key=data["key"],
+            value=data["value"],
+            tags=data.get("tags", []),
+            session_id=data["session_id"],
+            updated_at=_ts(data),
+        )
+    elif type_ == "MemoryLinked":
+        state.links.append(
+            Link(from_key=data["from_key"], to_key=data["to_key"], type=data["link_type"])
+        )
+    elif type_ == "MemoryDone":
+        state.done.append(
+            Done(
+                task_id=data["done_task_id"], summary=data["summary"], session_id=data["session_id"]
+            )
+        )
+    return state
+
+
+SESSION_TYPES = frozenset(
+    {
+        "SessionOpened",
+        "WorkerModelSet",
+        "WorkerModelReset",
+        "TaskStarted",
+        "ModelResolved",
+        "TaskCompleted",
+        "TaskFailed",
+        "TaskCancelled",
+    }
+)
+MEMORY_TYPES = frozenset({"MemoryPut", "MemoryLinked", "MemoryDone"})
+
+
+class LogState(BaseModel):
+    """The whole log folded: what `events.replay` returns."""
+
+    position: int = 0
+    registry: RegistryState = Field(default_factory=RegistryState)
+    sessions: dict[str, SessionState] = Field(default_factory=dict)
+    memory: MemoryState = Field(default_factory=MemoryState)
+
+
+def apply(state: LogState, position: int, type_: str, data: dict[str, Any]) -> LogState:
+    """Fold one event of the global log into the whole state."""
+    if type_ in SESSION_TYPES:
+        sid = data["session_id"]
+        session = state.sessions.get(sid) or SessionState(session_id=sid)
+        state.sessions[sid] = apply_session(session, type_, data)
+    elif type_ in MEMORY_TYPES:
+        apply_memory(state.memory, type_, data)
+    else:
+        apply_registry(state.registry, type_, data)
+    state.position = position
+    return state

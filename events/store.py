@@ -1,0 +1,287 @@
+"""The one event log, stored through the `eventsourcing` library's recorders.
+
+Streams are named (`session:<id>`, `registry`, `memory`). Appending to a stream at an expected
+version is the only write; a concurrent writer that got there first makes it raise
+`StreamConflict`, which is how decisions across threads, processes and hosts are serialised.
+Every appended event also gets a position in one total order (the notification log), which is
+what `events`, `replay` and `explain` read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+import structlog
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    InfrastructureFactory,
+    IntegrityError,
+    PersistenceError,
+    StoredEvent,
+)
+from eventsourcing.utils import Environment
+from pydantic import BaseModel
+
+from events.catalogue import Event, upcast
+
+_log = structlog.wrap_logger(
+    logging.getLogger("orchestrator.events"),
+    processors=[structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()],
+)
+
+
+class StoreError(RuntimeError):
+    """The store URL is bad or the store cannot be reached; the message says which."""
+
+
+class StreamConflict(RuntimeError):
+    """Another writer appended to the stream first: reload and decide again."""
+
+
+class EventRecord(BaseModel):
+    """One event as it sits in the log (the `events` view)."""
+
+    position: int
+    type: str
+    timestamp: datetime
+    session_id: str | None
+    worker_id: str | None
+    task_id: str | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """An event read back from one stream: its version there and its upcast data."""
+
+    version: int
+    type: str
+    data: dict[str, Any]
+
+
+def default_store_url() -> str:
+    """`ORCHESTRATOR_STORE`, else the per-user SQLite file every orchestrator process shares."""
+    env = os.environ.get("ORCHESTRATOR_STORE")
+    if env:
+        return env
+    return f"sqlite:///{state_dir() / 'events.db'}"
+
+
+def state_dir() -> Path:
+    """The user's state directory for this project, created user-only."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    path = Path(base) / "orchestrator"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _encode(event: Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def _decode(topic: str, state: bytes) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(state)
+    return upcast(topic, data)
+
+
+def record_from(position: int, topic: str, data: dict[str, Any]) -> EventRecord:
+    """Build the public record of a stored event."""
+    return EventRecord(
+        position=position,
+        type=topic,
+        timestamp=data["timestamp"],
+        session_id=data.get("session_id"),
+        worker_id=data.get("worker_id"),
+        task_id=data.get("task_id"),
+        data={
+            k: v
+            for k, v in data.items()
+            if k not in ("session_id", "worker_id", "task_id", "timestamp")
+        },
+    )
+
+
+class EventLog:
+    """An opened store: streams with optimistic concurrency, one ordered log, snapshots."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_store_url()
+        self.kind, env = _environment(self.url)
+        try:
+            self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
+            self._recorder: ApplicationRecorder = self._factory.application_recorder()
+            self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
+        except (PersistenceError, OSError) as exc:
+            raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def append(self, stream: str, events: Sequence[Event], expected_version: int) -> list[int]:
+        """Append events after `expected_version` of `stream`; returns their log positions.
+
+        Raises `StreamConflict` when another writer has already used those versions.
+        """
+        stored = [
+            StoredEvent(
+                originator_id=stream,
+                originator_version=expected_version + i + 1,
+                topic=event.type_name(),
+                state=_encode(event),
+            )
+            for i, event in enumerate(events)
+        ]
+        try:
+            positions = self._recorder.insert_events(stored)
+        except IntegrityError as exc:
+            raise StreamConflict(f"stream {stream} moved past version {expected_version}") from exc
+        result = list(positions or [])
+        for position, event in zip(result, events, strict=False):
+            _log.info(event.type_name(), position=position, stream=stream, **_log_fields(event))
+        return result
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def read_stream(self, stream: str, after: int = 0) -> list[StreamEvent]:
+        """Events of one stream with versions greater than `after`, oldest first."""
+        return [
+            StreamEvent(s.originator_version, s.topic, _decode(s.topic, s.state))
+            for s in self._recorder.select_events(stream, gt=after or None)
+        ]
+
+    def read_log(
+        self,
+        after: int = 0,
+        until: int | None = None,
+        types: Sequence[str] = (),
+        page: int = 1000,
+    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """(position, type, data) of every event after `after` up to `until`, in log order."""
+        start = after
+        while True:
+            batch = self._recorder.select_notifications(
+                start, page, stop=until, topics=types, inclusive_of_start=False
+            )
+            for n in batch:
+                yield n.id, n.topic, _decode(n.topic, n.state)
+            if len(batch) < page:
+                return
+            start = batch[-1].id
+
+    def records(
+        self, after: int = 0, until: int | None = None, types: Sequence[str] = ()
+    ) -> list[EventRecord]:
+        """The public `EventRecord`s of `read_log`."""
+        return [record_from(p, t, d) for p, t, d in self.read_log(after, until, types)]
+
+    def head(self) -> int:
+        """The position of the newest event (0 for an empty log)."""
+        return self._recorder.max_notification_id() or 0
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def load_snapshot(self, stream: str) -> tuple[int, dict[str, Any]] | None:
+        """The newest snapshot of a stream's state: (version, state)."""
+        rows = self._snapshots.select_events(stream, desc=True, limit=1)
+        if not rows:
+            return None
+        return rows[0].originator_version, json.loads(rows[0].state)
+
+    def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
+        """Store a stream's folded state at `version` (idempotent across writers)."""
+        try:
+            self._snapshots.insert_events(
+                [StoredEvent(stream, version, "snapshot", json.dumps(state).encode())]
+            )
+        except IntegrityError:
+            return  # another process saved the same snapshot: same fold, same state
+
+    def close(self) -> None:
+        """Release connections."""
+        self._factory.close()
+
+
+def _log_fields(event: Event) -> dict[str, Any]:
+    data = event.model_dump(mode="json", exclude={"timestamp"})
+    # Prompts and replies can be long; the log line is for following along, the store has all.
+    for key in ("response", "args", "result"):
+        if key in data and data[key] is not None:
+            data[key] = "..."
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def _environment(url: str) -> tuple[str, dict[str, str]]:
+    if url == "memory":
+        return "memory", {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+    if url.startswith("sqlite:///"):
+        path = Path(unquote(url[len("sqlite:///") - 1 :]))
+        if not path.is_absolute():
+            raise StoreError(f"bad store URL {url!r}: use sqlite:///absolute/path.db")
+        _create_private_file(path)
+        return "sqlite", {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(path),
+            "SQLITE_LOCK_TIMEOUT": "30",
+            "ORIGINATOR_ID_TYPE": "text",
+            "CREATE_TABLE": "y",
+        }
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql", _postgres_env(url)
+    raise StoreError(
+        f"bad store URL {url!r}: expected memory, sqlite:///abs/path.db or "
+        "postgresql://user@host:port/db"
+    )
+
+
+def _create_private_file(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot open store sqlite:///{path}: {exc.strerror}") from exc
+
+
+def _postgres_env(url: str) -> dict[str, str]:
+    parsed = urlparse(url)
+    dbname = parsed.path.lstrip("/")
+    if not dbname or not parsed.hostname:
+        raise StoreError(f"bad store URL {_redact(url)!r}: expected postgresql://user@host:port/db")
+    query = parse_qs(parsed.query)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": dbname,
+        "POSTGRES_HOST": parsed.hostname,
+        "POSTGRES_PORT": str(parsed.port or 5432),
+        "POSTGRES_USER": unquote(parsed.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(parsed.password or ""),
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_POOL_SIZE": "5",
+        "POSTGRES_MAX_OVERFLOW": "10",
+        "POSTGRES_LOCK_TIMEOUT": "30",
+        "ORIGINATOR_ID_TYPE": "text",
+        "CREATE_TABLE": "y",
+    }
+    if "schema" in query:
+        env["POSTGRES_SCHEMA"] = query["schema"][0]
+    return env

@@ -1,0 +1,79 @@
+"""Live state of one stream: newest snapshot plus the events after it, caught up on demand.
+
+Loading a stream reads one snapshot and at most `SNAPSHOT_EVERY` events, however long the
+log is; catching up reads only the events appended since the last look.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from events.catalogue import Event
+from events.store import EventLog, StreamConflict
+
+S = TypeVar("S", bound=BaseModel)
+
+SNAPSHOT_EVERY = 100
+
+
+class StreamView(Generic[S]):
+    """A stream's folded state, kept current by `refresh()`."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        stream: str,
+        initial: Callable[[], S],
+        fold: Callable[[S, str, dict[str, Any]], S],
+    ) -> None:
+        self.log = log
+        self.stream = stream
+        self._initial = initial
+        self._fold = fold
+        self._lock = threading.RLock()
+        self.version = 0
+        self._snapshot_version = 0
+        self.state = initial()
+        snapshot = log.load_snapshot(stream)
+        if snapshot is not None:
+            self.version, data = snapshot
+            self._snapshot_version = self.version
+            self.state = type(self.state).model_validate(data)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while deciding and appending, so threads of one process take turns."""
+        return self._lock
+
+    def refresh(self) -> S:
+        """Fold events appended since the last look (by anyone) and return the state."""
+        with self._lock:
+            for event in self.log.read_stream(self.stream, after=self.version):
+                self.state = self._fold(self.state, event.type, event.data)
+                self.version = event.version
+            if self.version - self._snapshot_version >= SNAPSHOT_EVERY:
+                self.log.save_snapshot(
+                    self.stream, self.version, self.state.model_dump(mode="json")
+                )
+                self._snapshot_version = self.version
+            return self.state
+
+    def append(self, events: list[Event]) -> None:
+        """Append facts that rest on no decision, retrying past other writers until they land.
+
+        Decisions instead append at the version they were made on and decide again on
+        `StreamConflict`.
+        """
+        while True:
+            with self._lock:
+                self.refresh()
+                try:
+                    self.log.append(self.stream, events, self.version)
+                except StreamConflict:
+                    continue
+                self.refresh()
+                return

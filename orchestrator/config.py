@@ -1,0 +1,157 @@
+"""Configuration: providers, their models, and worker profiles (SPEC section 4)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ProviderKind = Literal["openai", "echo"]
+ProviderSource = Literal["config", "env", "custom", "api"]
+Backend = Literal["server", "agent"]
+
+
+class ModelInfo(BaseModel):
+    """One model a provider offers, with the capabilities the resolver scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    vision: bool = False
+    tool_call: bool = False
+    context: int = 8192
+    cost_input: float = 0.0
+    cost_output: float = 0.0
+
+
+class ProviderConfig(BaseModel):
+    """A provider: how to reach it and which models it has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ProviderKind = "openai"
+    source: ProviderSource = "config"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    models: dict[str, ModelInfo] = Field(default_factory=dict)
+
+
+class ProfileConfig(BaseModel):
+    """A named worker: its model reference, backend and prompt settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    model: str = "auto"
+    backend: Backend = "server"
+    purpose: str = ""
+    when_to_use: str = ""
+    system_prompt: str = ""
+
+
+class OrchestratorConfig(BaseModel):
+    """The whole configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    small_model: str | None = None
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+
+
+def default_config() -> OrchestratorConfig:
+    """The built-in offline configuration: echo models and the five standard profiles."""
+    return OrchestratorConfig(
+        model="local/echo-large",
+        small_model="local/echo-small",
+        providers={
+            "local": ProviderConfig(
+                kind="echo",
+                source="config",
+                models={
+                    "echo-large": ModelInfo(
+                        name="Echo large",
+                        tool_call=True,
+                        context=200_000,
+                        cost_input=3.0,
+                        cost_output=15.0,
+                    ),
+                    "echo-small": ModelInfo(
+                        name="Echo small",
+                        tool_call=True,
+                        context=32_000,
+                        cost_input=0.1,
+                        cost_output=0.4,
+                    ),
+                    "echo-vision": ModelInfo(
+                        name="Echo vision",
+                        vision=True,
+                        context=64_000,
+                        cost_input=1.0,
+                        cost_output=4.0,
+                    ),
+                },
+            )
+        },
+        profiles={
+            "coder": ProfileConfig(
+                name="Coder",
+                model="auto",
+                purpose="Writes and changes code",
+                system_prompt="You write careful, tested code.",
+            ),
+            "docs": ProfileConfig(
+                name="Docs",
+                model="auto:docs",
+                purpose="Writes and checks documentation",
+                system_prompt="You write clear documentation.",
+            ),
+            "explorer": ProfileConfig(
+                name="Explorer",
+                model="auto:fast",
+                purpose="Reads and searches quickly",
+                system_prompt="You find things fast.",
+            ),
+            "vision": ProfileConfig(
+                name="Vision",
+                model="auto:vision",
+                purpose="Looks at images",
+                system_prompt="You describe images.",
+            ),
+            "architect": ProfileConfig(
+                name="Architect",
+                model="auto",
+                purpose="Plans systems",
+                system_prompt="You design systems.",
+            ),
+        },
+    )
+
+
+def discover_config_path() -> Path | None:
+    """`orchestrator.toml` in the working directory, then in the user's config dir."""
+    here = Path.cwd() / "orchestrator.toml"
+    if here.is_file():
+        return here
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    user = Path(base) / "orchestrator" / "orchestrator.toml"
+    return user if user.is_file() else None
+
+
+def load_config(
+    config: OrchestratorConfig | dict[str, Any] | str | Path | None,
+) -> OrchestratorConfig:
+    """Accept a config object, a dict, a TOML path, or None (discover, else the default)."""
+    if isinstance(config, OrchestratorConfig):
+        return config
+    if isinstance(config, dict):
+        return OrchestratorConfig.model_validate(config)
+    path = Path(config) if config is not None else discover_config_path()
+    if path is None:
+        return default_config()
+    with path.open("rb") as fh:
+        return OrchestratorConfig.model_validate(tomllib.load(fh))

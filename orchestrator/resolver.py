@@ -1,0 +1,241 @@
+"""The one model resolver (SPEC section 5) and the precedence rule (SPEC section 6).
+
+Everything here is pure: the catalogue is built from the config and an environment mapping
+passed in, so tests (and hypothesis) can call it with anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel
+from rapidfuzz import fuzz, process
+
+from events.catalogue import ModelPolicy, ModelSource
+from events.projections import Override
+from orchestrator.config import OrchestratorConfig, ProfileConfig
+
+TAGS = ("auto", "auto:fast", "auto:vision", "auto:docs")
+
+
+class ResolutionError(ValueError):
+    """A model or worker reference that cannot be resolved; the message suggests fixes."""
+
+
+class CatalogueModel(BaseModel):
+    """One model of the catalogue (the `models` view)."""
+
+    model: str
+    provider: str
+    name: str
+    source: str
+    usable: bool
+    vision: bool
+    tool_call: bool
+    context: int
+    cost_input: float
+    cost_output: float
+
+
+class Resolution(BaseModel):
+    """The resolver's answer: what a reference means now, and the rule that said so."""
+
+    model_ref: str
+    resolved_model: str
+    reason: str
+    capabilities: dict[str, Any]
+
+
+class ModelDecision(BaseModel):
+    """Which model serves a worker task, from which level of precedence."""
+
+    model_ref: str
+    resolved_model: str
+    model_policy: ModelPolicy
+    source: ModelSource
+    reason: str
+
+
+def build_catalogue(config: OrchestratorConfig, environ: Mapping[str, str]) -> list[CatalogueModel]:
+    """Every model of every provider, with `usable` decided by source and key presence."""
+    rows = []
+    for provider_id, provider in config.providers.items():
+        usable = provider.source != "api" or bool(
+            provider.api_key_env and environ.get(provider.api_key_env)
+        )
+        for model_id, info in provider.models.items():
+            rows.append(
+                CatalogueModel(
+                    model=f"{provider_id}/{model_id}",
+                    provider=provider_id,
+                    name=info.name or model_id,
+                    source=provider.source,
+                    usable=usable,
+                    vision=info.vision,
+                    tool_call=info.tool_call,
+                    context=info.context,
+                    cost_input=info.cost_input,
+                    cost_output=info.cost_output,
+                )
+            )
+    return rows
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' Did you mean "x"?' for the closest choices, or '' when nothing is close."""
+    matches = process.extract(word, list(choices), scorer=fuzz.ratio, limit=3, score_cutoff=60)
+    if not matches:
+        return ""
+    best = matches[0][1]
+    # Only the near-best: one clear suggestion reads better than three vague ones.
+    quoted = [f'"{m[0]}"' for m in matches if m[1] >= best - 3]
+    return " Did you mean " + " or ".join(quoted) + "?"
+
+
+def normalise_ref(model_ref: str) -> str:
+    """`node` and `node:*` are aliases of `auto` and `auto:*`."""
+    ref = model_ref.strip()
+    if ref == "node":
+        return "auto"
+    if ref.startswith("node:"):
+        return "auto:" + ref[len("node:") :]
+    return ref
+
+
+def _capabilities(row: CatalogueModel) -> dict[str, Any]:
+    return {"vision": row.vision, "tool_call": row.tool_call, "context": row.context}
+
+
+def _score(row: CatalogueModel) -> tuple[int, int, float]:
+    # Tool calling first, then context, then cheaper wins.
+    return (int(row.tool_call), row.context, -(row.cost_input + row.cost_output))
+
+
+def resolve(
+    model_ref: str,
+    profile: ProfileConfig | None,
+    config: OrchestratorConfig,
+    catalogue: list[CatalogueModel],
+) -> Resolution:
+    """Resolve a tag or `provider/model` against the catalogue. Raises `ResolutionError`."""
+    del profile  # part of the contract: profile-specific rules may use it later
+    ref = normalise_ref(model_ref)
+    by_name = {row.model: row for row in catalogue}
+    usable = [row for row in catalogue if row.usable]
+
+    def found(row: CatalogueModel, reason: str) -> Resolution:
+        return Resolution(
+            model_ref=model_ref,
+            resolved_model=row.model,
+            reason=reason,
+            capabilities=_capabilities(row),
+        )
+
+    if not ref.startswith("auto"):
+        if ref in by_name:
+            return found(by_name[ref], f"explicit model {ref}")
+        raise ResolutionError(f'Model "{model_ref}" not found.' + did_you_mean(ref, by_name))
+
+    if ref == "auto":
+        return _configured_default(model_ref, config, by_name, "tag auto -> model")
+    if ref == "auto:fast":
+        small = by_name.get(config.small_model or "")
+        if small is not None and small.usable:
+            return found(small, f"tag auto:fast -> small_model {small.model}")
+        if usable:
+            cheapest = min(usable, key=lambda r: (r.cost_input + r.cost_output, r.model))
+            return found(cheapest, f"tag auto:fast -> cheapest usable model {cheapest.model}")
+        return _configured_default(model_ref, config, by_name, "tag auto:fast -> model")
+    if ref == "auto:vision":
+        vision = [row for row in usable if row.vision]
+        if not vision:
+            raise ResolutionError(
+                f'No usable vision model for "{model_ref}": add a model with vision = true '
+                "to a provider, or set the API key of a provider that has one."
+            )
+        best = max(vision, key=_score)
+        return found(best, f"tag auto:vision -> best vision model by score {best.model}")
+    if ref == "auto:docs":
+        if not usable:
+            raise ResolutionError(f'No usable model for "{model_ref}".')
+        best = max(usable, key=_score)
+        return found(best, f"tag auto:docs -> best tool_call + context score {best.model}")
+    raise ResolutionError(f'Unknown model tag "{model_ref}".' + did_you_mean(ref, TAGS))
+
+
+def _configured_default(
+    model_ref: str, config: OrchestratorConfig, by_name: dict[str, CatalogueModel], rule: str
+) -> Resolution:
+    row = by_name.get(config.model)
+    if row is None:
+        raise ResolutionError(
+            f'Configured default model "{config.model}" not found.'
+            + did_you_mean(config.model, by_name)
+        )
+    if not row.usable:
+        raise ResolutionError(
+            f'Configured default model "{config.model}" is not usable: its provider '
+            f'"{row.provider}" needs an API key in the environment.'
+        )
+    return Resolution(
+        model_ref=model_ref,
+        resolved_model=row.model,
+        reason=f"{rule} {row.model}",
+        capabilities=_capabilities(row),
+    )
+
+
+def check_worker(worker_id: str, config: OrchestratorConfig) -> ProfileConfig:
+    """The profile of a worker id, or `ResolutionError` with the closest profile ids."""
+    profile = config.profiles.get(worker_id)
+    if profile is None:
+        raise ResolutionError(
+            f'Unknown worker "{worker_id}".' + did_you_mean(worker_id, config.profiles)
+        )
+    return profile
+
+
+def decide_model(
+    worker_id: str,
+    task_model: str | None,
+    override: Override | None,
+    config: OrchestratorConfig,
+    catalogue: list[CatalogueModel],
+) -> ModelDecision:
+    """Precedence: the task's own model, then the session override, then the profile."""
+    profile = check_worker(worker_id, config)
+    if task_model:
+        res = resolve(task_model, profile, config, catalogue)
+        return ModelDecision(
+            model_ref=task_model,
+            resolved_model=res.resolved_model,
+            model_policy="dynamic",
+            source="task",
+            reason=f"per-task model: {res.reason}",
+        )
+    if override is not None:
+        if override.model_policy == "sticky":
+            return ModelDecision(
+                model_ref=override.model_ref,
+                resolved_model=override.resolved_model,
+                model_policy="sticky",
+                source="session",
+                reason=f"session override (sticky, pinned): {override.reason}",
+            )
+        res = resolve(override.model_ref, profile, config, catalogue)
+        return ModelDecision(
+            model_ref=override.model_ref,
+            resolved_model=res.resolved_model,
+            model_policy="dynamic",
+            source="session",
+            reason=f"session override (dynamic, re-resolved): {res.reason}",
+        )
+    res = resolve(profile.model, profile, config, catalogue)
+    return ModelDecision(
+        model_ref=profile.model,
+        resolved_model=res.resolved_model,
+        model_policy="dynamic",
+        source="profile",
+        reason=f"profile default: {res.reason}",
+    )

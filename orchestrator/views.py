@@ -1,0 +1,153 @@
+"""The views of `task_list`: read-only projections for this session and the whole store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from events.projections import RegistryEntry, TaskRecord
+from events.store import EventRecord
+from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, WorkerView
+from orchestrator.resolver import CatalogueModel, ResolutionError, did_you_mean
+
+if TYPE_CHECKING:
+    from orchestrator.orchestrator import Orchestrator
+
+
+def tasks(orch: Orchestrator) -> list[TaskRecord]:
+    """This session's tasks, oldest first."""
+    state = orch.session.refresh()
+    return sorted((t.model_copy() for t in state.tasks.values()), key=lambda t: t.started_at)
+
+
+def workers(orch: Orchestrator) -> list[WorkerView]:
+    """Every profile with this session's effective model and its running process, if any."""
+    rows = []
+    for worker_id, profile in orch.config.profiles.items():
+        try:
+            decision = orch.session_decision(worker_id)
+        except ResolutionError as exc:
+            rows.append(
+                WorkerView(
+                    worker_id=worker_id,
+                    backend=profile.backend,
+                    status="unresolvable",
+                    model=None,
+                    model_ref=profile.model,
+                    model_policy="dynamic",
+                    reason=str(exc),
+                )
+            )
+            continue
+        spec = orch.worker_spec(worker_id, decision)
+        row = WorkerView(
+            worker_id=worker_id,
+            backend=profile.backend,
+            status="not_running",
+            model=decision.resolved_model,
+            model_ref=decision.model_ref,
+            model_policy=decision.model_policy,
+            reason=decision.reason,
+            fingerprint=spec.fingerprint,
+        )
+        agent = orch.agents.get(worker_id)
+        if profile.backend == "agent" and agent and agent.fingerprint == spec.fingerprint:
+            row.status, row.instance_id = "running", agent.instance_id
+        for entry in orch.pool.live_entries(worker_id):
+            if entry.fingerprint == spec.fingerprint:
+                row.status, row.instance_id, row.pid, row.url = (
+                    entry.status,
+                    entry.instance_id,
+                    entry.pid,
+                    entry.url,
+                )
+                break
+        rows.append(row)
+    return rows
+
+
+def registry(orch: Orchestrator) -> list[RegistryEntry]:
+    """Every worker process the device registry knows, on every host, oldest first."""
+    state = orch.pool.registry.refresh()
+    return sorted((e.model_copy() for e in state.entries.values()), key=lambda e: e.started_at)
+
+
+def models(orch: Orchestrator) -> list[CatalogueModel]:
+    """The model catalogue."""
+    return orch.catalogue()
+
+
+def profiles(orch: Orchestrator) -> list[ProfileView]:
+    """The configured profiles."""
+    return [
+        ProfileView(
+            worker_id=wid,
+            name=p.name or wid,
+            model=p.model,
+            backend=p.backend,
+            purpose=p.purpose,
+            when_to_use=p.when_to_use,
+        )
+        for wid, p in orch.config.profiles.items()
+    ]
+
+
+def memory(orch: Orchestrator) -> list[MemoryItem]:
+    """Notes, links and done summaries of the memory store."""
+    state = orch.memory.refresh()
+    rows = [
+        MemoryItem(kind="note", key=n.key, value=n.value, tags=n.tags, session_id=n.session_id)
+        for n in state.notes.values()
+    ]
+    rows += [
+        MemoryItem(kind="link", from_key=x.from_key, to_key=x.to_key, type=x.type)
+        for x in state.links
+    ]
+    rows += [
+        MemoryItem(kind="done", task_id=d.task_id, summary=d.summary, session_id=d.session_id)
+        for d in state.done
+    ]
+    return rows
+
+
+def events(
+    orch: Orchestrator,
+    worker_id: str | None = None,
+    type: str | None = None,
+    since: int = 0,
+    session_id: str | None = None,
+    task_id: str | None = None,
+) -> list[EventRecord]:
+    """The log, filtered: `since` is exclusive (events after that position)."""
+    rows = orch.log.records(after=since, types=[type] if type else ())
+    return [
+        r
+        for r in rows
+        if worker_id in (None, r.worker_id)
+        and session_id in (None, r.session_id)
+        and task_id in (None, r.task_id)
+    ]
+
+
+def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
+    """A task of another session, found through its TaskStarted event."""
+    from orchestrator.orchestrator import session_view
+
+    for _, _, data in orch.log.read_log(types=["TaskStarted"]):
+        if data.get("task_id") == task_id:
+            task = session_view(orch.log, data["session_id"]).refresh().tasks.get(task_id)
+            if task is not None:
+                return task
+    known = orch.session.refresh().tasks
+    raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+
+
+VIEWS: dict[str, Callable[..., list[Any]]] = {
+    "tasks": tasks,
+    "workers": workers,
+    "registry": registry,
+    "models": models,
+    "profiles": profiles,
+    "memory": memory,
+    "events": events,
+}

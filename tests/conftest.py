@@ -1,0 +1,85 @@
+"""Shared fixtures: isolated state dirs, the store matrix, and no worker left behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, settings
+
+from events.store import EventLog
+from orchestrator import Orchestrator
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+STORES = ["memory", "sqlite"]
+
+
+def worker_processes(state_home: Path) -> list[psutil.Process]:
+    """Worker processes started under a given state dir (so by one test)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "orchestrator.worker" not in cmd:
+            continue
+        try:
+            if proc.environ().get("XDG_STATE_HOME") == str(state_home):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Each test gets its own state dir (key file, worker logs); its workers die with it."""
+    home = tmp_path / "state"
+    home.mkdir()
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    monkeypatch.delenv("ORCHESTRATOR_STORE", raising=False)
+    monkeypatch.delenv("ORCHESTRATOR_HOST_ID", raising=False)
+    yield home
+    stragglers = worker_processes(home)
+    for proc in stragglers:
+        proc.kill()
+    psutil.wait_procs(stragglers, timeout=5)
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventLog | str]:
+    """The same behaviour on every store: an in-memory log object, or a store URL."""
+    if request.param == "memory":
+        log = EventLog("memory")
+        yield log
+        log.close()
+    else:
+        yield f"sqlite:///{tmp_path / 'events.db'}"
+
+
+OpenOrch = Callable[..., Orchestrator]
+
+
+@pytest.fixture
+def open_orch(store: EventLog | str) -> Iterator[OpenOrch]:
+    """Open orchestrators on the test's store; all are closed (workers stopped) at the end."""
+    opened: list[Orchestrator] = []
+
+    def _open(**kwargs: Any) -> Orchestrator:
+        orch = Orchestrator.open(store=store, **kwargs)
+        opened.append(orch)
+        return orch
+
+    yield _open
+    for orch in opened:
+        orch.close(stop_workers=True)

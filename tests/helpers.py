@@ -1,0 +1,38 @@
+"""Small helpers the tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import Orchestrator
+from orchestrator.config import Backend, OrchestratorConfig, default_config
+
+
+def config_with(backend: Backend = "agent", **changes: Any) -> OrchestratorConfig:
+    """The built-in default config, every profile on `backend`, with top-level changes."""
+    cfg = default_config()
+    for profile in cfg.profiles.values():
+        profile.backend = backend
+    return cfg.model_copy(update=changes)
+
+
+def run(orch: Orchestrator, worker_id: str, text: str, **kwargs: Any) -> Any:
+    """Start a worker task and wait for its record."""
+    handle = orch.task_start(kind="worker", worker_id=worker_id, task=text, **kwargs)
+    return orch.task_await(handle.task_id, timeout=60)
+
+
+def op(orch: Orchestrator, name: str, **payload: Any) -> Any:
+    """Run an op task and return its finished record."""
+    handle = orch.task_start(kind="op", op=name, **payload)
+    return orch.task_await(handle.task_id, timeout=60)
+
+
+def set_model(orch: Orchestrator, worker_id: str, model: str, **extra: Any) -> Any:
+    """`worker.model.set` for one worker."""
+    return op(orch, "worker.model.set", worker={"worker_id": worker_id, "model": model, **extra})
+
+
+def reset_model(orch: Orchestrator, worker_id: str, **extra: Any) -> Any:
+    """`worker.model.reset` for one worker."""
+    return op(orch, "worker.model.reset", worker={"worker_id": worker_id, **extra})

@@ -1,0 +1,207 @@
+"""The Task API surface: schema errors, camelCase, views, memory ops, cancel, await."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from orchestrator import InvalidTaskArgs, TaskStartArgs
+from orchestrator.config import OrchestratorConfig
+from tests.conftest import OpenOrch
+from tests.helpers import config_with, op, run
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"kind": "worker", "task": "x"}, "worker_id"),
+        ({"kind": "worker", "worker_id": "coder"}, "task"),
+        ({"kind": "job", "worker_id": "coder", "task": "x"}, "kind"),
+        (
+            {"kind": "op", "op": "worker.model.set", "worker": {"worker_id": "coder"}},
+            "worker.model",
+        ),
+        ({"kind": "op", "op": "worker.model.set"}, "worker"),
+        ({"kind": "op", "op": "worker.modl.set", "worker": {"worker_id": "coder"}}, "op"),
+        (
+            {
+                "kind": "op",
+                "op": "worker.model.set",
+                "worker": {"worker_id": "coder", "model": "auto", "model_policy": "forever"},
+            },
+            "worker.model_policy",
+        ),
+        ({"kind": "worker", "worker_id": "coder", "task": "x", "forceNu": True}, "forceNu"),
+        ({"kind": "op", "op": "memory.put", "memory": {"key": "k"}}, "memory.value"),
+    ],
+)
+def test_bad_payloads_raise_invalid_task_args_naming_the_field(
+    open_orch: OpenOrch, payload: dict[str, Any], field: str
+) -> None:
+    orch = open_orch(config=config_with())
+    with pytest.raises(InvalidTaskArgs) as err:
+        orch.task_start(**payload)
+    assert field in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_camel_case_payloads_from_a_tool_call_are_accepted(open_orch: OpenOrch) -> None:
+    orch = open_orch(config=config_with())
+    payload = json.loads(
+        '{"kind": "op", "op": "worker.model.set",'
+        ' "worker": {"workerId": "coder", "model": "auto:fast", "modelPolicy": "dynamic"}}'
+    )
+    rec = orch.task_await(orch.task_start(**payload).task_id)
+    assert rec.result["model_policy"] == "dynamic"
+    rec = run(orch, "coder", "x", autoSpawn=True, forceNew=False)
+    assert rec.response == "[local/echo-small] x"
+
+
+def test_the_tool_schema_is_the_args_model_schema() -> None:
+    schema = TaskStartArgs.model_json_schema(by_alias=True)
+    assert {"kind", "workerId", "task", "model", "autoSpawn", "forceNew", "op"} <= set(
+        schema["properties"]
+    )
+
+
+def test_views(open_orch: OpenOrch) -> None:
+    orch = open_orch(config=config_with())
+    assert [p.worker_id for p in orch.task_list(view="profiles")] == [
+        "coder",
+        "docs",
+        "explorer",
+        "vision",
+        "architect",
+    ]
+    models = {m.model: m for m in orch.task_list(view="models")}
+    assert models["local/echo-vision"].vision and models["local/echo-small"].usable
+    rec = run(orch, "explorer", "q")
+    assert [t.task_id for t in orch.task_list(view="tasks")] == [rec.task_id]
+    assert rec.model == "local/echo-small"
+    with pytest.raises(InvalidTaskArgs, match='Did you mean "tasks"'):
+        orch.task_list(view="taks")
+
+
+def test_memory_ops_are_a_projection_of_the_log(open_orch: OpenOrch) -> None:
+    orch = open_orch(config=config_with())
+    op(orch, "memory.put", memory={"key": "a", "value": "alpha", "tags": ["x"]})
+    op(orch, "memory.put", memory={"key": "b", "value": "beta"})
+    op(orch, "memory.link", memory={"from_key": "a", "to_key": "b", "type": "cites"})
+    op(orch, "memory.done", memory={"task_id": "t-1", "summary": "did it"})
+    rows = orch.task_list(view="memory")
+    assert [(r.kind, r.key or r.from_key or r.task_id) for r in rows] == [
+        ("note", "a"),
+        ("note", "b"),
+        ("link", "a"),
+        ("done", "t-1"),
+    ]
+    assert rows[0].tags == ["x"]
+
+
+def test_peek_await_and_cancel(open_orch: OpenOrch) -> None:
+    orch = open_orch(config=config_with())
+    rec = run(orch, "coder", "done already")
+    assert orch.task_peek(rec.task_id).status == "completed"
+    assert orch.task_cancel(rec.task_id).status == "completed"  # finished tasks stay finished
+    with pytest.raises(InvalidTaskArgs, match="Unknown task"):
+        orch.task_peek("t-nope")
+
+
+class _ChatServer(ThreadingHTTPServer):
+    seen: list[dict[str, Any]]
+    auth: list[str]
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    server: _ChatServer
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append(body)
+        self.server.auth.append(self.headers.get("Authorization", ""))
+        text = body["messages"][-1]["content"]
+        reply = json.dumps(
+            {
+                "choices": [
+                    {"message": {"role": "assistant", "content": f"{body['model']} says {text}"}}
+                ]
+            }
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+
+@pytest.fixture
+def chat_server() -> Iterator[_ChatServer]:
+    """A local server speaking the OpenAI chat-completions protocol, recording requests."""
+    server = _ChatServer(("127.0.0.1", 0), _ChatHandler)
+    server.seen, server.auth = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("backend", ["agent", "server"])
+def test_openai_provider_sends_the_chosen_model_and_reads_the_key_at_call_time(
+    open_orch: OpenOrch, chat_server: _ChatServer, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    port = chat_server.server_address[1]
+    cfg = OrchestratorConfig.model_validate(
+        {
+            "model": "lab/big",
+            "small_model": "lab/small",
+            "providers": {
+                "lab": {
+                    "kind": "openai",
+                    "source": "config",
+                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "api_key_env": "LAB_KEY",
+                    "models": {"big": {}, "small": {}},
+                }
+            },
+            "profiles": {"coder": {"model": "auto", "backend": backend}},
+        }
+    )
+    monkeypatch.setenv("LAB_KEY", "sekret-123")
+    orch = open_orch(config=cfg)
+    assert run(orch, "coder", "hi").response == "big says hi"
+    op(orch, "worker.model.set", worker={"worker_id": "coder", "model": "lab/small"})
+    assert run(orch, "coder", "yo").response == "small says yo"
+    assert [b["model"] for b in chat_server.seen] == ["big", "small"]
+    assert chat_server.auth == ["Bearer sekret-123"] * 2
+    # The key never enters the log.
+    assert "sekret-123" not in repr(orch.task_list(view="events"))
+
+
+def test_openai_provider_without_its_key_fails_the_task_clearly(
+    open_orch: OpenOrch, chat_server: _ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAB_KEY", raising=False)
+    cfg = OrchestratorConfig.model_validate(
+        {
+            "model": "lab/big",
+            "providers": {
+                "lab": {
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "api_key_env": "LAB_KEY",
+                    "models": {"big": {}},
+                }
+            },
+            "profiles": {"coder": {"backend": "agent"}},
+        }
+    )
+    rec = run(open_orch(config=cfg), "coder", "hi")
+    assert rec.status == "failed"
+    assert rec.error == 'Provider "lab" needs an API key: set LAB_KEY.'
