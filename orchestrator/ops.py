@@ -14,8 +14,7 @@ from events.catalogue import (
     WorkerModelSet,
 )
 from orchestrator.api import MemoryPayload, TaskStartArgs, WorkerPayload
-from orchestrator.pool import WorkerSpec
-from orchestrator.resolver import ResolutionError, resolve
+from orchestrator.resolver import resolve
 
 if TYPE_CHECKING:
     from orchestrator.orchestrator import Orchestrator
@@ -91,7 +90,6 @@ def model_set(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
     profile = orch.profile(w.worker_id)
     policy = w.model_policy or "sticky"
     res = resolve(str(w.model), profile, orch.config, orch.catalogue())
-    before = _current_spec(orch, w.worker_id)
     orch.record(
         WorkerModelSet(
             session_id=orch.session_id,
@@ -103,7 +101,7 @@ def model_set(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
             reason=res.reason,
         )
     )
-    respawned = _respawn(orch, task_id, w, before)
+    respawned = _respawn(orch, task_id, w)
     return {
         "worker_id": w.worker_id,
         "model_ref": w.model,
@@ -118,7 +116,6 @@ def model_set(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
 def model_reset(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
     """Drop this session's override: the profile's configured model applies again."""
     profile = orch.profile(w.worker_id)
-    before = _current_spec(orch, w.worker_id)
     previous = orch.session.refresh().overrides.get(w.worker_id)
     orch.record(
         WorkerModelReset(
@@ -129,7 +126,7 @@ def model_reset(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
         )
     )
     after = orch.session_decision(w.worker_id)
-    respawned = _respawn(orch, task_id, w, before)
+    respawned = _respawn(orch, task_id, w)
     return {
         "worker_id": w.worker_id,
         "model_ref": profile.model,
@@ -141,31 +138,24 @@ def model_reset(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
     }
 
 
-def _current_spec(orch: Orchestrator, worker_id: str) -> WorkerSpec | None:
-    try:
-        return orch.worker_spec(worker_id, orch.session_decision(worker_id))
-    except ResolutionError:
-        return None  # the old model no longer resolves: nothing running can match it
-
-
 def _running(orch: Orchestrator, worker_id: str) -> bool:
     return bool(orch.pool.live_entries(worker_id)) or worker_id in orch.agents
 
 
-def _respawn(orch: Orchestrator, task_id: str, w: WorkerPayload, before: WorkerSpec | None) -> bool:
-    """Replace the session's running process with one whose default is the new model."""
+def _respawn(orch: Orchestrator, task_id: str, w: WorkerPayload) -> bool:
+    """Replace the worker's running processes whose default model is not the new one with
+    one process whose default is (SPEC section 6: a force-new spawn)."""
     if not w.respawn:
         return False
     after = orch.worker_spec(w.worker_id, orch.session_decision(w.worker_id))
-    if before is None or before.fingerprint == after.fingerprint:
-        return False
     if orch.profile(w.worker_id).backend == "agent":
-        if w.worker_id not in orch.agents:
+        agent = orch.agents.get(w.worker_id)
+        if agent is None or agent.model == after.model:
             return False
         orch.agent_for(after, force_new=True)
         return True
     ids = {"session_id": orch.session_id, "worker_id": w.worker_id, "task_id": task_id}
-    old = [e for e in orch.pool.live_entries(w.worker_id) if e.fingerprint == before.fingerprint]
+    old = [e for e in orch.pool.live_entries(w.worker_id) if e.model != after.model]
     if not old:
         return False
     for entry in old:
@@ -211,17 +201,17 @@ def spawn(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
 
 
 def stop(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
-    """Stop every process of the worker on this host (and its in-process agent)."""
+    """Stop every process of the worker on this host (and its in-process agent); processes
+    found already dead are listed as `exited`."""
     orch.profile(w.worker_id)
     ids = {"session_id": orch.session_id, "worker_id": w.worker_id, "task_id": task_id}
-    stopped = []
+    stopped, exited = [], []
     for entry in orch.pool.live_entries(w.worker_id):
-        orch.pool.stop(entry, ids)
-        stopped.append(entry.instance_id)
+        (stopped if orch.pool.stop(entry, ids) else exited).append(entry.instance_id)
     agent = orch.agents.pop(w.worker_id, None)
     if agent is not None:
         stopped.append(agent.instance_id)
-    return {"worker_id": w.worker_id, "stopped": stopped}
+    return {"worker_id": w.worker_id, "stopped": stopped, "exited": exited}
 
 
 _MEMORY_OPS: dict[str, Callable[[Orchestrator, str, MemoryPayload], Result]] = {

@@ -327,14 +327,18 @@ class WorkerPool:
             if e.live and e.host == self.host and worker_id in (None, e.worker_id)
         ]
 
-    def stop(self, entry: RegistryEntry, ids: dict[str, Any], reason: str = "requested") -> None:
-        """Ask a process to shut down, make sure it is gone, and record it."""
-        if process_state(entry.pid, entry.pid_started_at) == "alive":
-            with contextlib.suppress(WorkerUnreachable, WorkerReplyError):
-                worker_call(str(entry.url), entry.instance_id, "POST", "/shutdown", timeout=2.0)
-            self._wait_gone(entry)
+    def stop(self, entry: RegistryEntry, ids: dict[str, Any], reason: str = "requested") -> bool:
+        """Ask a process to shut down, make sure it is gone, and record it. Returns False
+        (and records `WorkerExited`) when it had already died."""
+        if process_state(entry.pid, entry.pid_started_at) != "alive":
+            self.mark_exited(entry, ids, "found dead when asked to stop")
+            return False
+        with contextlib.suppress(WorkerUnreachable, WorkerReplyError):
+            worker_call(str(entry.url), entry.instance_id, "POST", "/shutdown", timeout=2.0)
+        self._wait_gone(entry)
         self._reap(entry.instance_id)
         self._record(WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason))
+        return True
 
     def _wait_gone(self, entry: RegistryEntry) -> None:
         child = self._children.get(entry.instance_id)

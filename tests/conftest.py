@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +87,45 @@ def open_orch(store: EventLog | str) -> Iterator[OpenOrch]:
     yield _open
     for orch in opened:
         orch.close(stop_workers=True)
+
+
+class ChatServer(ThreadingHTTPServer):
+    """A local server speaking the OpenAI chat-completions protocol, recording requests."""
+
+    daemon_threads = True
+    seen: list[dict[str, Any]]
+    auth: list[str]
+    delay: float
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.seen.append(body)
+        self.server.auth.append(self.headers.get("Authorization", ""))
+        time.sleep(self.server.delay)
+        text = body["messages"][-1]["content"]
+        message = {"role": "assistant", "content": f"{body['model']} says {text}"}
+        reply = json.dumps({"choices": [{"message": message}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+
+@pytest.fixture
+def chat_server() -> Iterator[ChatServer]:
+    """A running chat-completions server on loopback (set `.delay` to make it slow)."""
+    server = ChatServer(("127.0.0.1", 0), _ChatHandler)
+    server.seen, server.auth, server.delay = [], [], 0.0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from orchestrator import InvalidTaskArgs, TaskStartArgs
 from orchestrator.config import OrchestratorConfig
-from tests.conftest import OpenOrch
+from tests.conftest import ChatServer, OpenOrch
 from tests.helpers import config_with, op, run
 
 
@@ -112,50 +109,9 @@ def test_peek_await_and_cancel(open_orch: OpenOrch) -> None:
         orch.task_peek("t-nope")
 
 
-class _ChatServer(ThreadingHTTPServer):
-    seen: list[dict[str, Any]]
-    auth: list[str]
-
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    server: _ChatServer
-
-    def log_message(self, *args: Any) -> None:
-        return
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
-        self.server.auth.append(self.headers.get("Authorization", ""))
-        text = body["messages"][-1]["content"]
-        reply = json.dumps(
-            {
-                "choices": [
-                    {"message": {"role": "assistant", "content": f"{body['model']} says {text}"}}
-                ]
-            }
-        )
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(reply.encode())
-
-
-@pytest.fixture
-def chat_server() -> Iterator[_ChatServer]:
-    """A local server speaking the OpenAI chat-completions protocol, recording requests."""
-    server = _ChatServer(("127.0.0.1", 0), _ChatHandler)
-    server.seen, server.auth = [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.parametrize("backend", ["agent", "server"])
 def test_openai_provider_sends_the_chosen_model_and_reads_the_key_at_call_time(
-    open_orch: OpenOrch, chat_server: _ChatServer, monkeypatch: pytest.MonkeyPatch, backend: str
+    open_orch: OpenOrch, chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     port = chat_server.server_address[1]
     cfg = OrchestratorConfig.model_validate(
@@ -186,7 +142,7 @@ def test_openai_provider_sends_the_chosen_model_and_reads_the_key_at_call_time(
 
 
 def test_openai_provider_without_its_key_fails_the_task_clearly(
-    open_orch: OpenOrch, chat_server: _ChatServer, monkeypatch: pytest.MonkeyPatch
+    open_orch: OpenOrch, chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("LAB_KEY", raising=False)
     cfg = OrchestratorConfig.model_validate(

@@ -1,0 +1,134 @@
+"""Stateful property test over real worker processes: set/reset/spawn/stop/crash/task.
+
+The oracle keeps which processes are alive and what (model, policy) each was started for.
+A request must reuse a live process with the session's (model, policy) when one exists and
+spawn otherwise; every task must be served by the session's effective model; and the live
+registry and sessions must equal a replay of the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import psutil
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from events import EventLog, replay
+from orchestrator import Orchestrator
+from tests.helpers import config_with, op, reset_model, run, set_model
+
+SESSIONS = ["s1", "s2"]
+WORKERS = ["coder", "explorer"]
+DEFAULTS = {"coder": "local/echo-large", "explorer": "local/echo-small"}
+MODELS = ["local/echo-large", "local/echo-small"]
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Reuse follows fingerprints; dead processes are never handed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tmp = tempfile.TemporaryDirectory()
+        self.log = EventLog(f"sqlite:///{Path(self._tmp.name) / 'e.db'}")
+        cfg = config_with("server")
+        self.orchs = {
+            s: Orchestrator.open(config=cfg, store=self.log, session_id=s) for s in SESSIONS
+        }
+        self.overrides: dict[tuple[str, str], str] = {}
+        # instance_id -> (worker_id, model, policy, pid)
+        self.live: dict[str, tuple[str, str, str, int]] = {}
+
+    def wanted(self, session: str, worker: str) -> tuple[str, str]:
+        if (session, worker) in self.overrides:
+            return self.overrides[(session, worker)], "sticky"
+        return DEFAULTS[worker], "dynamic"
+
+    def matching(self, session: str, worker: str) -> set[str]:
+        model, policy = self.wanted(session, worker)
+        return {i for i, (w, m, p, _) in self.live.items() if (w, m, p) == (worker, model, policy)}
+
+    def check_acquired(self, session: str, worker: str, instance_id: str, pid: int) -> None:
+        before = self.matching(session, worker)
+        if before:
+            assert instance_id in before, "a matching live process existed but was not reused"
+        else:
+            assert instance_id not in self.live, "no match was alive, yet nothing was spawned"
+            model, policy = self.wanted(session, worker)
+            self.live[instance_id] = (worker, model, policy, pid)
+
+    @rule(
+        session=st.sampled_from(SESSIONS),
+        worker=st.sampled_from(WORKERS),
+        model=st.sampled_from(MODELS),
+    )
+    def set(self, session: str, worker: str, model: str) -> None:
+        assert set_model(self.orchs[session], worker, model).status == "completed"
+        self.overrides[(session, worker)] = model
+
+    @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
+    def reset(self, session: str, worker: str) -> None:
+        assert reset_model(self.orchs[session], worker).status == "completed"
+        self.overrides.pop((session, worker), None)
+
+    @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
+    def task(self, session: str, worker: str) -> None:
+        orch = self.orchs[session]
+        rec = run(orch, worker, "ping")
+        assert rec.status == "completed", rec.error
+        model, _ = self.wanted(session, worker)
+        assert rec.response == f"[{model}] ping"
+        done = orch.task_list(view="events", type="TaskCompleted", task_id=rec.task_id)[0]
+        self.check_acquired(session, worker, done.data["instance_id"], done.data["pid"])
+
+    @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
+    def spawn(self, session: str, worker: str) -> None:
+        result = op(self.orchs[session], "worker.spawn", worker={"worker_id": worker}).result
+        assert result["reused"] == bool(self.matching(session, worker))
+        self.check_acquired(session, worker, result["instance_id"], result["pid"])
+
+    @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
+    def stop(self, session: str, worker: str) -> None:
+        result = op(self.orchs[session], "worker.stop", worker={"worker_id": worker}).result
+        expected = {i for i, v in self.live.items() if v[0] == worker}
+        assert set(result["stopped"]) == expected
+        assert not set(result["exited"]) & expected
+        for instance_id in expected:
+            del self.live[instance_id]
+
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        if not self.live:
+            return
+        instance_id = data.draw(st.sampled_from(sorted(self.live)))
+        pid = self.live.pop(instance_id)[3]
+        os.kill(pid, signal.SIGKILL)
+        for orch in self.orchs.values():
+            orch.pool.reap_children()  # our own child: collect it so it is not a zombie
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=10)
+
+    @invariant()
+    def replay_equals_live(self) -> None:
+        replayed = replay(self.log)
+        for sid, orch in self.orchs.items():
+            assert replayed.sessions[sid].model_dump() == orch.session.refresh().model_dump()
+        live_registry = self.orchs["s1"].pool.registry.refresh()
+        assert replayed.registry.model_dump() == live_registry.model_dump()
+
+    def teardown(self) -> None:
+        for orch in self.orchs.values():
+            for entry in orch.pool.live_entries():
+                orch.pool.stop(entry, {"session_id": orch.session_id})
+            orch.close()
+        self.log.close()
+        self._tmp.cleanup()
+
+
+TestPool = PoolMachine.TestCase
+TestPool.settings = settings(max_examples=6, stateful_step_count=18)
