@@ -205,7 +205,8 @@ def stop(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
     found already dead are listed as `exited`."""
     orch.profile(w.worker_id)
     ids = {"session_id": orch.session_id, "worker_id": w.worker_id, "task_id": task_id}
-    stopped, exited = [], []
+    stopped: list[str] = []
+    exited: list[str] = []
     for entry in orch.pool.live_entries(w.worker_id):
         (stopped if orch.pool.stop(entry, ids) else exited).append(entry.instance_id)
     agent = orch.agents.pop(w.worker_id, None)
