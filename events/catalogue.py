@@ -95,7 +95,6 @@ class ModelResolved(Event):
     model_policy: ModelPolicy
     source: ModelSource
     reason: str
-    override_position: int | None = None
     fingerprint: str | None = None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -120,7 +121,8 @@ class EventLog:
             self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
             self._recorder: ApplicationRecorder = self._factory.application_recorder()
             self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
-        except (PersistenceError, OSError) as exc:
+            self._recorder.max_notification_id()  # fail now, not at the first real read
+        except (PersistenceError, OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
 
     # --- writing ---------------------------------------------------------------------------

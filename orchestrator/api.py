@@ -18,7 +18,9 @@ Op = Literal[
     "worker.spawn",
     "worker.stop",
 ]
-View = Literal["tasks", "workers", "registry", "models", "profiles", "memory", "events"]
+View = Literal[
+    "tasks", "workers", "registry", "models", "profiles", "memory", "events", "replay", "explain"
+]
 
 
 class InvalidTaskArgs(ValueError):

@@ -77,11 +77,7 @@ class Orchestrator:
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="task")
         self._futures: dict[str, Future[None]] = {}
         self._closed = False
-        self.session.refresh()
-        resumed = self.session.version > 0
-        self.record(
-            SessionOpened(session_id=session_id, resumed=resumed, host=host_id(), pid=os.getpid())
-        )
+        self._opened_recorded = False
 
     @classmethod
     def open(
@@ -130,8 +126,20 @@ class Orchestrator:
     # --- the log ---------------------------------------------------------------------------
 
     def record(self, *events: Event) -> None:
-        """Append facts to this session's stream, retrying past other writers."""
-        self.session.append(list(events))
+        """Append facts to this session's stream, retrying past other writers. The first
+        write of this orchestrator also records `SessionOpened`, so merely looking (views,
+        CLI inspection) leaves the log unchanged."""
+        batch = list(events)
+        with self.session.lock:
+            if not self._opened_recorded:
+                self.session.refresh()
+                resumed = self.session.version > 0
+                opened = SessionOpened(
+                    session_id=self.session_id, resumed=resumed, host=host_id(), pid=os.getpid()
+                )
+                batch.insert(0, opened)
+                self._opened_recorded = True
+            self.session.append(batch)
 
     def catalogue(self) -> list[CatalogueModel]:
         """The model catalogue, with usability read from the environment now."""

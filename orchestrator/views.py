@@ -6,8 +6,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from events.projections import RegistryEntry, TaskRecord
+from events.replay import replay as replay_log
 from events.store import EventRecord
 from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, WorkerView
+from orchestrator.explain import (
+    ReplayView,
+    TaskExplanation,
+    WorkerExplanation,
+    explain_task,
+    override_in_force,
+    replay_view,
+    worker_history,
+)
 from orchestrator.resolver import CatalogueModel, ResolutionError, did_you_mean
 
 if TYPE_CHECKING:
@@ -129,6 +139,45 @@ def events(
     ]
 
 
+def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
+    """The registry, overrides and tasks as of log position `until` (default: now)."""
+    return [replay_view(replay_log(orch.log, until=until))]
+
+
+def explain(
+    orch: Orchestrator, task_id: str | None = None, worker_id: str | None = None
+) -> list[TaskExplanation | WorkerExplanation]:
+    """Why a task got its model and process, or a worker's current model and processes."""
+    records = orch.log.records()
+    if task_id is not None:
+        found = explain_task(records, task_id)
+        if found is None:
+            known = {r.task_id for r in records if r.type == "TaskStarted" and r.task_id}
+            raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+        return [found]
+    if worker_id is None:
+        raise InvalidTaskArgs("Invalid task_list arguments: explain needs task_id or worker_id.")
+    try:
+        decision = orch.session_decision(worker_id)
+    except ResolutionError as exc:
+        raise InvalidTaskArgs(str(exc)) from None
+    head = records[-1].position + 1 if records else 1
+    entries = [e for e in registry(orch) if e.worker_id == worker_id]
+    return [
+        WorkerExplanation(
+            worker_id=worker_id,
+            session_id=orch.session_id,
+            model=decision.resolved_model,
+            model_ref=decision.model_ref,
+            model_policy=decision.model_policy,
+            reason=decision.reason,
+            override=override_in_force(records, orch.session_id, worker_id, head),
+            processes=entries,
+            history=worker_history(records, worker_id),
+        )
+    ]
+
+
 def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
     """A task of another session, found through its TaskStarted event."""
     from orchestrator.orchestrator import session_view
@@ -150,4 +199,6 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "profiles": profiles,
     "memory": memory,
     "events": events,
+    "replay": replay,
+    "explain": explain,
 }

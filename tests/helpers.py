@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from orchestrator import Orchestrator
@@ -36,3 +37,24 @@ def set_model(orch: Orchestrator, worker_id: str, model: str, **extra: Any) -> A
 def reset_model(orch: Orchestrator, worker_id: str, **extra: Any) -> Any:
     """`worker.model.reset` for one worker."""
     return op(orch, "worker.model.reset", worker={"worker_id": worker_id, **extra})
+
+
+def assert_replay_view_matches(orchs: Iterable[Orchestrator]) -> None:
+    """The `replay` view of the whole log equals the live registry, tasks and overrides."""
+    orchs = list(orchs)
+    view = orchs[0].task_list(view="replay")[0]
+    assert view.registry == orchs[0].task_list(view="registry")
+    for orch in orchs:
+        sid = orch.session_id
+        assert [t for t in view.tasks if t.session_id == sid] == orch.task_list(view="tasks")
+        live = {
+            w.worker_id: (w.model_ref, w.model_policy)
+            for w in orch.task_list(view="workers")
+            if w.reason.startswith("session override")
+        }
+        replayed = {
+            o.worker_id: (o.model_ref, o.model_policy)
+            for o in view.overrides
+            if o.session_id == sid
+        }
+        assert replayed == live

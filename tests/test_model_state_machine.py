@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import events.streams
-from events import EventLog, replay
+from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
 from orchestrator.config import ModelInfo, OrchestratorConfig
-from tests.helpers import config_with, reset_model, run, set_model
+from tests.helpers import assert_replay_view_matches, config_with, reset_model, run, set_model
 
 SESSIONS = ["s1", "s2"]
 WORKERS = ["coder", "docs", "explorer", "vision"]
@@ -141,7 +141,10 @@ class ModelSelection(RuleBasedStateMachine):
         replayed = replay(self.log)
         for sid, orch in self.orchs.items():
             live = orch.session.refresh()
-            assert replayed.sessions[sid].model_dump() == live.model_dump()
+            assert (
+                replayed.sessions.get(sid, SessionState(session_id=sid)).model_dump()
+                == live.model_dump()
+            )
         fresh = Orchestrator.open(
             config=make_config(self.small_model), store=self.log, session_id="observer"
         )
@@ -149,6 +152,10 @@ class ModelSelection(RuleBasedStateMachine):
             assert fresh.pool.registry.refresh().model_dump() == replayed.registry.model_dump()
         finally:
             fresh.close()
+
+    @invariant()
+    def replay_view_equals_live_views(self) -> None:
+        assert_replay_view_matches(self.orchs.values())
 
     def teardown(self) -> None:
         for orch in self.orchs.values():

@@ -19,9 +19,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from events import EventLog, replay
+from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
-from tests.helpers import config_with, op, reset_model, run, set_model
+from tests.helpers import assert_replay_view_matches, config_with, op, reset_model, run, set_model
 
 SESSIONS = ["s1", "s2"]
 WORKERS = ["coder", "explorer"]
@@ -117,9 +117,16 @@ class PoolMachine(RuleBasedStateMachine):
     def replay_equals_live(self) -> None:
         replayed = replay(self.log)
         for sid, orch in self.orchs.items():
-            assert replayed.sessions[sid].model_dump() == orch.session.refresh().model_dump()
+            assert (
+                replayed.sessions.get(sid, SessionState(session_id=sid)).model_dump()
+                == orch.session.refresh().model_dump()
+            )
         live_registry = self.orchs["s1"].pool.registry.refresh()
         assert replayed.registry.model_dump() == live_registry.model_dump()
+
+    @invariant()
+    def replay_view_equals_live_views(self) -> None:
+        assert_replay_view_matches(self.orchs.values())
 
     def teardown(self) -> None:
         for orch in self.orchs.values():

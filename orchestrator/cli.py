@@ -1,0 +1,415 @@
+"""`orchestrator`: thin commands over the Task API, tables for people and `--json` for programs.
+
+Exit codes: 0 success, 1 a task failed, 2 bad usage (bad arguments, unknown worker or task,
+bad or unreadable store). Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from events.store import StoreError
+from orchestrator.api import InvalidTaskArgs
+from orchestrator.orchestrator import Orchestrator
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Event-sourced LLM worker orchestrator."
+)
+explain_app = typer.Typer(no_args_is_help=True, help="Why a task or worker has its model.")
+app.add_typer(explain_app, name="explain")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+
+
+class Settings(BaseModel):
+    """Global options shared by every command."""
+
+    store: str | None
+    session: str
+    config: str | None
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    store: Annotated[str | None, typer.Option(help="Store URL (env ORCHESTRATOR_STORE).")] = None,
+    session: Annotated[
+        str, typer.Option(envvar="ORCHESTRATOR_SESSION", help="Session id.")
+    ] = "cli",
+    config: Annotated[str | None, typer.Option(help="Path to orchestrator.toml.")] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log every event to stderr.")
+    ] = False,
+) -> None:
+    """Global options."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ctx.obj = Settings(store=store, session=session, config=config)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one clear line on stderr and return the exit to raise."""
+    typer.echo(f"error: {message}", err=True)  # never wrapped: one line, greppable
+    return typer.Exit(code)
+
+
+@contextmanager
+def session(ctx: typer.Context) -> Iterator[Orchestrator]:
+    """The CLI's session on the chosen store; errors become one line and exit 2."""
+    s: Settings = ctx.obj
+    try:
+        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session)
+    except (StoreError, OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        yield orch
+    except InvalidTaskArgs as exc:
+        raise fail(str(exc)) from None
+    finally:
+        orch.close()
+
+
+def emit(
+    rows: Sequence[BaseModel], as_json: bool, columns: Sequence[str], title: str | None = None
+) -> None:
+    """Print rows as a table, or as a JSON array of objects."""
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+        return
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        data = row.model_dump(mode="json")
+        table.add_row(*[Text(_cell(data.get(c))) for c in columns])  # Text: no markup parsing
+    out.print(table)
+
+
+# Event fields people rarely need in a table; `--json` has them all.
+_QUIET = {
+    "version",
+    "args",
+    "claim_id",
+    "claimant_started_at",
+    "pid_started_at",
+    "requested_fingerprint",
+    "response",
+    "result",
+}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return " ".join(
+            f"{k}={_cell(v)}"
+            for k, v in value.items()
+            if k not in _QUIET and v not in (None, "", [], False)
+        )
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def finish_task(orch: Orchestrator, task_id: str, as_json: bool, label: str) -> None:
+    """Wait for a task (with a status line), print it, exit 1 if it failed."""
+    with err.status(f"{label} (spawning or reusing a worker)..."):
+        rec = orch.task_await(task_id)
+    if as_json:
+        out.print_json(rec.model_dump_json())
+    elif rec.status == "completed":
+        out.print(
+            rec.response if rec.kind == "worker" else json.dumps(rec.result, indent=2), markup=False
+        )
+    if rec.status != "completed":
+        raise fail(str(rec.error or rec.status), code=1)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    worker: str,
+    text: str,
+    model: Annotated[str | None, typer.Option(help="Model for this task only.")] = None,
+    force_new: Annotated[bool, typer.Option("--force-new", help="Never reuse a process.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a task on a worker and print its reply."""
+    with session(ctx) as orch:
+        handle = orch.task_start(
+            kind="worker", worker_id=worker, task=text, model=model, force_new=force_new
+        )
+        finish_task(orch, handle.task_id, as_json, f"running on {worker}")
+
+
+@app.command("set-model")
+def set_model(
+    ctx: typer.Context,
+    worker: str,
+    model: str,
+    policy: Annotated[str, typer.Option(help="sticky or dynamic.")] = "sticky",
+    respawn: Annotated[bool, typer.Option("--respawn")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Set this session's model for a worker."""
+    with session(ctx) as orch:
+        handle = orch.task_start(
+            kind="op",
+            op="worker.model.set",
+            worker={
+                "worker_id": worker,
+                "model": model,
+                "model_policy": policy,
+                "respawn": respawn,
+            },
+        )
+        finish_task(orch, handle.task_id, as_json, f"setting {worker}")
+
+
+@app.command("reset-model")
+def reset_model(
+    ctx: typer.Context,
+    worker: str,
+    respawn: Annotated[bool, typer.Option("--respawn")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Reset this session's model for a worker to the profile's."""
+    with session(ctx) as orch:
+        handle = orch.task_start(
+            kind="op", op="worker.model.reset", worker={"worker_id": worker, "respawn": respawn}
+        )
+        finish_task(orch, handle.task_id, as_json, f"resetting {worker}")
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    worker: Annotated[str | None, typer.Argument()] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every worker.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop a worker's processes on this host (or all workers')."""
+    if (worker is None) == (not all_):
+        raise fail("give a WORKER or --all (not both)")
+    with session(ctx) as orch:
+        ids = [worker] if worker else [p.worker_id for p in orch.task_list(view="profiles")]
+        results = []
+        for worker_id in ids:
+            handle = orch.task_start(kind="op", op="worker.stop", worker={"worker_id": worker_id})
+            rec = orch.task_await(handle.task_id)
+            if rec.status != "completed":
+                raise fail(str(rec.error), code=1)
+            results.append(rec.result)
+        if as_json:
+            out.print_json(json.dumps(results))
+        else:
+            for r in results:
+                if r and (r["stopped"] or r["exited"]):
+                    out.print(
+                        f"{r['worker_id']}: stopped {', '.join(r['stopped']) or '-'}"
+                        f"; found dead {', '.join(r['exited']) or '-'}"
+                    )
+
+
+@app.command()
+def workers(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Profiles with this session's effective model and running process."""
+    with session(ctx) as orch:
+        emit(
+            orch.task_list(view="workers"),
+            as_json,
+            ["worker_id", "backend", "status", "model", "model_policy", "pid", "reason"],
+        )
+
+
+@app.command()
+def registry(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every worker process in the device registry."""
+    with session(ctx) as orch:
+        emit(
+            orch.task_list(view="registry"),
+            as_json,
+            ["worker_id", "instance_id", "host", "pid", "status", "model", "model_policy"],
+        )
+
+
+@app.command()
+def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The model catalogue."""
+    with session(ctx) as orch:
+        emit(
+            orch.task_list(view="models"),
+            as_json,
+            ["model", "source", "usable", "vision", "tool_call", "context", "cost_input"],
+        )
+
+
+@app.command()
+def profiles(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The configured worker profiles."""
+    with session(ctx) as orch:
+        emit(
+            orch.task_list(view="profiles"),
+            as_json,
+            ["worker_id", "name", "model", "backend", "purpose"],
+        )
+
+
+EVENT_COLUMNS = ["position", "type", "session_id", "worker_id", "task_id", "data"]
+
+
+@app.command("events")
+def events_cmd(
+    ctx: typer.Context,
+    worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
+    session_filter: Annotated[
+        str | None, typer.Option("--session", help="Only this session.")
+    ] = None,
+    since: Annotated[int, typer.Option(help="Only events after this position.")] = 0,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The event log, filtered."""
+    filters = {"worker_id": worker, "type": type_, "session_id": session_filter}
+    with session(ctx) as orch:
+        rows = orch.task_list(view="events", since=since, **filters)
+        if not follow:
+            emit(rows, as_json, EVENT_COLUMNS)
+            return
+        last = max([since, *[r.position for r in rows]])
+        _print_stream(rows, as_json)
+        typer.echo(f"following events after position {last} (Ctrl-C to stop)", err=True)
+        try:
+            while True:
+                time.sleep(0.3)
+                head = orch.log.head()
+                if head <= last:
+                    continue
+                rows = orch.task_list(view="events", since=last, **filters)
+                _print_stream(rows, as_json)
+                last = head
+        except KeyboardInterrupt:
+            return
+
+
+def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
+    for row in rows:
+        data = row.model_dump(mode="json")
+        if as_json:
+            out.print(json.dumps(data), markup=False)
+        else:
+            out.print(
+                " ".join(f"{c}={_cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
+                + f" {_cell(data['data'])}",
+                markup=False,
+            )
+
+
+@app.command()
+def replay(
+    ctx: typer.Context,
+    until: Annotated[int, typer.Option(help="Log position to replay up to (inclusive).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Registry, session overrides and tasks as of log position N."""
+    with session(ctx) as orch:
+        view = orch.task_list(view="replay", until=until)[0]
+    if as_json:
+        out.print_json(view.model_dump_json())
+        return
+    out.print(f"state as of position {view.position}")
+    emit(
+        view.registry,
+        False,
+        ["worker_id", "instance_id", "pid", "status", "model"],
+        title="registry",
+    )
+    emit(
+        view.overrides,
+        False,
+        ["session_id", "worker_id", "model_ref", "resolved_model", "model_policy"],
+        title="session overrides",
+    )
+    emit(
+        view.tasks,
+        False,
+        ["task_id", "session_id", "kind", "op", "worker_id", "status", "model"],
+        title="tasks",
+    )
+
+
+@explain_app.command("task")
+def explain_task(ctx: typer.Context, task_id: str, as_json: JsonOpt = False) -> None:
+    """Which model served a task, which process, and the events that decided it."""
+    with session(ctx) as orch:
+        expl = orch.task_list(view="explain", task_id=task_id)[0]
+    if as_json:
+        out.print_json(expl.model_dump_json())
+        return
+    for line in expl.summary:
+        out.print(f"- {line}", markup=False)
+    emit(expl.chain, False, EVENT_COLUMNS, title="events")
+
+
+@explain_app.command("worker")
+def explain_worker(ctx: typer.Context, worker_id: str, as_json: JsonOpt = False) -> None:
+    """A worker's current effective model for this session and its process history."""
+    with session(ctx) as orch:
+        expl = orch.task_list(view="explain", worker_id=worker_id)[0]
+    if as_json:
+        out.print_json(expl.model_dump_json())
+        return
+    out.print(
+        f"{expl.worker_id} in session {expl.session_id}: {expl.model} "
+        f"({expl.model_policy}) - {expl.reason}",
+        markup=False,
+    )
+    if expl.override:
+        out.print(f"override set at position {expl.override.position}", markup=False)
+    emit(
+        expl.processes,
+        False,
+        ["instance_id", "host", "pid", "status", "model", "model_policy", "started_at"],
+        title="processes",
+    )
+    emit(expl.history, False, EVENT_COLUMNS, title="history")
+
+
+@app.command()
+def demo(
+    store: Annotated[
+        str | None, typer.Option(help="Store URL (default: a temporary SQLite file).")
+    ] = None,
+) -> None:
+    """Offline walk-through: set/reset, reuse, refusal, force_new, the log and explain."""
+    from orchestrator.demo import run_demo
+
+    try:
+        run_demo(out, store)
+    except StoreError as exc:
+        raise fail(str(exc)) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("COLUMNS", "160")  # tables in pipes and CI logs stay readable
+    app()

@@ -1,0 +1,271 @@
+"""Explain and replay views: why a task got its model and its process, and state as of N.
+
+Pure functions over event records, so the same answer comes from any copy of the log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from events.projections import LogState, Override, RegistryEntry, TaskRecord
+from events.store import EventRecord
+
+
+class OverrideRow(BaseModel):
+    """A session override as of some position."""
+
+    session_id: str
+    worker_id: str
+    model_ref: str
+    resolved_model: str
+    model_policy: str
+    reason: str
+
+
+class ReplayView(BaseModel):
+    """The registry, the session overrides and the tasks as of one log position."""
+
+    position: int
+    registry: list[RegistryEntry]
+    overrides: list[OverrideRow]
+    tasks: list[TaskRecord]
+
+
+class OverrideCause(BaseModel):
+    """The `WorkerModelSet` event a session-level decision rested on."""
+
+    position: int
+    session_id: str
+    model_ref: str
+    resolved_model: str
+    model_policy: str
+    reason: str
+
+
+class Rejection(BaseModel):
+    """A registry candidate that was not reused for the task."""
+
+    instance_id: str
+    reason: str
+    detail: str
+
+
+class ProcessCause(BaseModel):
+    """Which process served the task and how it was obtained."""
+
+    action: str  # reused | spawned | in-process | none
+    instance_id: str | None = None
+    pid: int | None = None
+    position: int | None = None
+
+
+class TaskExplanation(BaseModel):
+    """The chain of events behind one task (the `explain` view for a task_id)."""
+
+    task_id: str
+    session_id: str | None
+    worker_id: str | None
+    status: str
+    model: str | None
+    source: str | None
+    model_ref: str | None
+    model_policy: str | None
+    resolver_reason: str | None
+    override: OverrideCause | None
+    process: ProcessCause
+    rejections: list[Rejection]
+    error: str | None
+    summary: list[str]
+    chain: list[EventRecord]
+
+
+class WorkerExplanation(BaseModel):
+    """A worker's effective model for a session and its process history."""
+
+    worker_id: str
+    session_id: str
+    model: str | None
+    model_ref: str
+    model_policy: str
+    reason: str
+    override: OverrideCause | None
+    processes: list[RegistryEntry]
+    history: list[EventRecord]
+
+
+def replay_view(state: LogState) -> ReplayView:
+    """Flatten a replayed state into the `replay` view."""
+    overrides = [
+        OverrideRow(session_id=sid, **_override_fields(o))
+        for sid, session in sorted(state.sessions.items())
+        for o in session.overrides.values()
+    ]
+    tasks = sorted(
+        (t for s in state.sessions.values() for t in s.tasks.values()),
+        key=lambda t: t.started_at,
+    )
+    registry = sorted(state.registry.entries.values(), key=lambda e: e.started_at)
+    return ReplayView(position=state.position, registry=registry, overrides=overrides, tasks=tasks)
+
+
+def _override_fields(o: Override) -> dict[str, Any]:
+    return o.model_dump(
+        include={"worker_id", "model_ref", "resolved_model", "model_policy", "reason"}
+    )
+
+
+def override_in_force(
+    records: list[EventRecord], session_id: str, worker_id: str, before: int
+) -> OverrideCause | None:
+    """The session's last `WorkerModelSet` for the worker before `before`, unless reset."""
+    cause = None
+    for r in records:
+        if r.position >= before:
+            break
+        if r.session_id != session_id or r.worker_id != worker_id:
+            continue
+        if r.type == "WorkerModelSet":
+            cause = OverrideCause(
+                position=r.position,
+                session_id=session_id,
+                model_ref=r.data["model_ref"],
+                resolved_model=r.data["resolved_model"],
+                model_policy=r.data["model_policy"],
+                reason=r.data["reason"],
+            )
+        elif r.type == "WorkerModelReset":
+            cause = None
+    return cause
+
+
+def explain_task(records: list[EventRecord], task_id: str) -> TaskExplanation | None:
+    """Explain a task from the whole log; None if no such task was started."""
+    chain = [r for r in records if r.task_id == task_id]
+    started = next((r for r in chain if r.type == "TaskStarted"), None)
+    if started is None:
+        return None
+    resolved = next((r for r in chain if r.type == "ModelResolved"), None)
+    end = next(
+        (r for r in chain if r.type in ("TaskCompleted", "TaskFailed", "TaskCancelled")), None
+    )
+    override = None
+    if resolved is not None and resolved.data["source"] == "session":
+        override = override_in_force(
+            records, str(started.session_id), str(started.worker_id), resolved.position
+        )
+        if override is not None:
+            chain = sorted([*chain, *_at(records, override.position)], key=lambda r: r.position)
+    rejections = [
+        Rejection(
+            instance_id=r.data["instance_id"],
+            reason=r.data["reason"],
+            detail=r.data.get("detail", ""),
+        )
+        for r in chain
+        if r.type == "WorkerReuseRejected"
+    ]
+    process = _process_cause(chain, end)
+    status = {
+        "TaskCompleted": "completed",
+        "TaskFailed": "failed",
+        "TaskCancelled": "cancelled",
+    }.get(end.type if end else "", "running")
+    expl = TaskExplanation(
+        task_id=task_id,
+        session_id=started.session_id,
+        worker_id=started.worker_id,
+        status=status,
+        model=end.data.get("model") if end else None,
+        source=resolved.data["source"] if resolved else None,
+        model_ref=resolved.data["model_ref"] if resolved else None,
+        model_policy=resolved.data["model_policy"] if resolved else None,
+        resolver_reason=resolved.data["reason"] if resolved else None,
+        override=override,
+        process=process,
+        rejections=rejections,
+        error=end.data.get("error") if end else None,
+        summary=[],
+        chain=chain,
+    )
+    expl.summary = _task_summary(expl, started)
+    return expl
+
+
+def _at(records: list[EventRecord], position: int) -> list[EventRecord]:
+    return [r for r in records if r.position == position]
+
+
+def _process_cause(chain: list[EventRecord], end: EventRecord | None) -> ProcessCause:
+    for r in chain:
+        if r.type == "WorkerReused":
+            return ProcessCause(
+                action="reused",
+                instance_id=r.data["instance_id"],
+                pid=end.data.get("pid") if end else None,
+                position=r.position,
+            )
+        if r.type == "WorkerSpawned":
+            return ProcessCause(
+                action="spawned",
+                instance_id=r.data["instance_id"],
+                pid=r.data["pid"],
+                position=r.position,
+            )
+    if end is not None and str(end.data.get("instance_id") or "").startswith("agent-"):
+        return ProcessCause(
+            action="in-process",
+            instance_id=end.data["instance_id"],
+            pid=end.data.get("pid"),
+            position=end.position,
+        )
+    return ProcessCause(action="none")
+
+
+def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
+    lines = [
+        f"task {e.task_id} of session {e.session_id} on worker {e.worker_id}: {e.status}"
+        f" (started at position {started.position})"
+    ]
+    if e.source == "task":
+        lines.append(f"model {e.model_ref} was given with the task itself")
+    elif e.source == "session" and e.override is not None:
+        o = e.override
+        lines.append(
+            f"session override set at position {o.position} by session {o.session_id}"
+            f" with policy {o.model_policy}: {o.model_ref} -> {o.resolved_model}"
+        )
+    elif e.source == "profile":
+        lines.append(f"no override: the profile's configured model {e.model_ref}")
+    if e.resolver_reason:
+        lines.append(f"resolver: {e.resolver_reason}")
+    for rej in e.rejections:
+        lines.append(f"not reused: {rej.instance_id} ({rej.reason}: {rej.detail})")
+    p = e.process
+    if p.action == "reused":
+        lines.append(f"reused process {p.instance_id} (pid {p.pid}) at position {p.position}")
+    elif p.action == "spawned":
+        lines.append(f"spawned process {p.instance_id} (pid {p.pid}) at position {p.position}")
+    elif p.action == "in-process":
+        lines.append(f"served in-process by agent worker {p.instance_id}")
+    if e.model:
+        lines.append(f"served by model {e.model}")
+    if e.error:
+        lines.append(f"failed: {e.error}")
+    return lines
+
+
+def worker_history(records: list[EventRecord], worker_id: str) -> list[EventRecord]:
+    """Registry lifecycle events of a worker's processes, oldest first."""
+    kinds = {
+        "WorkerSpawnRequested",
+        "WorkerSpawned",
+        "WorkerReady",
+        "WorkerSpawnFailed",
+        "WorkerReused",
+        "WorkerReuseRejected",
+        "WorkerStopped",
+        "WorkerExited",
+    }
+    return [r for r in records if r.worker_id == worker_id and r.type in kinds]
