@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import psycopg
 import structlog
 from eventsourcing.persistence import (
     AggregateRecorder,
@@ -118,11 +119,13 @@ class EventLog:
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
         try:
+            if "POSTGRES_SCHEMA" in env:
+                _create_schema(env)
             self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
             self._recorder: ApplicationRecorder = self._factory.application_recorder()
             self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
             self._recorder.max_notification_id()  # fail now, not at the first real read
-        except (PersistenceError, OSError, sqlite3.Error) as exc:
+        except (PersistenceError, OSError, sqlite3.Error, psycopg.Error) as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
 
     # --- writing ---------------------------------------------------------------------------
@@ -262,6 +265,24 @@ def _create_private_file(path: Path) -> None:
         os.close(fd)
     except OSError as exc:
         raise StoreError(f"cannot open store sqlite:///{path}: {exc.strerror}") from exc
+
+
+def _create_schema(env: dict[str, str]) -> None:
+    """Create the store's schema on first use (tables are created by the recorders)."""
+    from psycopg import sql
+
+    with psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"] or None,
+        connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+        autocommit=True,
+    ) as conn:
+        conn.execute(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(env["POSTGRES_SCHEMA"]))
+        )
 
 
 def _postgres_env(url: str) -> dict[str, str]:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
+from psycopg import sql
 
 from events.store import EventLog
 from orchestrator import Orchestrator
@@ -27,7 +32,39 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "postgresql"]
+POSTGRES_URL = os.environ.get(
+    "ORCHESTRATOR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    """Why the test PostgreSQL cannot be used, or None when it answers."""
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (
+            f"no PostgreSQL at {POSTGRES_URL} ({first}); start one or set "
+            "ORCHESTRATOR_TEST_POSTGRES_URL to enable these tests"
+        )
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A store URL on a schema of its own, dropped afterwards (skips without a server)."""
+    reason = postgres_unavailable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}schema={schema}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def worker_processes(state_home: Path) -> list[psutil.Process]:
@@ -67,6 +104,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventLog |
         log = EventLog("memory")
         yield log
         log.close()
+    elif request.param == "postgresql":
+        with postgres_schema() as url:
+            yield url
     else:
         yield f"sqlite:///{tmp_path / 'events.db'}"
 
