@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -119,11 +120,10 @@ class EventLog:
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
         try:
-            if "POSTGRES_SCHEMA" in env:
-                _create_schema(env)
-            self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
-            self._recorder: ApplicationRecorder = self._factory.application_recorder()
-            self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
+            with _schema_lock(env):
+                self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
+                self._recorder: ApplicationRecorder = self._factory.application_recorder()
+                self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
             self._recorder.max_notification_id()  # fail now, not at the first real read
         except (PersistenceError, OSError, sqlite3.Error, psycopg.Error) as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
@@ -267,8 +267,18 @@ def _create_private_file(path: Path) -> None:
         raise StoreError(f"cannot open store sqlite:///{path}: {exc.strerror}") from exc
 
 
-def _create_schema(env: dict[str, str]) -> None:
-    """Create the store's schema on first use (tables are created by the recorders)."""
+# Any fixed 64-bit number: all orchestrator processes take the same advisory lock.
+_DDL_LOCK_KEY = 0x6F72636865737472
+
+
+@contextmanager
+def _schema_lock(env: dict[str, str]) -> Iterator[None]:
+    """On PostgreSQL, create the schema and let the recorders create their tables while
+    holding an advisory lock: concurrent first-use DDL otherwise fails with "tuple
+    concurrently updated". Other stores need nothing."""
+    if env["PERSISTENCE_MODULE"] != "eventsourcing.postgres":
+        yield
+        return
     from psycopg import sql
 
     with psycopg.connect(
@@ -280,9 +290,14 @@ def _create_schema(env: dict[str, str]) -> None:
         connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
         autocommit=True,
     ) as conn:
-        conn.execute(
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(env["POSTGRES_SCHEMA"]))
-        )
+        conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
+        try:
+            if "POSTGRES_SCHEMA" in env:
+                schema = sql.Identifier(env["POSTGRES_SCHEMA"])
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))
 
 
 def _postgres_env(url: str) -> dict[str, str]:

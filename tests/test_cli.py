@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import worker_processes
+from tests.conftest import postgres_schema, worker_processes
 
 CLI = [str(Path(sys.executable).parent / "orchestrator")]
 
@@ -37,9 +38,14 @@ def cli_json(store: str, *args: str, session: str = "cli") -> Any:
     return json.loads(cli(store, *args, "--json", session=session).stdout)
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'cli.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The CLI on every persistent store."""
+    if request.param == "postgresql":
+        with postgres_schema() as pg_url:
+            yield pg_url
+    else:
+        yield f"sqlite:///{tmp_path / 'cli.db'}"
 
 
 def test_set_model_then_run_in_two_invocations_is_one_session(url: str) -> None:
@@ -160,6 +166,7 @@ def test_follow_tails_events_appended_by_other_processes(url: str) -> None:
 
 
 def test_demo_exits_zero_and_leaves_no_worker_behind(state_home: Path) -> None:
+    # Runs on its own temporary SQLite store, whatever the matrix says.
     proc = subprocess.run(
         [*CLI, "demo"],
         check=False,

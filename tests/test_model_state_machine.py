@@ -7,6 +7,7 @@ equal the live state, including state loaded from snapshots.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import events.streams
 from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
 from orchestrator.config import ModelInfo, OrchestratorConfig
+from tests.conftest import postgres_schema
 from tests.helpers import assert_replay_view_matches, config_with, reset_model, run, set_model
 
 SESSIONS = ["s1", "s2"]
@@ -68,8 +70,14 @@ class ModelSelection(RuleBasedStateMachine):
         self._saved_every = events.streams.SNAPSHOT_EVERY
         events.streams.SNAPSHOT_EVERY = 5  # exercise snapshot loading in short runs
         self._tmp = tempfile.TemporaryDirectory()
-        url = f"sqlite:///{Path(self._tmp.name) / 'e.db'}"
-        self.log = EventLog("memory" if self.store_kind == "memory" else url)
+        self._schema = contextlib.ExitStack()
+        if self.store_kind == "postgresql":
+            url = self._schema.enter_context(postgres_schema())
+        elif self.store_kind == "sqlite":
+            url = f"sqlite:///{Path(self._tmp.name) / 'e.db'}"
+        else:
+            url = "memory"
+        self.log = EventLog(url)
         self.small_model = "local/echo-small"
         self.overrides: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.orchs = self._open_all()
@@ -161,6 +169,7 @@ class ModelSelection(RuleBasedStateMachine):
         for orch in self.orchs.values():
             orch.close()
         self.log.close()
+        self._schema.close()
         self._tmp.cleanup()
         events.streams.SNAPSHOT_EVERY = self._saved_every
 
@@ -169,7 +178,13 @@ class ModelSelectionOnSQLite(ModelSelection):
     store_kind = "sqlite"
 
 
+class ModelSelectionOnPostgres(ModelSelection):
+    store_kind = "postgresql"
+
+
 TestModelSelection = ModelSelection.TestCase
 TestModelSelection.settings = settings(max_examples=25, stateful_step_count=25)
 TestModelSelectionOnSQLite = ModelSelectionOnSQLite.TestCase
 TestModelSelectionOnSQLite.settings = settings(max_examples=8, stateful_step_count=20)
+TestModelSelectionOnPostgres = ModelSelectionOnPostgres.TestCase
+TestModelSelectionOnPostgres.settings = settings(max_examples=5, stateful_step_count=15)
