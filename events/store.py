@@ -135,6 +135,10 @@ class EventLog:
 
         Raises `StreamConflict` when another writer has already used those versions.
         """
+        return self.append_batches([(stream, events, expected_version)])
+
+    def append_batches(self, batches: Sequence[tuple[str, Sequence[Event], int]]) -> list[int]:
+        """Append to several streams in one transaction: all land, or `StreamConflict`."""
         stored = [
             StoredEvent(
                 originator_id=stream,
@@ -142,14 +146,17 @@ class EventLog:
                 topic=event.type_name(),
                 state=_encode(event),
             )
+            for stream, events, expected_version in batches
             for i, event in enumerate(events)
         ]
         try:
             positions = self._recorder.insert_events(stored)
         except IntegrityError as exc:
-            raise StreamConflict(f"stream {stream} moved past version {expected_version}") from exc
+            streams = ", ".join(b[0] for b in batches)
+            raise StreamConflict(f"another writer appended to {streams} first") from exc
         result = list(positions or [])
-        for position, event in zip(result, events, strict=False):
+        appended = [(stream, e) for stream, events, _ in batches for e in events]
+        for position, (stream, event) in zip(result, appended, strict=False):
             _log.info(event.type_name(), position=position, stream=stream, **_log_fields(event))
         return result
 

@@ -6,6 +6,7 @@ log is; catching up reads only the events appended since the last look.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -68,12 +69,30 @@ class StreamView(Generic[S]):
         Decisions instead append at the version they were made on and decide again on
         `StreamConflict`.
         """
+        append_together((self, events))
+
+    def fold_appended(self, events: list[Event]) -> None:
+        """Fold events this process just appended at `version + 1...` (no read needed)."""
+        for event in events:
+            self.state = self._fold(self.state, event.type_name(), event.model_dump(mode="json"))
+            self.version += 1
+
+
+def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
+    """Append facts to one or more streams in one transaction, retrying on conflicts."""
+    batches = tuple(b for b in batches if b[1])
+    views = sorted({id(v): v for v, _ in batches}.values(), key=lambda v: v.stream)
+    with contextlib.ExitStack() as held:
+        for view in views:  # a fixed order, so two writers never wait on each other
+            held.enter_context(view.lock)
         while True:
-            with self._lock:
-                self.refresh()
-                try:
-                    self.log.append(self.stream, events, self.version)
-                except StreamConflict:
-                    continue
-                self.refresh()
-                return
+            for view in views:
+                view.refresh()
+            log = batches[0][0].log
+            try:
+                log.append_batches([(v.stream, events, v.version) for v, events in batches])
+            except StreamConflict:
+                continue
+            for view, events in batches:
+                view.fold_appended(events)
+            return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +30,7 @@ from events.projections import (
     apply_session,
 )
 from events.store import EventLog
-from events.streams import StreamView
+from events.streams import StreamView, append_together
 from orchestrator import ops, views
 from orchestrator.api import InvalidTaskArgs, TaskHandle, TaskStartArgs, parse_task_args
 from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
@@ -125,21 +125,23 @@ class Orchestrator:
 
     # --- the log ---------------------------------------------------------------------------
 
-    def record(self, *events: Event) -> None:
-        """Append facts to this session's stream, retrying past other writers. The first
-        write of this orchestrator also records `SessionOpened`, so merely looking (views,
-        CLI inspection) leaves the log unchanged."""
+    def record(self, *events: Event, memory: Sequence[Event] = ()) -> None:
+        """Append facts to this session's stream (and the memory stream) in one transaction,
+        retrying past other writers. The first write of this orchestrator also records
+        `SessionOpened`, so merely looking (views, CLI inspection) leaves the log unchanged."""
         batch = list(events)
         with self.session.lock:
             if not self._opened_recorded:
                 self.session.refresh()
-                resumed = self.session.version > 0
                 opened = SessionOpened(
-                    session_id=self.session_id, resumed=resumed, host=host_id(), pid=os.getpid()
+                    session_id=self.session_id,
+                    resumed=self.session.version > 0,
+                    host=host_id(),
+                    pid=os.getpid(),
                 )
                 batch.insert(0, opened)
                 self._opened_recorded = True
-            self.session.append(batch)
+            append_together((self.session, batch), (self.memory, list(memory)))
 
     def catalogue(self) -> list[CatalogueModel]:
         """The model catalogue, with usability read from the environment now."""
@@ -152,25 +154,20 @@ class Orchestrator:
         task (completed or failed) in the log."""
         args = parse_task_args(payload)
         task_id = f"t-{uuid.uuid4().hex[:12]}"
-        ids = {"session_id": self.session_id, "task_id": task_id}
-        worker_id = (
-            args.worker_id
-            if args.kind == "worker"
-            else (args.worker.worker_id if args.worker else None)
-        )
-        self.record(
-            TaskStarted(
-                **ids,
-                worker_id=worker_id,
-                kind=args.kind,
-                op=args.op,
-                args=args.model_dump(mode="json", exclude_none=True),
-            )
+        worker_id = args.worker_id if args.kind == "worker" else _op_worker(args)
+        # Recorded together with the first decision about the task, never alone.
+        started = TaskStarted(
+            session_id=self.session_id,
+            task_id=task_id,
+            worker_id=worker_id,
+            kind=args.kind,
+            op=args.op,
+            args=args.model_dump(mode="json", exclude_none=True),
         )
         if args.kind == "op":
-            self._run_op(task_id, args)
+            self._run_op(task_id, args, started)
         else:
-            self._start_worker_task(task_id, args)
+            self._start_worker_task(task_id, args, started)
         return TaskHandle(task_id=task_id, status=self.task_peek(task_id).status)
 
     def task_peek(self, task_id: str) -> TaskRecord:
@@ -237,18 +234,23 @@ class Orchestrator:
             config=self.config,
         )
 
-    def _start_worker_task(self, task_id: str, args: TaskStartArgs) -> None:
+    def _start_worker_task(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
         worker_id = str(args.worker_id)
         ids = {"session_id": self.session_id, "task_id": task_id, "worker_id": worker_id}
+        catalogue = self.catalogue()
         try:
-            self.profile(worker_id)
             override = self.session.refresh().overrides.get(worker_id)
-            decision = decide_model(worker_id, args.model, override, self.config, self.catalogue())
-            spec = self.worker_spec(worker_id, self.session_decision(worker_id))
+            decision = decide_model(worker_id, args.model, override, self.config, catalogue)
+            # The process is chosen by the session-level model; a task's own model only
+            # travels with its message.
+            session_level = decide_model(worker_id, None, override, self.config, catalogue)
+            spec = self.worker_spec(worker_id, session_level)
         except ResolutionError as exc:
-            self.record(TaskFailed(**ids, error=str(exc)))
+            self.record(started, TaskFailed(**ids, error=str(exc)))
             return
-        self.record(ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint))
+        self.record(
+            started, ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint)
+        )
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
 
     def _submit(self, task_id: str, work: Callable[[], None]) -> None:
@@ -345,14 +347,29 @@ class Orchestrator:
 
     # --- ops -------------------------------------------------------------------------------
 
-    def _run_op(self, task_id: str, args: TaskStartArgs) -> None:
-        ids = {"session_id": self.session_id, "task_id": task_id}
+    def _run_op(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
+        ids = {"session_id": self.session_id, "task_id": task_id, "worker_id": _op_worker(args)}
         try:
-            result = ops.run(self, task_id, args)
+            outcome = ops.run(self, task_id, args)
         except (ResolutionError, RuntimeError) as exc:
-            self.record(TaskFailed(**ids, worker_id=_op_worker(args), error=str(exc)))
+            self.record(started, TaskFailed(**ids, error=str(exc)))
             return
-        self.record(TaskCompleted(**ids, worker_id=_op_worker(args), result=result))
+        if outcome.then is None:  # a pure decision: one atomic append says it all
+            self.record(
+                started,
+                *outcome.events,
+                TaskCompleted(**ids, result=outcome.result),
+                memory=outcome.memory,
+            )
+            return
+        # Side effects (processes) follow the decision, so the log shows it first.
+        self.record(started, *outcome.events, memory=outcome.memory)
+        try:
+            result = outcome.then()
+        except (ResolutionError, RuntimeError) as exc:
+            self.record(TaskFailed(**ids, error=str(exc)))
+            return
+        self.record(TaskCompleted(**ids, result=result))
 
     def _record_other_session(self, session_id: str, event: Event) -> None:
         if session_id == self.session_id:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import cache
+from typing import Any
 
 from orchestrator.config import OrchestratorConfig, ProviderConfig
 
@@ -40,6 +42,13 @@ def complete(
     return _openai_chat(provider_id, provider, name, text, system_prompt, environ or os.environ)
 
 
+@cache
+def _http() -> Any:
+    import httpx
+
+    return httpx.Client(timeout=120.0)  # one per process: building one loads the CA bundle
+
+
 def _openai_chat(
     provider_id: str,
     provider: ProviderConfig,
@@ -65,9 +74,7 @@ def _openai_chat(
         messages.insert(0, {"role": "system", "content": system_prompt})
     url = provider.base_url.rstrip("/") + "/chat/completions"
     try:
-        resp = httpx.post(
-            url, json={"model": name, "messages": messages}, headers=headers, timeout=120.0
-        )
+        resp = _http().post(url, json={"model": name, "messages": messages}, headers=headers)
         resp.raise_for_status()
         content = resp.json()["choices"][0]["message"]["content"]
     except httpx.HTTPStatusError as exc:

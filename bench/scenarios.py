@@ -1,0 +1,332 @@
+"""The benchmark scenarios of issue 6. Each returns rows measured beside their floors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+
+from bench.measure import Row, Stats, timed
+from orchestrator import Orchestrator
+from orchestrator.config import default_config
+from orchestrator.processes import worker_call
+from orchestrator.providers import complete
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(backend: str) -> Any:
+    cfg = default_config()
+    for profile in cfg.profiles.values():
+        profile.backend = backend  # type: ignore[assignment]
+    return cfg
+
+
+def _op(orch: Orchestrator, name: str, **worker: Any) -> dict[str, Any]:
+    handle = orch.task_start(kind="op", op=name, worker={"worker_id": "coder", **worker})
+    rec = orch.task_await(handle.task_id)
+    assert rec.status == "completed", rec.error
+    return rec.result or {}
+
+
+class _Counter(Aggregate):
+    @event("Incremented")
+    def increment(self) -> None:
+        pass
+
+
+def _bare_save_floor(store_env: dict[str, str], runs: int) -> Stats:
+    """One eventsourcing application save of one event, on the same kind of store."""
+    app: Application[Any] = Application(env=store_env)
+    agg = _Counter()
+    app.save(agg)
+
+    def save_one() -> None:
+        agg.increment()
+        app.save(agg)
+
+    return timed(save_one, runs)
+
+
+def op_round_trip(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 1: worker.model.set + await, then reset + await."""
+    rows = []
+    for kind in ("memory", "sqlite"):
+        url = "memory" if kind == "memory" else f"sqlite:///{tmp / 'ops.db'}"
+        env = (
+            {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+            if kind == "memory"
+            else {
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": str(tmp / "floor.db"),
+            }
+        )
+        floor = _bare_save_floor(env, runs)
+        with Orchestrator.open(config=_config("agent"), store=url, session_id="bench") as orch:
+            set_ = timed(lambda o=orch: _op(o, "worker.model.set", model="local/echo-small"), runs)
+            reset = timed(lambda o=orch: _op(o, "worker.model.reset"), runs)
+        rows += [
+            Row(
+                "1 op round trip",
+                f"set, {kind}",
+                set_,
+                "bare eventsourcing save",
+                floor,
+                target="<= 2x floor",
+            ),
+            Row(
+                "1 op round trip",
+                f"reset, {kind}",
+                reset,
+                "bare eventsourcing save",
+                floor,
+                target="<= 2x floor",
+            ),
+        ]
+    return rows
+
+
+def worker_task_overhead(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 2: a worker task on echo, agent and server, against the direct call."""
+    cfg = default_config()
+    direct = timed(lambda: complete(cfg, "local/echo-large", "hi"), runs)
+    rows = []
+    for backend in ("agent", "server"):
+        url = f"sqlite:///{tmp / f'task-{backend}.db'}"
+        with Orchestrator.open(config=_config(backend), store=url, session_id="bench") as orch:
+
+            def task(o: Orchestrator = orch) -> None:
+                rec = o.task_await(
+                    o.task_start(kind="worker", worker_id="coder", task="hi").task_id
+                )
+                assert rec.status == "completed", rec.error
+
+            stats = timed(task, runs)
+            rows.append(
+                Row(
+                    "2 worker task",
+                    f"{backend} backend, sqlite",
+                    stats,
+                    "provider called directly",
+                    direct,
+                )
+            )
+            if backend == "server":
+                entry = orch.pool.live_entries("coder")[0]
+                raw = timed(
+                    lambda e=entry: worker_call(
+                        str(e.url), e.instance_id, "POST", "/prompt", {"text": "hi"}
+                    ),
+                    runs,
+                )
+                rows.append(
+                    Row(
+                        "2 worker task",
+                        "server backend, sqlite",
+                        stats,
+                        "one raw HTTP /prompt",
+                        raw,
+                    )
+                )
+                _op(orch, "worker.stop")
+    return rows
+
+
+REUSE_CHILD = """
+import json, sys, time
+from events.store import EventLog
+from orchestrator import Orchestrator
+from bench.scenarios import _config
+url = sys.argv[1]
+t0 = time.perf_counter()
+log = EventLog(url)
+t1 = time.perf_counter()
+orch = Orchestrator.open(config=_config("server"), store=log, session_id="fresh")
+handle = orch.task_start(kind="op", op="worker.spawn", worker={"worker_id": "coder"})
+rec = orch.task_await(handle.task_id)
+t2 = time.perf_counter()
+assert rec.result["reused"], rec
+print(json.dumps({"open": t1 - t0, "reuse": t2 - t0}))
+"""
+
+
+def _child(script: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    data: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return data
+
+
+def reuse_from_fresh_process(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 3: a new process opens the store and gets a reusable worker."""
+    url = f"sqlite:///{tmp / 'reuse.db'}"
+    with Orchestrator.open(config=_config("server"), store=url, session_id="owner") as orch:
+        _op(orch, "worker.spawn")
+        for _ in range(2):
+            _child(REUSE_CHILD, url)  # warm-up
+        samples = [_child(REUSE_CHILD, url) for _ in range(runs)]
+        _op(orch, "worker.stop")
+    reuse = Stats.of([s["reuse"] for s in samples])
+    floor = Stats.of([s["open"] for s in samples])
+    return [
+        Row(
+            "3 reuse from a fresh process",
+            "sqlite, after imports",
+            reuse,
+            "same process only opening the store",
+            floor,
+            target="<= 50 ms",
+        )
+    ]
+
+
+def cold_spawn(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 4: worker.spawn with force_new until the worker printed READY."""
+
+    def run_cmd(*cmd: str) -> None:
+        subprocess.run([sys.executable, *cmd], check=True, cwd=ROOT)
+
+    floor_pass = timed(lambda: run_cmd("-c", "pass"), runs)
+    floor_import = timed(lambda: run_cmd("-c", "import orchestrator.worker"), runs)
+    url = f"sqlite:///{tmp / 'spawn.db'}"
+    with Orchestrator.open(config=_config("server"), store=url, session_id="bench") as orch:
+        spawn = timed(lambda: _op(orch, "worker.spawn", force_new=True), runs, warmup=1)
+        _op(orch, "worker.stop")
+    return [
+        Row("4 cold spawn to READY", "worker.spawn force_new", spawn, "python -c pass", floor_pass),
+        Row(
+            "4 cold spawn to READY",
+            "worker.spawn force_new",
+            spawn,
+            "python -c 'import orchestrator.worker'",
+            floor_import,
+            target="<= 3x import floor",
+        ),
+    ]
+
+
+LOG_CHILD = """
+import json, resource, sys, time
+from bench.logbuild import build_log, open_and_read, replay_all
+url, size = sys.argv[1], int(sys.argv[2])
+append = build_log(url, size)
+load = open_and_read(url, runs=20)
+replay_seconds, events = replay_all(url)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"append_eps": append, "load": load, "replay_eps": events / replay_seconds,
+                  "replay_seconds": replay_seconds, "events": events, "peak_rss": rss}))
+"""
+
+
+def log_scaling(tmp: Path, sizes: list[int]) -> list[Row]:
+    """Scenario 5: append and replay throughput, state load time and peak RSS by log size."""
+    rows = []
+    base_load: Stats | None = None
+    for size in sizes:
+        url = f"sqlite:///{tmp / f'log-{size}.db'}"
+        r = _child(LOG_CHILD, url, str(size))
+        load = Stats(**r["load"])
+        base_load = base_load or load
+        rss_mb = r["peak_rss"] / 2**20
+        rows += [
+            Row("5 log", f"append, {size:,} events", unit="events/s", figure=r["append_eps"]),
+            Row(
+                "5 log",
+                f"replay, {size:,} events",
+                unit="events/s",
+                figure=r["replay_eps"],
+                target=">= 100k events/s",
+                extra={"seconds": r["replay_seconds"], "peak_rss_mb": rss_mb},
+            ),
+            Row(
+                "5 log",
+                f"open + read state, {size:,} events",
+                load,
+                f"same at {sizes[0]:,} events",
+                base_load,
+                target="<= 1.5x at 1M",
+                extra={"peak_rss_mb": rss_mb},
+            ),
+        ]
+    return rows
+
+
+CONTENDER = """
+import json, sys, time
+from orchestrator import Orchestrator
+from bench.scenarios import _config
+url, go_at = sys.argv[1], float(sys.argv[2])
+orch = Orchestrator.open(config=_config("server"), store=url)
+time.sleep(max(0.0, go_at - time.time()))
+handle = orch.task_start(kind="op", op="worker.spawn", worker={"worker_id": "coder"})
+rec = orch.task_await(handle.task_id)
+print(json.dumps({"held_at": time.time(), "reused": rec.result["reused"]}))
+orch.close()
+"""
+
+
+def contention(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 6: N processes ask for the same worker at once."""
+    rows = []
+    for n in (2, 4, 8):
+        spawns, waits = [], []
+        for i in range(runs):
+            url = f"sqlite:///{tmp / f'contend-{n}-{i}.db'}"
+            go_at = time.time() + 2.5
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", CONTENDER, url, str(go_at)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                )
+                for _ in range(n)
+            ]
+            results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+            waits.append(max(r["held_at"] for r in results) - go_at)
+            with Orchestrator.open(config=_config("server"), store=url) as observer:
+                spawns.append(len(observer.task_list(view="events", type="WorkerSpawned")))
+                _op(observer, "worker.stop")
+        rows.append(
+            Row(
+                "6 contention",
+                f"{n} processes",
+                Stats.of(waits),
+                target="1 spawn",
+                extra={"spawns_per_run": spawns},
+            )
+        )
+    return rows
+
+
+def all_scenarios(quick: bool) -> list[Row]:
+    """Every scenario, in order; `quick` uses fewer runs and smaller logs."""
+    runs = 30 if quick else 200
+    proc_runs = 5 if quick else 15
+    sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="bench-state-"))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as name:
+        tmp = Path(name)
+        for step in (
+            lambda: op_round_trip(tmp, runs),
+            lambda: worker_task_overhead(tmp, runs),
+            lambda: reuse_from_fresh_process(tmp, proc_runs),
+            lambda: cold_spawn(tmp, proc_runs),
+            lambda: log_scaling(tmp, sizes),
+            lambda: contention(tmp, 3),
+        ):
+            new = step()
+            rows += new
+            for row in new:
+                print(f"  done: {row.scenario} / {row.variant}", file=sys.stderr, flush=True)
+    return rows
