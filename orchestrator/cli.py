@@ -229,48 +229,37 @@ def stop(
                     )
 
 
-@app.command()
-def workers(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Profiles with this session's effective model and running process."""
-    with session(ctx) as orch:
-        emit(
-            orch.task_list(view="workers"),
-            as_json,
-            ["worker_id", "backend", "status", "model", "model_policy", "pid", "reason"],
-        )
+def _view_command(view: str, columns: list[str], doc: str) -> None:
+    """Register `orchestrator <view> [--json]`: one Task API view as a table or JSON."""
+
+    def command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+        with session(ctx) as orch:
+            emit(orch.task_list(view=view), as_json, columns)
+
+    command.__doc__ = doc
+    app.command(name=view)(command)
 
 
-@app.command()
-def registry(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Every worker process in the device registry."""
-    with session(ctx) as orch:
-        emit(
-            orch.task_list(view="registry"),
-            as_json,
-            ["worker_id", "instance_id", "host", "pid", "status", "model", "model_policy"],
-        )
-
-
-@app.command()
-def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """The model catalogue."""
-    with session(ctx) as orch:
-        emit(
-            orch.task_list(view="models"),
-            as_json,
-            ["model", "source", "usable", "vision", "tool_call", "context", "cost_input"],
-        )
-
-
-@app.command()
-def profiles(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """The configured worker profiles."""
-    with session(ctx) as orch:
-        emit(
-            orch.task_list(view="profiles"),
-            as_json,
-            ["worker_id", "name", "model", "backend", "purpose"],
-        )
+_view_command(
+    "workers",
+    ["worker_id", "backend", "status", "model", "model_policy", "pid", "reason"],
+    "Profiles with this session's effective model and process.",
+)
+_view_command(
+    "registry",
+    ["worker_id", "instance_id", "host", "pid", "status", "model", "model_policy"],
+    "Every worker process in the device registry.",
+)
+_view_command(
+    "models",
+    ["model", "source", "usable", "vision", "tool_call", "context", "cost_input"],
+    "The model catalogue.",
+)
+_view_command(
+    "profiles",
+    ["worker_id", "name", "model", "backend", "purpose"],
+    "The configured worker profiles.",
+)
 
 
 EVENT_COLUMNS = ["position", "type", "session_id", "worker_id", "task_id", "data"]

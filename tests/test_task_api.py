@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import stat
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator import InvalidTaskArgs, TaskStartArgs
+from orchestrator import InvalidTaskArgs, Orchestrator, TaskStartArgs
 from orchestrator.config import OrchestratorConfig
 from tests.conftest import ChatServer, OpenOrch
-from tests.helpers import config_with, op, run
+from tests.helpers import config_with, op, run, set_model
 
 
 @pytest.mark.parametrize(
@@ -161,3 +163,19 @@ def test_openai_provider_without_its_key_fails_the_task_clearly(
     rec = run(open_orch(config=cfg), "coder", "hi")
     assert rec.status == "failed"
     assert rec.error == 'Provider "lab" needs an API key: set LAB_KEY.'
+
+
+def test_default_store_is_a_private_file_in_the_state_dir(
+    state_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with Orchestrator.open(config=config_with(), session_id="d") as orch:
+        set_model(orch, "coder", "local/echo-small")
+    db = state_home / "orchestrator" / "events.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
+
+    elsewhere = tmp_path / "env.db"
+    monkeypatch.setenv("ORCHESTRATOR_STORE", f"sqlite:///{elsewhere}")
+    with Orchestrator.open(config=config_with(), session_id="d") as orch:
+        assert orch.task_list(view="workers")[0].model == "local/echo-large"  # other store
+    assert elsewhere.exists()
