@@ -92,7 +92,8 @@ def _encode(event: Event) -> bytes:
 
 
 def _decode(topic: str, state: bytes) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(state)
+    # We always write UTF-8: decoding first skips json's per-call encoding detection.
+    data: dict[str, Any] = json.loads(state.decode())
     return upcast(topic, data)
 
 
