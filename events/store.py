@@ -10,7 +10,6 @@ what `events`, `replay` and `explain` read.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import psycopg
-import structlog
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
@@ -35,11 +33,9 @@ from eventsourcing.utils import Environment
 from pydantic import BaseModel
 
 from events.catalogue import Event, upcast
+from events.logs import get_logger
 
-_log = structlog.wrap_logger(
-    logging.getLogger("orchestrator.events"),
-    processors=[structlog.processors.TimeStamper(fmt="iso"), structlog.processors.JSONRenderer()],
-)
+_log = get_logger("orchestrator.events")
 
 
 class StoreError(RuntimeError):

@@ -6,7 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,6 +22,7 @@ from events.catalogue import (
     TaskFailed,
     TaskStarted,
 )
+from events.logs import get_logger
 from events.projections import (
     MemoryState,
     SessionState,
@@ -49,6 +50,7 @@ from orchestrator.resolver import (
 )
 
 AWAIT_POLL = 0.05
+_log = get_logger("orchestrator")
 
 
 class AgentWorker(BaseModel):
@@ -182,7 +184,7 @@ class Orchestrator:
         deadline = None if timeout is None else time.monotonic() + timeout
         future = self._futures.get(task_id)
         if future is not None:
-            future.exception(timeout=timeout)  # waits; the task's own errors are in the log
+            wait([future], timeout=timeout)  # returns on time-out; the task's errors are logged
         while True:
             rec = self.task_peek(task_id)
             if rec.status != "running" or (deadline is not None and time.monotonic() >= deadline):
@@ -254,7 +256,21 @@ class Orchestrator:
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
 
     def _submit(self, task_id: str, work: Callable[[], None]) -> None:
-        self._futures[task_id] = self._executor.submit(work)
+        def guarded() -> None:
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - a bug must still end the task, visibly
+                _log.exception("task crashed", task_id=task_id)
+                self._finish(
+                    task_id,
+                    TaskFailed(
+                        session_id=self.session_id,
+                        task_id=task_id,
+                        error=f"internal error: {exc!r}",
+                    ),
+                )
+
+        self._futures[task_id] = self._executor.submit(guarded)
 
     def _serve(
         self, task_id: str, args: TaskStartArgs, decision: ModelDecision, spec: WorkerSpec

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psutil
-import structlog
 
 from events.catalogue import (
     Event,
@@ -51,6 +50,7 @@ from orchestrator.processes import (
     worker_token,
 )
 from orchestrator.reuse import (
+    CLAIM_TIMEOUT,
     Request,
     candidates,
     claim_expired,
@@ -62,7 +62,6 @@ from orchestrator.worker import SPEC_ENV, TOKEN_ENV
 REGISTRY_STREAM = "registry"
 READY_TIMEOUT = 30.0
 WAIT_POLL = 0.05
-_log = structlog.get_logger("orchestrator.pool")
 
 
 class SpawnError(RuntimeError):
@@ -119,7 +118,8 @@ class WorkerPool:
             spec.worker_id, spec.fingerprint, spec.model, spec.model_policy, self.host, force_new
         )
         ids = {"session_id": session_id, "worker_id": spec.worker_id, "task_id": task_id}
-        deadline = time.monotonic() + READY_TIMEOUT * 2
+        # Outlast an abandoned claim's expiry, so a waiter takes it over instead of failing.
+        deadline = time.monotonic() + CLAIM_TIMEOUT.total_seconds() + READY_TIMEOUT
         while True:
             try:
                 outcome = self._decide(request, ids, spawn)

@@ -179,3 +179,31 @@ def test_default_store_is_a_private_file_in_the_state_dir(
     with Orchestrator.open(config=config_with(), session_id="d") as orch:
         assert orch.task_list(view="workers")[0].model == "local/echo-large"  # other store
     assert elsewhere.exists()
+
+
+def test_await_times_out_with_the_running_record_and_cancel_drops_the_late_result(
+    open_orch: OpenOrch, chat_server: ChatServer
+) -> None:
+    chat_server.delay = 1.5
+    cfg = OrchestratorConfig.model_validate(
+        {
+            "model": "lab/slow",
+            "providers": {
+                "lab": {
+                    "base_url": f"http://127.0.0.1:{chat_server.server_address[1]}",
+                    "models": {"slow": {}},
+                }
+            },
+            "profiles": {"coder": {"backend": "agent"}},
+        }
+    )
+    orch = open_orch(config=cfg)
+    handle = orch.task_start(kind="worker", worker_id="coder", task="slow one")
+    assert handle.status == "running"
+    assert orch.task_await(handle.task_id, timeout=0.1).status == "running"
+    assert orch.task_cancel(handle.task_id).status == "cancelled"
+    final = orch.task_await(handle.task_id, timeout=10)  # the provider answers meanwhile
+    assert final.status == "cancelled"
+    assert final.response is None
+    types = [e.type for e in orch.task_list(view="events", task_id=handle.task_id)]
+    assert types == ["TaskStarted", "ModelResolved", "TaskCancelled"]
