@@ -320,10 +320,8 @@ def replay(
     as_json: JsonOpt = False,
 ) -> None:
     """Registry, session overrides and tasks as of log position N."""
-    with session(ctx) as orch:
-        view = orch.task_list(view="replay", until=until)[0]
-    if as_json:
-        out.print_json(view.model_dump_json())
+    view = one_row(ctx, as_json, "replay", until=until)
+    if view is None:
         return
     out.print(f"state as of position {view.position}")
     emit(
@@ -346,13 +344,21 @@ def replay(
     )
 
 
+def one_row(ctx: typer.Context, as_json: bool, view: str, **filters: Any) -> Any:
+    """A one-row view: printed as JSON (and None returned) with --json, else returned."""
+    with session(ctx) as orch:
+        row = orch.task_list(view=view, **filters)[0]
+    if as_json:
+        out.print_json(row.model_dump_json())
+        return None
+    return row
+
+
 @explain_app.command("task")
 def explain_task(ctx: typer.Context, task_id: str, as_json: JsonOpt = False) -> None:
     """Which model served a task, which process, and the events that decided it."""
-    with session(ctx) as orch:
-        expl = orch.task_list(view="explain", task_id=task_id)[0]
-    if as_json:
-        out.print_json(expl.model_dump_json())
+    expl = one_row(ctx, as_json, "explain", task_id=task_id)
+    if expl is None:
         return
     for line in expl.summary:
         out.print(f"- {line}", markup=False)
@@ -362,10 +368,8 @@ def explain_task(ctx: typer.Context, task_id: str, as_json: JsonOpt = False) -> 
 @explain_app.command("worker")
 def explain_worker(ctx: typer.Context, worker_id: str, as_json: JsonOpt = False) -> None:
     """A worker's current effective model for this session and its process history."""
-    with session(ctx) as orch:
-        expl = orch.task_list(view="explain", worker_id=worker_id)[0]
-    if as_json:
-        out.print_json(expl.model_dump_json())
+    expl = one_row(ctx, as_json, "explain", worker_id=worker_id)
+    if expl is None:
         return
     out.print(
         f"{expl.worker_id} in session {expl.session_id}: {expl.model} "

@@ -17,6 +17,27 @@ def config_with(backend: Backend = "agent", **changes: Any) -> OrchestratorConfi
     return cfg.model_copy(update=changes)
 
 
+def lab_config(
+    port: int, backend: Backend = "server", models: tuple[str, ...] = ("slow",), **provider: Any
+) -> OrchestratorConfig:
+    """A config whose one provider, `lab`, speaks the OpenAI protocol on a local port."""
+    return OrchestratorConfig.model_validate(
+        {
+            "model": f"lab/{models[0]}",
+            "small_model": f"lab/{models[-1]}",
+            "providers": {
+                "lab": {
+                    "kind": "openai",
+                    "base_url": f"http://127.0.0.1:{port}/v1",
+                    "models": {m: {} for m in models},
+                    **provider,
+                }
+            },
+            "profiles": {"coder": {"backend": backend}},
+        }
+    )
+
+
 def run(orch: Orchestrator, worker_id: str, text: str, **kwargs: Any) -> Any:
     """Start a worker task and wait for its record."""
     handle = orch.task_start(kind="worker", worker_id=worker_id, task=text, **kwargs)

@@ -16,10 +16,9 @@ import pytest
 
 from events.catalogue import WorkerReady, WorkerSpawned, WorkerSpawnRequested
 from orchestrator import Orchestrator
-from orchestrator.config import OrchestratorConfig
 from orchestrator.processes import host_id, start_time
 from tests.conftest import ChatServer, OpenOrch
-from tests.helpers import config_with, op, reset_model, run, set_model
+from tests.helpers import config_with, lab_config, op, reset_model, run, set_model
 
 
 def events_of(orch: Orchestrator, type_: str) -> list[dict[str, object]]:
@@ -177,18 +176,7 @@ def test_a_worker_dying_mid_task_fails_the_task_clearly_and_the_next_spawns(
     open_orch: OpenOrch, chat_server: ChatServer
 ) -> None:
     chat_server.delay = 2.0
-    cfg = OrchestratorConfig.model_validate(
-        {
-            "model": "lab/slow",
-            "providers": {
-                "lab": {
-                    "base_url": f"http://127.0.0.1:{chat_server.server_address[1]}",
-                    "models": {"slow": {}},
-                }
-            },
-            "profiles": {"coder": {}},
-        }
-    )
+    cfg = lab_config(chat_server.server_address[1])
     orch = open_orch(config=cfg)
     spawned = op(orch, "worker.spawn", worker={"worker_id": "coder"}).result
     handle = orch.task_start(kind="worker", worker_id="coder", task="long job")

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from orchestrator import InvalidTaskArgs, Orchestrator, TaskStartArgs
-from orchestrator.config import OrchestratorConfig
 from tests.conftest import ChatServer, OpenOrch
-from tests.helpers import config_with, op, run, set_model
+from tests.helpers import config_with, lab_config, op, run, set_model
 
 
 @pytest.mark.parametrize(
@@ -116,22 +115,7 @@ def test_openai_provider_sends_the_chosen_model_and_reads_the_key_at_call_time(
     open_orch: OpenOrch, chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     port = chat_server.server_address[1]
-    cfg = OrchestratorConfig.model_validate(
-        {
-            "model": "lab/big",
-            "small_model": "lab/small",
-            "providers": {
-                "lab": {
-                    "kind": "openai",
-                    "source": "config",
-                    "base_url": f"http://127.0.0.1:{port}/v1",
-                    "api_key_env": "LAB_KEY",
-                    "models": {"big": {}, "small": {}},
-                }
-            },
-            "profiles": {"coder": {"model": "auto", "backend": backend}},
-        }
-    )
+    cfg = lab_config(port, backend, ("big", "small"), api_key_env="LAB_KEY")
     monkeypatch.setenv("LAB_KEY", "sekret-123")
     orch = open_orch(config=cfg)
     assert run(orch, "coder", "hi").response == "big says hi"
@@ -147,19 +131,7 @@ def test_openai_provider_without_its_key_fails_the_task_clearly(
     open_orch: OpenOrch, chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("LAB_KEY", raising=False)
-    cfg = OrchestratorConfig.model_validate(
-        {
-            "model": "lab/big",
-            "providers": {
-                "lab": {
-                    "base_url": "http://127.0.0.1:9/v1",
-                    "api_key_env": "LAB_KEY",
-                    "models": {"big": {}},
-                }
-            },
-            "profiles": {"coder": {"backend": "agent"}},
-        }
-    )
+    cfg = lab_config(9, "agent", ("big",), api_key_env="LAB_KEY")
     rec = run(open_orch(config=cfg), "coder", "hi")
     assert rec.status == "failed"
     assert rec.error == 'Provider "lab" needs an API key: set LAB_KEY.'
@@ -185,18 +157,7 @@ def test_await_times_out_with_the_running_record_and_cancel_drops_the_late_resul
     open_orch: OpenOrch, chat_server: ChatServer
 ) -> None:
     chat_server.delay = 1.5
-    cfg = OrchestratorConfig.model_validate(
-        {
-            "model": "lab/slow",
-            "providers": {
-                "lab": {
-                    "base_url": f"http://127.0.0.1:{chat_server.server_address[1]}",
-                    "models": {"slow": {}},
-                }
-            },
-            "profiles": {"coder": {"backend": "agent"}},
-        }
-    )
+    cfg = lab_config(chat_server.server_address[1], "agent")
     orch = open_orch(config=cfg)
     handle = orch.task_start(kind="worker", worker_id="coder", task="slow one")
     assert handle.status == "running"
