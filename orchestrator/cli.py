@@ -294,7 +294,8 @@ def events_cmd(
                 if head <= last:
                     continue
                 rows = orch.task_list(view="events", since=last, **filters)
-                _print_stream(rows, as_json)
+                # Events appended after `head` was read come again next time: print up to it.
+                _print_stream([r for r in rows if r.position <= head], as_json)
                 last = head
         except KeyboardInterrupt:
             return
