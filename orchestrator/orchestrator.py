@@ -242,10 +242,15 @@ class Orchestrator:
         catalogue = self.catalogue()
         try:
             override = self.session.refresh().overrides.get(worker_id)
-            decision = decide_model(worker_id, args.model, override, self.config, catalogue)
             # The process is chosen by the session-level model; a task's own model only
             # travels with its message.
+            task_level = (
+                decide_model(worker_id, args.model, override, self.config, catalogue)
+                if args.model
+                else None
+            )
             session_level = decide_model(worker_id, None, override, self.config, catalogue)
+            decision = task_level or session_level
             spec = self.worker_spec(worker_id, session_level)
         except ResolutionError as exc:
             self.record(started, TaskFailed(**ids, error=str(exc)))
