@@ -148,34 +148,40 @@ def explain(
     orch: Orchestrator, task_id: str | None = None, worker_id: str | None = None
 ) -> list[TaskExplanation | WorkerExplanation]:
     """Why a task got its model and process, or a worker's current model and processes."""
-    records = orch.log.records()
     if task_id is not None:
-        found = explain_task(records, task_id)
-        if found is None:
-            known = {r.task_id for r in records if r.type == "TaskStarted" and r.task_id}
-            raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
-        return [found]
-    if worker_id is None:
-        raise InvalidTaskArgs("Invalid task_list arguments: explain needs task_id or worker_id.")
-    try:
+        return [_explain_task(orch, task_id)]
+    if worker_id is not None:
+        return [_explain_worker(orch, worker_id)]
+    raise InvalidTaskArgs("Invalid task_list arguments: explain needs task_id or worker_id.")
+
+
+def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
+    records = orch.log.records()
+    found = explain_task(records, task_id)
+    if found is None:
+        known = {r.task_id for r in records if r.type == "TaskStarted" and r.task_id}
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+    return found
+
+
+def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
+    try:  # a bad worker id is answered before the whole log is read
         decision = orch.session_decision(worker_id)
     except ResolutionError as exc:
         raise InvalidTaskArgs(str(exc)) from None
+    records = orch.log.records()
     head = records[-1].position + 1 if records else 1
-    entries = [e for e in registry(orch) if e.worker_id == worker_id]
-    return [
-        WorkerExplanation(
-            worker_id=worker_id,
-            session_id=orch.session_id,
-            model=decision.resolved_model,
-            model_ref=decision.model_ref,
-            model_policy=decision.model_policy,
-            reason=decision.reason,
-            override=override_in_force(records, orch.session_id, worker_id, head),
-            processes=entries,
-            history=worker_history(records, worker_id),
-        )
-    ]
+    return WorkerExplanation(
+        worker_id=worker_id,
+        session_id=orch.session_id,
+        model=decision.resolved_model,
+        model_ref=decision.model_ref,
+        model_policy=decision.model_policy,
+        reason=decision.reason,
+        override=override_in_force(records, orch.session_id, worker_id, head),
+        processes=[e for e in registry(orch) if e.worker_id == worker_id],
+        history=worker_history(records, worker_id),
+    )
 
 
 def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
