@@ -19,12 +19,15 @@ RejectReason = Literal[
     "model_mismatch",
     "policy_mismatch",
     "profile_mismatch",
+    "provider_mismatch",
     "process_gone",
     "pid_recycled",
     "health_failed",
     "force_new",
+    "draining",
     "other_host",
 ]
+StopReason = Literal["requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy"]
 
 
 def utcnow() -> datetime:
@@ -80,11 +83,23 @@ class WorkerModelReset(Event):
 
 
 class TaskStarted(Event):
-    """A task was accepted. `args` is the validated request, without secrets."""
+    """A task was accepted. `args` is the validated request, without secrets. The owner
+    (host, pid, start time) is the orchestrator process doing the work: when it is gone,
+    whoever reads the task next ends it failed."""
 
     kind: Literal["worker", "op"]
     op: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    host: str | None = None
+    pid: int | None = None
+    pid_started_at: float | None = None
+
+
+class TaskQueued(Event):
+    """A worker task waits for one of the orchestrator's `max_concurrency` slots."""
+
+    slots: int
+    ahead: int
 
 
 class ModelResolved(Event):
@@ -106,6 +121,9 @@ class TaskCompleted(Event):
     result: dict[str, Any] | None = None
     instance_id: str | None = None
     pid: int | None = None
+    reused: bool | None = None
+    usage: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class TaskFailed(Event):
@@ -173,6 +191,8 @@ class WorkerSpawned(Event):
     fingerprint: str
     model: str
     model_policy: ModelPolicy
+    identity: dict[str, Any] = Field(default_factory=dict)
+    idle_timeout: float | None = None
 
 
 class WorkerReady(Event):
@@ -205,11 +225,21 @@ class WorkerReuseRejected(Event):
     requested_fingerprint: str = ""
 
 
-class WorkerStopped(Event):
-    """A worker process was asked to stop and is gone."""
+class WorkerDraining(Event):
+    """A process takes no new tasks, finishes those it runs, then stops."""
 
     instance_id: str
-    reason: str = "requested"
+    reason: StopReason = "respawn"
+    detail: str = ""
+
+
+class WorkerStopped(Event):
+    """A worker process stopped on purpose (asked to, idle, evicted, drained) and is gone."""
+
+    version: int = 2
+    instance_id: str
+    reason: StopReason = "requested"
+    detail: str = ""
 
 
 class WorkerExited(Event):
@@ -226,6 +256,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WorkerModelSet,
         WorkerModelReset,
         TaskStarted,
+        TaskQueued,
         ModelResolved,
         TaskCompleted,
         TaskFailed,
@@ -239,6 +270,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WorkerSpawnFailed,
         WorkerReused,
         WorkerReuseRejected,
+        WorkerDraining,
         WorkerStopped,
         WorkerExited,
     )
@@ -259,8 +291,22 @@ def _model_set_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _stopped_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # v1 reasons were free text ("respawn with local/echo-vision"); v2 keeps the reason to
+    # the fixed set and moves the rest to `detail`.
+    reason = str(data.get("reason", "requested"))
+    head, _, rest = reason.partition(" with ")
+    known = ("requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy")
+    if reason in known:
+        return {**data, "version": 2}
+    if head in known:
+        return {**data, "version": 2, "reason": head, "detail": f"with {rest}"}
+    return {**data, "version": 2, "reason": "requested", "detail": reason}
+
+
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("WorkerModelSet", 1): _model_set_v1_to_v2,
+    ("WorkerStopped", 1): _stopped_v1_to_v2,
 }
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from events.catalogue import ModelPolicy
 
 TaskStatus = Literal["running", "completed", "failed", "cancelled"]
-WorkerStatus = Literal["starting", "ready", "stopped", "exited"]
+WorkerStatus = Literal["starting", "ready", "draining", "stopped", "exited"]
 
 
 class TaskRecord(BaseModel):
@@ -34,6 +34,8 @@ class TaskRecord(BaseModel):
     started_at: datetime
     finished_at: datetime | None = None
     session_id: str
+    usage: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class Override(BaseModel):
@@ -48,12 +50,21 @@ class Override(BaseModel):
     set_by_task: str | None = None
 
 
+class Owner(BaseModel):
+    """The orchestrator process that runs a task (host, pid and its start time)."""
+
+    host: str
+    pid: int
+    pid_started_at: float
+
+
 class SessionState(BaseModel):
-    """Everything one session decided: overrides and tasks."""
+    """Everything one session decided: overrides and tasks, and who runs the running ones."""
 
     session_id: str
     overrides: dict[str, Override] = Field(default_factory=dict)
     tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+    owners: dict[str, Owner] = Field(default_factory=dict)
 
 
 class RegistryEntry(BaseModel):
@@ -73,11 +84,16 @@ class RegistryEntry(BaseModel):
     session_id: str
     started_at: datetime
     updated_at: datetime
+    identity: dict[str, Any] = Field(default_factory=dict)
+    idle_timeout: float | None = None
+    sessions: list[str] = Field(default_factory=list)
+    last_used_at: datetime | None = None
+    rejected_for: list[str] = Field(default_factory=list)
 
     @property
     def live(self) -> bool:
         """Recorded as running (the process may still have died unseen)."""
-        return self.status in ("starting", "ready")
+        return self.status in ("starting", "ready", "draining")
 
 
 class Claim(BaseModel):
@@ -161,8 +177,14 @@ def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> Sess
             started_at=ts,
             session_id=state.session_id,
         )
+        if data.get("pid") is not None:
+            state.owners[task_id] = Owner(
+                host=data["host"], pid=data["pid"], pid_started_at=data["pid_started_at"]
+            )
     elif task_id in state.tasks:
         _finish_task(state.tasks[task_id], type_, data)
+        if state.tasks[task_id].status != "running":
+            state.owners.pop(task_id, None)
     return state
 
 
@@ -174,6 +196,8 @@ def _finish_task(task: TaskRecord, type_: str, data: dict[str, Any]) -> None:
         task.model = data.get("model")
         task.response = data.get("response")
         task.result = data.get("result")
+        task.usage = data.get("usage")
+        task.tool_calls = data.get("tool_calls")
     elif type_ == "TaskFailed":
         task.status = "failed"
         task.error = data["error"]
@@ -222,11 +246,25 @@ def apply_registry(state: RegistryState, type_: str, data: dict[str, Any]) -> Re
             session_id=data["session_id"],
             started_at=ts,
             updated_at=ts,
+            identity=data.get("identity") or {},
+            idle_timeout=data.get("idle_timeout"),
+            sessions=[data["session_id"]],
+            last_used_at=ts,
         )
+    elif type_ == "WorkerReuseRejected" and data.get("instance_id") in state.entries:
+        # Remembered so a long-lived mismatch is recorded once, not on every task.
+        entry = state.entries[data["instance_id"]]
+        wanted = data.get("requested_fingerprint")
+        if wanted and wanted not in entry.rejected_for and data.get("reason") != "force_new":
+            entry.rejected_for.append(wanted)
     elif type_ in _REGISTRY_STATUS and data.get("instance_id") in state.entries:
         entry = state.entries[data["instance_id"]]
         status = _REGISTRY_STATUS[type_]
-        if status is not None and entry.live:
+        if type_ == "WorkerReused":
+            entry.last_used_at = ts
+            if data["session_id"] not in entry.sessions:
+                entry.sessions.append(data["session_id"])
+        if status is not None and status in _NEXT_STATUS[entry.status]:
             entry.status = status
         entry.updated_at = ts
     return state
@@ -235,8 +273,18 @@ def apply_registry(state: RegistryState, type_: str, data: dict[str, Any]) -> Re
 _REGISTRY_STATUS: dict[str, WorkerStatus | None] = {
     "WorkerReady": "ready",
     "WorkerReused": None,
+    "WorkerDraining": "draining",
     "WorkerStopped": "stopped",
     "WorkerExited": "exited",
+}
+# Which status may follow which. A process recorded exited that is later found alive and
+# stopped (`stop --all`) ends stopped; nothing brings a stopped one back.
+_NEXT_STATUS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
+    "starting": frozenset({"ready", "draining", "stopped", "exited"}),
+    "ready": frozenset({"draining", "stopped", "exited"}),
+    "draining": frozenset({"stopped", "exited"}),
+    "exited": frozenset({"stopped"}),
+    "stopped": frozenset(),
 }
 
 
@@ -269,6 +317,7 @@ SESSION_TYPES = frozenset(
         "WorkerModelSet",
         "WorkerModelReset",
         "TaskStarted",
+        "TaskQueued",
         "ModelResolved",
         "TaskCompleted",
         "TaskFailed",

@@ -9,6 +9,7 @@ what `events`, `replay` and `explain` read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -116,6 +117,8 @@ class EventLog:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
+        self._env = env
+        self._leases: dict[str, psycopg.Connection[Any]] = {}
         try:
             with _schema_lock(env):
                 self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
@@ -213,8 +216,37 @@ class EventLog:
         except IntegrityError:
             return  # another process saved the same snapshot: same fold, same state
 
+    # --- host leases ------------------------------------------------------------------------
+
+    def hold_host_lease(self, host: str) -> None:
+        """Declare `host` alive for as long as this log is open. On PostgreSQL that is a
+        shared session-level advisory lock on the host's key, released by the server when
+        the connection dies with its process; nothing is appended to the log. Other stores
+        are on one machine, where a process's own pid says whether it lives."""
+        if self._env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or host in self._leases:
+            return
+        conn = _connect(self._env)
+        conn.execute("SELECT pg_advisory_lock_shared(%s)", (_host_key(host),))
+        self._leases[host] = conn
+
+    def host_alive(self, host: str) -> bool:
+        """Does any orchestrator process of `host` still hold its lease? (True where the
+        store cannot tell: every writer of a SQLite file is on this machine.)"""
+        if self._env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres":
+            return True
+        with _connect(self._env) as conn:
+            key = _host_key(host)
+            free = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            if free and free[0]:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                return False
+            return True
+
     def close(self) -> None:
-        """Release connections."""
+        """Release connections (and with them this process's host leases)."""
+        for conn in self._leases.values():
+            conn.close()
+        self._leases.clear()
         self._factory.close()
 
 
@@ -285,15 +317,7 @@ def _schema_lock(env: dict[str, str]) -> Iterator[None]:
         return
     from psycopg import sql
 
-    with psycopg.connect(
-        dbname=env["POSTGRES_DBNAME"],
-        host=env["POSTGRES_HOST"],
-        port=int(env["POSTGRES_PORT"]),
-        user=env["POSTGRES_USER"],
-        password=env["POSTGRES_PASSWORD"] or None,
-        connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
-        autocommit=True,
-    ) as conn:
+    with _connect(env) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
         try:
             if "POSTGRES_SCHEMA" in env:
@@ -302,6 +326,24 @@ def _schema_lock(env: dict[str, str]) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))
+
+
+def _connect(env: dict[str, str]) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"] or None,
+        connect_timeout=int(env["POSTGRES_CONNECT_TIMEOUT"]),
+        autocommit=True,
+    )
+
+
+def _host_key(host: str) -> int:
+    """The advisory-lock key of a host's lease (a signed 64-bit digest of its name)."""
+    digest = hashlib.sha256(b"orchestrator-host:" + host.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _postgres_env(url: str) -> dict[str, str]:

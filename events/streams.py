@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from events.catalogue import Event
+from events.projections import SessionState, apply_session
 from events.store import EventLog, StreamConflict
 
 S = TypeVar("S", bound=BaseModel)
@@ -96,3 +97,13 @@ def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
             for view, events in batches:
                 view.fold_appended(events)
             return
+
+
+MEMORY_STREAM = "memory"
+
+
+def session_view(log: EventLog, session_id: str) -> StreamView[SessionState]:
+    """The live state of one session's stream."""
+    return StreamView(
+        log, f"session:{session_id}", lambda: SessionState(session_id=session_id), apply_session
+    )

@@ -68,6 +68,7 @@ class TaskStartArgs(_Args):
     auto_spawn: bool = True
     force_new: bool = False
     attachments: list[str] = []
+    tools: list[dict[str, Any]] | None = None
     op: Op | None = None
     memory: MemoryPayload | None = None
     worker: WorkerPayload | None = None

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ProviderKind = Literal["openai", "echo"]
 ProviderSource = Literal["config", "env", "custom", "api"]
-Backend = Literal["server", "agent"]
+BackendKind = Literal["server", "agent"]
 
 
 class ModelInfo(BaseModel):
@@ -36,7 +37,20 @@ class ProviderConfig(BaseModel):
     source: ProviderSource = "config"
     base_url: str | None = None
     api_key_env: str | None = None
+    timeout: float = Field(default=120.0, gt=0, le=3600)
+    max_retries: int = Field(default=2, ge=0, le=10)
     models: dict[str, ModelInfo] = Field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """Where and how a request to this provider goes (never a key): part of every
+        worker fingerprint, so a process never calls an endpoint its config no longer names."""
+        return {
+            "kind": self.kind,
+            "base_url": self.base_url,
+            "api_key_env": self.api_key_env,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+        }
 
 
 class ProfileConfig(BaseModel):
@@ -46,10 +60,33 @@ class ProfileConfig(BaseModel):
 
     name: str = ""
     model: str = "auto"
-    backend: Backend = "server"
+    backend: BackendKind = "server"
     purpose: str = ""
     when_to_use: str = ""
     system_prompt: str = ""
+
+
+class PoolConfig(BaseModel):
+    """Limits of the worker pool (SPEC section 4, `[pool]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idle_timeout: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
+    max_processes: int = Field(default=8, ge=1, le=256)
+    max_concurrency: int = Field(default=8, ge=1, le=256)
+
+
+# Ids become file names and registry keys: a small safe set, so no id escapes a directory.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+ID_RULE = "1-64 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
+
+
+def check_id(value: str) -> str:
+    """Raise `ValueError` with the rule when `value` is not a safe id."""
+    if not _ID_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid id ({ID_RULE})")
+    return value
 
 
 class OrchestratorConfig(BaseModel):
@@ -61,6 +98,14 @@ class OrchestratorConfig(BaseModel):
     small_model: str | None = None
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+
+    @field_validator("providers", "profiles")
+    @classmethod
+    def _safe_ids(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            check_id(key)
+        return value
 
 
 def default_config() -> OrchestratorConfig:

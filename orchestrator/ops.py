@@ -1,11 +1,16 @@
-"""The `kind="op"` operations: memory notes, and worker model set/reset, spawn and stop."""
+"""The `kind="op"` operations as pure deciders: (context, task, payload) -> Decision.
+
+A decider reads only what `OpContext` gives it and returns the events to record with the
+task and its result. Ops that touch processes also return `act`, the step the orchestrator
+runs once the decision is in the log, against the small `Workers` interface; so this module
+imports neither the orchestrator nor the views.
+"""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from events.catalogue import (
     Event,
@@ -15,80 +20,122 @@ from events.catalogue import (
     WorkerModelReset,
     WorkerModelSet,
 )
+from events.projections import Override
 from orchestrator.api import MemoryPayload, TaskStartArgs, WorkerPayload
-from orchestrator.resolver import decide_model, resolve
-
-if TYPE_CHECKING:
-    from orchestrator.orchestrator import Orchestrator
+from orchestrator.config import OrchestratorConfig, ProfileConfig
+from orchestrator.resolver import CatalogueModel, ModelDecision, decide_model, resolve
 
 Result = dict[str, Any]
 
 
+class Workers(Protocol):
+    """What an op's `act` step may do with worker processes."""
+
+    def spawn(self, worker_id: str, task_id: str, force_new: bool) -> Result:
+        """Get (reuse) or start the worker's process for this session's model."""
+        ...
+
+    def stop(self, worker_id: str, task_id: str) -> Result:
+        """Stop the worker's processes on this host."""
+        ...
+
+    def respawn(self, worker_id: str, task_id: str) -> bool:
+        """Start now the process the session's model asks for; retire the old one."""
+        ...
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker running?"""
+        ...
+
+
+class OpContext(Protocol):
+    """What a decider may read."""
+
+    session_id: str
+    config: OrchestratorConfig
+
+    def catalogue(self) -> list[CatalogueModel]:
+        """The model catalogue now."""
+        ...
+
+    def profile(self, worker_id: str) -> ProfileConfig:
+        """A known profile (raises `ResolutionError` with suggestions)."""
+        ...
+
+    def override(self, worker_id: str) -> Override | None:
+        """This session's override for a worker, if any."""
+        ...
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker running?"""
+        ...
+
+
 @dataclass(frozen=True)
-class Outcome:
+class Decision:
     """What an op decided: session and memory events to record with the task, its result,
     and, for ops that touch processes, the step to run once the decision is in the log."""
 
     result: Result = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     memory: list[Event] = field(default_factory=list)
-    then: Callable[[], Result] | None = None
+    act: Callable[[Workers], Result] | None = None
 
 
-def run(orch: Orchestrator, task_id: str, args: TaskStartArgs) -> Outcome:
+def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
     """Decide one op (errors raise; the caller records them)."""
     assert args.op is not None
     if args.op.startswith("memory."):
         assert args.memory is not None
-        return _MEMORY_OPS[args.op](orch, task_id, args.memory)
+        return _MEMORY_OPS[args.op](ctx, task_id, args.memory)
     assert args.worker is not None
-    return _WORKER_OPS[args.op](orch, task_id, args.worker)
+    return _WORKER_OPS[args.op](ctx, task_id, args.worker)
 
 
 # --- memory ---------------------------------------------------------------------------------
 
 
-def memory_put(orch: Orchestrator, task_id: str, m: MemoryPayload) -> Outcome:
+def memory_put(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
     """Write a note."""
     put = MemoryPut(
-        session_id=orch.session_id, task_id=task_id, key=str(m.key), value=str(m.value), tags=m.tags
+        session_id=ctx.session_id, task_id=task_id, key=str(m.key), value=str(m.value), tags=m.tags
     )
-    return Outcome({"key": m.key, "value": m.value, "tags": m.tags}, memory=[put])
+    return Decision({"key": m.key, "value": m.value, "tags": m.tags}, memory=[put])
 
 
-def memory_link(orch: Orchestrator, task_id: str, m: MemoryPayload) -> Outcome:
+def memory_link(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
     """Link two notes."""
     link = MemoryLinked(
-        session_id=orch.session_id,
+        session_id=ctx.session_id,
         task_id=task_id,
         from_key=str(m.from_key),
         to_key=str(m.to_key),
         link_type=str(m.type),
     )
-    return Outcome({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, memory=[link])
+    return Decision({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, memory=[link])
 
 
-def memory_done(orch: Orchestrator, task_id: str, m: MemoryPayload) -> Outcome:
+def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
     """Record a task's summary as done."""
     done = MemoryDone(
-        session_id=orch.session_id,
+        session_id=ctx.session_id,
         task_id=task_id,
         done_task_id=str(m.task_id),
         summary=str(m.summary),
     )
-    return Outcome({"task_id": m.task_id, "summary": m.summary}, memory=[done])
+    return Decision({"task_id": m.task_id, "summary": m.summary}, memory=[done])
 
 
 # --- worker model set / reset ---------------------------------------------------------------
 
 
-def model_set(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
+def model_set(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Pin (sticky) or tag (dynamic) this session's model for a worker."""
-    profile = orch.profile(w.worker_id)
+    profile = ctx.profile(w.worker_id)
     policy = w.model_policy or "sticky"
-    res = resolve(str(w.model), profile, orch.config, orch.catalogue())
+    res = resolve(str(w.model), profile, ctx.config, ctx.catalogue())
     event = WorkerModelSet(
-        session_id=orch.session_id,
+        session_id=ctx.session_id,
         worker_id=w.worker_id,
         task_id=task_id,
         model_ref=str(w.model),
@@ -103,16 +150,16 @@ def model_set(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
         "model_policy": policy,
         "reason": res.reason,
     }
-    return _with_respawn(orch, task_id, w, result, event)
+    return _with_respawn(ctx, task_id, w, result, event)
 
 
-def model_reset(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
+def model_reset(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Drop this session's override: the profile's configured model applies again."""
-    profile = orch.profile(w.worker_id)
-    previous = orch.session.refresh().overrides.get(w.worker_id)
-    after = decide_model(w.worker_id, None, None, orch.config, orch.catalogue())
+    profile = ctx.profile(w.worker_id)
+    previous = ctx.override(w.worker_id)
+    after: ModelDecision = decide_model(w.worker_id, None, None, ctx.config, ctx.catalogue())
     event = WorkerModelReset(
-        session_id=orch.session_id,
+        session_id=ctx.session_id,
         worker_id=w.worker_id,
         task_id=task_id,
         previous_model_ref=previous.model_ref if previous else None,
@@ -124,114 +171,46 @@ def model_reset(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
         "model_policy": "dynamic",
         "reason": after.reason,
     }
-    return _with_respawn(orch, task_id, w, result, event)
+    return _with_respawn(ctx, task_id, w, result, event)
 
 
 def _with_respawn(
-    orch: Orchestrator, task_id: str, w: WorkerPayload, result: Result, event: Event
-) -> Outcome:
-    if not w.respawn:
-        return Outcome(
-            {**result, "running": _running(orch, w.worker_id), "respawned": False}, events=[event]
+    ctx: OpContext, task_id: str, w: WorkerPayload, result: Result, event: Event
+) -> Decision:
+    if not w.respawn:  # a pure decision: one atomic append says it all
+        return Decision(
+            {**result, "running": ctx.running(w.worker_id), "respawned": False}, events=[event]
         )
 
-    def then() -> Result:
-        respawned = _respawn(orch, task_id, w)
-        return {**result, "running": _running(orch, w.worker_id), "respawned": respawned}
+    def respawn(workers: Workers) -> Result:
+        respawned = workers.respawn(w.worker_id, task_id)
+        return {**result, "running": workers.running(w.worker_id), "respawned": respawned}
 
-    return Outcome(events=[event], then=then)
-
-
-def _running(orch: Orchestrator, worker_id: str) -> bool:
-    return bool(orch.pool.live_entries(worker_id)) or worker_id in orch.agents
-
-
-def _respawn(orch: Orchestrator, task_id: str, w: WorkerPayload) -> bool:
-    """Replace the worker's running processes whose default model is not the new one with
-    one process whose default is (SPEC section 6: a force-new spawn)."""
-    after = orch.worker_spec(w.worker_id, orch.session_decision(w.worker_id))
-    if orch.profile(w.worker_id).backend == "agent":
-        agent = orch.agents.get(w.worker_id)
-        if agent is None or agent.model == after.model:
-            return False
-        orch.agent_for(after, force_new=True)
-        return True
-    ids = {"session_id": orch.session_id, "worker_id": w.worker_id, "task_id": task_id}
-    old = [e for e in orch.pool.live_entries(w.worker_id) if e.model != after.model]
-    if not old:
-        return False
-    for entry in old:
-        orch.pool.stop(entry, ids, reason=f"respawn with {after.model}")
-    orch.pool.get_or_spawn(after, orch.session_id, task_id, force_new=True)
-    return True
+    return Decision(events=[event], act=respawn)
 
 
 # --- spawn / stop ---------------------------------------------------------------------------
 
 
-def spawn(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
+def spawn(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Get (reuse) or start the worker's process for this session's model."""
-    orch.profile(w.worker_id)
-    return Outcome(then=lambda: _spawn(orch, task_id, w))
+    ctx.profile(w.worker_id)
+    return Decision(act=lambda workers: workers.spawn(w.worker_id, task_id, w.force_new))
 
 
-def _spawn(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
-    decision = orch.session_decision(w.worker_id)
-    spec = orch.worker_spec(w.worker_id, decision)
-    base = {
-        "worker_id": w.worker_id,
-        "fingerprint": spec.fingerprint,
-        "model": spec.model,
-        "model_policy": spec.model_policy,
-    }
-    if orch.profile(w.worker_id).backend == "agent":
-        agent, reused = orch.agent_for(spec, force_new=w.force_new)
-        return {
-            **base,
-            "instance_id": agent.instance_id,
-            "pid": os.getpid(),
-            "url": None,
-            "reused": reused,
-            "reason": "in-process agent worker",
-        }
-    acquired = orch.pool.get_or_spawn(spec, orch.session_id, task_id, force_new=w.force_new)
-    assert acquired is not None
-    e = acquired.entry
-    return {
-        **base,
-        "instance_id": e.instance_id,
-        "pid": e.pid,
-        "url": e.url,
-        "reused": acquired.reused,
-        "reason": acquired.reason,
-    }
-
-
-def stop(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Outcome:
+def stop(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Stop every process of the worker on this host (and its in-process agent); processes
     found already dead are listed as `exited`."""
-    orch.profile(w.worker_id)
-    return Outcome(then=lambda: _stop(orch, task_id, w))
+    ctx.profile(w.worker_id)
+    return Decision(act=lambda workers: workers.stop(w.worker_id, task_id))
 
 
-def _stop(orch: Orchestrator, task_id: str, w: WorkerPayload) -> Result:
-    ids = {"session_id": orch.session_id, "worker_id": w.worker_id, "task_id": task_id}
-    stopped: list[str] = []
-    exited: list[str] = []
-    for entry in orch.pool.live_entries(w.worker_id):
-        (stopped if orch.pool.stop(entry, ids) else exited).append(entry.instance_id)
-    agent = orch.agents.pop(w.worker_id, None)
-    if agent is not None:
-        stopped.append(agent.instance_id)
-    return {"worker_id": w.worker_id, "stopped": stopped, "exited": exited}
-
-
-_MEMORY_OPS: dict[str, Callable[[Orchestrator, str, MemoryPayload], Outcome]] = {
+_MEMORY_OPS: dict[str, Callable[[OpContext, str, MemoryPayload], Decision]] = {
     "memory.put": memory_put,
     "memory.link": memory_link,
     "memory.done": memory_done,
 }
-_WORKER_OPS: dict[str, Callable[[Orchestrator, str, WorkerPayload], Outcome]] = {
+_WORKER_OPS: dict[str, Callable[[OpContext, str, WorkerPayload], Decision]] = {
     "worker.model.set": model_set,
     "worker.model.reset": model_reset,
     "worker.spawn": spawn,

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-from pydantic import BaseModel
 
 from events.catalogue import (
     Event,
@@ -20,25 +19,29 @@ from events.catalogue import (
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
+    TaskQueued,
     TaskStarted,
 )
 from events.logs import get_logger
-from events.projections import (
-    MemoryState,
-    SessionState,
-    TaskRecord,
-    apply_memory,
-    apply_session,
-)
+from events.projections import MemoryState, Override, Owner, SessionState, TaskRecord, apply_memory
 from events.store import EventLog
-from events.streams import StreamView, append_together
+from events.streams import MEMORY_STREAM, StreamView, append_together, session_view
 from orchestrator import ops, views
 from orchestrator.api import InvalidTaskArgs, TaskHandle, TaskStartArgs, parse_task_args
+from orchestrator.backends import (
+    Backend,
+    Cancelled,
+    Lease,
+    PromptRequest,
+    TaskError,
+)
+from orchestrator.backends.agent import AgentBackend
+from orchestrator.backends.server import DRAINING_RETRIES, Draining, ServerBackend
 from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
-from orchestrator.fingerprint import fingerprint
-from orchestrator.pool import WorkerPool, WorkerSpec
-from orchestrator.processes import WorkerReplyError, WorkerUnreachable, host_id, worker_call
-from orchestrator.providers import ProviderError, complete
+from orchestrator.fingerprint import fingerprint, identity
+from orchestrator.pool import SpawnError, WorkerPool, WorkerSpec
+from orchestrator.processes import host_id, own_identity, process_state
+from orchestrator.providers import Completion, ProviderError
 from orchestrator.resolver import (
     CatalogueModel,
     ModelDecision,
@@ -50,16 +53,12 @@ from orchestrator.resolver import (
 )
 
 AWAIT_POLL = 0.05
+# Drain watchers get this long at close to record their stops; later finders record the rest.
+CLOSE_GRACE = 2.0
 _log = get_logger("orchestrator")
 
-
-class AgentWorker(BaseModel):
-    """An in-process worker: lives and dies with this orchestrator."""
-
-    worker_id: str
-    instance_id: str
-    fingerprint: str
-    model: str
+# Failures that end a task `failed` with their own message.
+TASK_ERRORS = (ProviderError, ResolutionError, TaskError, SpawnError)
 
 
 class Orchestrator:
@@ -72,12 +71,21 @@ class Orchestrator:
         self.log = log
         self.session_id = session_id
         self._owns_log = owns_log
+        self.host = host_id()
         self.session = session_view(log, session_id)
         self.memory = StreamView(log, MEMORY_STREAM, MemoryState, apply_memory)
         self.pool = WorkerPool(log)
-        self.agents: dict[str, AgentWorker] = {}
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="task")
-        self._futures: dict[str, Future[None]] = {}
+        log.hold_host_lease(self.host)
+        self.agent = AgentBackend(config, lambda: os.environ)
+        self.server = ServerBackend(self.pool, config, lambda: os.environ)
+        self.backends: dict[str, Backend] = {"agent": self.agent, "server": self.server}
+        slots = config.pool.max_concurrency
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="task")
+        self._slots = slots
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._done: dict[str, threading.Event] = {}
+        self._cancels: dict[str, threading.Event] = {}
         self._closed = False
         self._opened_recorded = False
 
@@ -107,12 +115,14 @@ class Orchestrator:
 
     def close(self, stop_workers: bool = False) -> None:
         """Finish running tasks and release the store. Server workers keep running for
-        reuse unless `stop_workers`; agent workers end here."""
+        reuse unless `stop_workers`, or unless this orchestrator opened an in-memory store
+        (nobody else could ever find them); agent workers end here."""
         if self._closed:
             return
         self._closed = True
         self._executor.shutdown(wait=True)
-        if stop_workers:
+        self.pool.join_watchers(CLOSE_GRACE)
+        if stop_workers or (self._owns_log and self.log.kind == "memory"):
             for entry in self.pool.live_entries():
                 if entry.instance_id in self.pool.started_here:
                     self.pool.stop(
@@ -120,7 +130,7 @@ class Orchestrator:
                         {"session_id": self.session_id, "worker_id": entry.worker_id},
                         reason="orchestrator closed",
                     )
-        self.agents.clear()
+        self.agent.agents.clear()
         self.pool.reap_children()
         if self._owns_log:
             self.log.close()
@@ -138,7 +148,7 @@ class Orchestrator:
                 opened = SessionOpened(
                     session_id=self.session_id,
                     resumed=self.session.version > 0,
-                    host=host_id(),
+                    host=self.host,
                     pid=os.getpid(),
                 )
                 batch.insert(0, opened)
@@ -157,6 +167,7 @@ class Orchestrator:
         args = parse_task_args(payload)
         task_id = f"t-{uuid.uuid4().hex[:12]}"
         worker_id = args.worker_id if args.kind == "worker" else _op_worker(args)
+        pid, started_at = own_identity()
         # Recorded together with the first decision about the task, never alone.
         started = TaskStarted(
             session_id=self.session_id,
@@ -165,7 +176,11 @@ class Orchestrator:
             kind=args.kind,
             op=args.op,
             args=args.model_dump(mode="json", exclude_none=True),
+            host=self.host,
+            pid=pid,
+            pid_started_at=started_at,
         )
+        self._done[task_id] = threading.Event()
         if args.kind == "op":
             self._run_op(task_id, args, started)
         else:
@@ -173,32 +188,71 @@ class Orchestrator:
         return TaskHandle(task_id=task_id, status=self.task_peek(task_id).status)
 
     def task_peek(self, task_id: str) -> TaskRecord:
-        """The task's record now; never blocks."""
-        task = self.session.refresh().tasks.get(task_id)
-        if task is not None:
-            return task.model_copy()
-        return views.foreign_task(self, task_id)
+        """The task's record now; never blocks. A task left running by an orchestrator
+        process that is gone is ended `failed` here, naming that process."""
+        state = self.session.refresh()
+        task = state.tasks.get(task_id)
+        if task is None:
+            return views.foreign_task(self, task_id)
+        if task.status == "running" and task_id in state.owners:
+            self.settle(state, task_id)
+            task = self.session.refresh().tasks[task_id]
+        return task.model_copy()
+
+    def settle(self, state: SessionState, task_id: str) -> None:
+        """End a running task of `state` whose owning orchestrator process is gone."""
+        owner = state.owners.get(task_id)
+        if owner is None or self._owner_alive(owner):
+            return
+        error = (
+            f"The orchestrator process that ran this task (pid {owner.pid} on host "
+            f"{owner.host}) is gone; the task was ended failed by pid {os.getpid()}. "
+            "Start it again."
+        )
+        self._record_in(
+            state.session_id,
+            TaskFailed(session_id=state.session_id, task_id=task_id, error=error),
+        )
+
+    def _owner_alive(self, owner: Owner) -> bool:
+        if (owner.pid, owner.pid_started_at) == own_identity() and owner.host == self.host:
+            return True
+        if owner.host == self.host:
+            return process_state(owner.pid, owner.pid_started_at) == "alive"
+        return self.log.host_alive(owner.host)
 
     def task_await(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Block until the task finishes or `timeout` seconds pass; return its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = self._futures.get(task_id)
-        if future is not None:
-            wait([future], timeout=timeout)  # returns on time-out; the task's errors are logged
+        done = self._done.get(task_id)
         while True:
             rec = self.task_peek(task_id)
-            if rec.status != "running" or (deadline is not None and time.monotonic() >= deadline):
+            if rec.status != "running":
                 return rec
-            time.sleep(AWAIT_POLL)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return rec
+            wait = AWAIT_POLL if left is None else min(AWAIT_POLL, left)
+            if done is not None:
+                done.wait(wait)
+            else:
+                time.sleep(wait)
 
     def task_cancel(self, task_id: str) -> TaskRecord:
-        """Cancel a running task; a finished one is returned unchanged."""
+        """Cancel a running task: its provider request is interrupted and a late reply is
+        dropped. A finished task is returned unchanged."""
         rec = self.task_peek(task_id)
         if rec.status == "running":
-            self._record_other_session(
+            self._record_in(
                 rec.session_id,
                 TaskCancelled(session_id=rec.session_id, task_id=task_id, worker_id=rec.worker_id),
             )
+            cancel = self._cancels.get(task_id)
+            if cancel is not None:
+                cancel.set()
+            done = self._done.get(task_id)
+            if done is not None:
+                done.set()
         return self.task_peek(task_id)
 
     def task_list(self, view: str = "tasks", **filters: Any) -> list[Any]:
@@ -211,54 +265,143 @@ class Orchestrator:
             )
         return handler(self, **filters)
 
-    # --- worker tasks ----------------------------------------------------------------------
+    # --- what deciders read (ops.OpContext) --------------------------------------------------
 
     def profile(self, worker_id: str) -> ProfileConfig:
         """The profile of a known worker id (raises `ResolutionError` with suggestions)."""
         return check_worker(worker_id, self.config)
 
+    def override(self, worker_id: str) -> Override | None:
+        """This session's override for a worker, if any."""
+        return self.session.refresh().overrides.get(worker_id)
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker running (on its backend)?"""
+        return self.backends[self.profile(worker_id).backend].running(worker_id)
+
     def session_decision(self, worker_id: str) -> ModelDecision:
         """The model this session's worker uses when a task names none."""
-        override = self.session.refresh().overrides.get(worker_id)
-        return decide_model(worker_id, None, override, self.config, self.catalogue())
+        return decide_model(
+            worker_id, None, self.override(worker_id), self.config, self.catalogue()
+        )
 
     def worker_spec(self, worker_id: str, decision: ModelDecision) -> WorkerSpec:
         """The process a session-level decision asks for."""
         profile = self.profile(worker_id)
+        ident = identity(
+            worker_id,
+            profile.backend,
+            decision.resolved_model,
+            decision.model_policy,
+            profile,
+            self.config,
+        )
         return WorkerSpec(
             worker_id=worker_id,
             model=decision.resolved_model,
             model_policy=decision.model_policy,
-            fingerprint=fingerprint(
-                worker_id, profile.backend, decision.resolved_model, decision.model_policy, profile
-            ),
+            fingerprint=fingerprint(ident),
+            identity=ident,
             system_prompt=profile.system_prompt,
             config=self.config,
         )
 
+    # --- what op steps may do (ops.Workers) ---------------------------------------------------
+
+    def spawn(self, worker_id: str, task_id: str, force_new: bool) -> ops.Result:
+        """Get (reuse) or start the worker's process for this session's model."""
+        spec = self.worker_spec(worker_id, self.session_decision(worker_id))
+        lease = self._acquire(spec, self._ids(task_id, worker_id), force_new, True)
+        assert lease is not None
+        return {
+            "worker_id": worker_id,
+            "instance_id": lease.instance_id,
+            "pid": lease.pid,
+            "url": lease.url,
+            "fingerprint": spec.fingerprint,
+            "model": spec.model,
+            "model_policy": spec.model_policy,
+            "reused": lease.reused,
+            "reason": lease.reason,
+        }
+
+    def stop(self, worker_id: str, task_id: str) -> ops.Result:
+        """Stop the worker's processes on this host, and its in-process agent."""
+        ids = self._ids(task_id, worker_id)
+        server = self.server.stop(worker_id, ids)
+        agent = self.agent.stop(worker_id, ids)
+        return {
+            "worker_id": worker_id,
+            "stopped": server.stopped + agent.stopped,
+            "exited": server.exited,
+        }
+
+    def respawn(self, worker_id: str, task_id: str) -> bool:
+        """Start now the process the session's (new) model asks for, then retire the process
+        this session used before, unless another session has used it (SPEC section 6)."""
+        spec = self.worker_spec(worker_id, self.session_decision(worker_id))
+        ids = self._ids(task_id, worker_id)
+        if self.profile(worker_id).backend == "agent":
+            agent = self.agent.agents.get(worker_id)
+            if agent is not None and agent.fingerprint == spec.fingerprint:
+                return False
+            self.agent.acquire(spec, ids, force_new=True)
+            return True
+        before = [
+            e
+            for e in self.pool.live_entries(worker_id)
+            if e.status == "ready"
+            and self.session_id in e.sessions
+            and e.fingerprint != spec.fingerprint
+        ]
+        lease = self._acquire(spec, ids, force_new=False, spawn=True)
+        assert lease is not None
+        for entry in before:
+            if set(entry.sessions) <= {self.session_id}:
+                self.pool.retire(
+                    entry, ids, detail=f"replaced by {lease.instance_id} for {spec.model}"
+                )
+        return True
+
+    # --- worker tasks ----------------------------------------------------------------------
+
+    def _ids(self, task_id: str | None, worker_id: str | None) -> dict[str, Any]:
+        return {"session_id": self.session_id, "task_id": task_id, "worker_id": worker_id}
+
     def _start_worker_task(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
         worker_id = str(args.worker_id)
-        ids = {"session_id": self.session_id, "task_id": task_id, "worker_id": worker_id}
+        ids = self._ids(task_id, worker_id)
         catalogue = self.catalogue()
         try:
-            override = self.session.refresh().overrides.get(worker_id)
+            override = self.override(worker_id)
             # The process is chosen by the session-level model; a task's own model only
             # travels with its message.
-            task_level = (
+            session_level = decide_model(worker_id, None, override, self.config, catalogue)
+            decision = (
                 decide_model(worker_id, args.model, override, self.config, catalogue)
                 if args.model
-                else None
+                else session_level
             )
-            session_level = decide_model(worker_id, None, override, self.config, catalogue)
-            decision = task_level or session_level
             spec = self.worker_spec(worker_id, session_level)
         except ResolutionError as exc:
             self.record(started, TaskFailed(**ids, error=str(exc)))
+            self._done[task_id].set()
             return
-        self.record(
-            started, ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint)
-        )
+        resolved = ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint)
+        queued = self._take_slot()
+        extra: list[Event] = []
+        if queued is not None:
+            extra.append(TaskQueued(**ids, slots=self._slots, ahead=queued))
+        self.record(started, resolved, *extra)
+        self._cancels[task_id] = threading.Event()
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
+
+    def _take_slot(self) -> int | None:
+        """Count a task in; the number of tasks ahead of it when every slot is busy."""
+        with self._busy_lock:
+            self._busy += 1
+            ahead = self._busy - self._slots
+        return ahead if ahead > 0 else None
 
     def _submit(self, task_id: str, work: Callable[[], None]) -> None:
         def guarded() -> None:
@@ -271,94 +414,92 @@ class Orchestrator:
                     TaskFailed(
                         session_id=self.session_id,
                         task_id=task_id,
-                        error=f"internal error: {exc!r}",
+                        error=f"internal error: {type(exc).__name__}: {exc}",
                     ),
                 )
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+                self._cancels.pop(task_id, None)
+                self._done[task_id].set()
 
-        self._futures[task_id] = self._executor.submit(guarded)
+        self._executor.submit(guarded)
 
     def _serve(
         self, task_id: str, args: TaskStartArgs, decision: ModelDecision, spec: WorkerSpec
     ) -> None:
-        ids = {"session_id": self.session_id, "task_id": task_id, "worker_id": spec.worker_id}
-        text = str(args.task)
-        model = decision.resolved_model
+        ids = self._ids(task_id, spec.worker_id)
+        cancel = self._cancels[task_id]
+        request = PromptRequest(
+            task_id=task_id,
+            text=str(args.task),
+            model=decision.resolved_model,
+            system_prompt=spec.system_prompt,
+            attachments=list(args.attachments),
+            tools=args.tools,
+        )
         try:
-            if self.profile(spec.worker_id).backend == "agent":
-                agent, _ = self.agent_for(spec, force_new=args.force_new)
-                reply = complete(self.config, model, text, spec.system_prompt)
-                done: Event = TaskCompleted(
-                    **ids,
-                    model=model,
-                    response=reply,
-                    instance_id=agent.instance_id,
-                    pid=os.getpid(),
-                )
-            else:
-                done = self._serve_on_server(ids, args, model, spec)
-        except (ProviderError, ResolutionError, RuntimeError) as exc:
+            lease, completion = self._serve_once(spec, ids, args, request, cancel)
+        except Cancelled:
+            return  # recorded by task_cancel; the late reply, if any, is dropped
+        except TASK_ERRORS as exc:
             self._finish(task_id, TaskFailed(**ids, error=str(exc)))
             return
-        self._finish(task_id, done)
-
-    def _serve_on_server(
-        self, ids: dict[str, Any], args: TaskStartArgs, model: str, spec: WorkerSpec
-    ) -> Event:
-        acquired = self.pool.get_or_spawn(
-            spec, self.session_id, ids["task_id"], force_new=args.force_new, spawn=args.auto_spawn
-        )
-        if acquired is None:
-            return TaskFailed(
+        if lease is None:
+            self._finish(task_id, TaskFailed(**ids, error=_no_process(spec)))
+            return
+        self._finish(
+            task_id,
+            TaskCompleted(
                 **ids,
-                error=(
-                    f'Worker "{spec.worker_id}" has no running process for this session\'s model '
-                    f"{spec.model} and auto_spawn is false: start one with the worker.spawn op, "
-                    "or pass auto_spawn=true."
-                ),
-            )
-        entry = acquired.entry
-        try:
-            body = worker_call(
-                str(entry.url),
-                entry.instance_id,
-                "POST",
-                "/prompt",
-                {"text": args.task, "model": model, "attachments": args.attachments},
-            )
-        except WorkerUnreachable as exc:
-            self.pool.mark_exited(entry, ids, f"did not answer /prompt: {exc}")
-            return TaskFailed(
-                **ids,
-                error=(
-                    f'Worker "{spec.worker_id}" process {entry.instance_id} (pid {entry.pid}) '
-                    "stopped answering while serving this task; it is marked exited and the "
-                    "next request will spawn a fresh one."
-                ),
-            )
-        except WorkerReplyError as exc:
-            return TaskFailed(**ids, error=str(exc))
-        return TaskCompleted(
-            **ids,
-            model=body["model"],
-            response=body["text"],
-            instance_id=entry.instance_id,
-            pid=entry.pid,
+                model=request.model,
+                response=completion.text,
+                instance_id=lease.instance_id,
+                pid=lease.pid,
+                reused=lease.reused,
+                usage=self._usage(request.model, completion),
+                tool_calls=completion.tool_calls,
+            ),
         )
 
-    def agent_for(self, spec: WorkerSpec, force_new: bool = False) -> tuple[AgentWorker, bool]:
-        """The in-process worker for a spec and whether it was reused; replaced when the
-        fingerprint changes or `force_new` asks for it."""
-        agent = self.agents.get(spec.worker_id)
-        if agent is not None and agent.fingerprint == spec.fingerprint and not force_new:
-            return agent, True
-        agent = AgentWorker(
-            worker_id=spec.worker_id,
-            instance_id=f"agent-{spec.worker_id}-{uuid.uuid4().hex[:8]}",
-            fingerprint=spec.fingerprint,
-            model=spec.model,
-        )
-        self.agents[spec.worker_id] = agent
-        return agent, False
+    def _serve_once(
+        self,
+        spec: WorkerSpec,
+        ids: dict[str, Any],
+        args: TaskStartArgs,
+        request: PromptRequest,
+        cancel: threading.Event,
+    ) -> tuple[Lease | None, Completion]:
+        backend = self.backends[self.profile(spec.worker_id).backend]
+        for _ in range(DRAINING_RETRIES):
+            lease = self._acquire(spec, ids, args.force_new, args.auto_spawn)
+            if lease is None:
+                return None, Completion(text="")
+            if cancel.is_set():
+                raise Cancelled()
+            try:
+                return lease, backend.prompt(lease, request, cancel)
+            except Draining:
+                continue  # a respawn retired it just now: take (or start) its successor
+        raise TaskError(f'Worker "{spec.worker_id}" kept draining; run the task again.')
+
+    def _acquire(
+        self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool
+    ) -> Lease | None:
+        backend = self.backends[self.profile(spec.worker_id).backend]
+        return backend.acquire(spec, ids, force_new, spawn)
+
+    def _usage(self, model: str, completion: Completion) -> dict[str, Any] | None:
+        if completion.usage is None:
+            return None
+        price = next((m for m in self.catalogue() if m.model == model), None)
+        cost = None
+        if price is not None and (price.cost_input or price.cost_output):
+            cost = (
+                completion.usage["input_tokens"] * price.cost_input
+                + completion.usage["output_tokens"] * price.cost_output
+            ) / 1_000_000
+        return {**completion.usage, "cost_usd": cost}
 
     def _finish(self, task_id: str, event: Event) -> None:
         with self.session.lock:
@@ -369,45 +510,50 @@ class Orchestrator:
     # --- ops -------------------------------------------------------------------------------
 
     def _run_op(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
-        ids = {"session_id": self.session_id, "task_id": task_id, "worker_id": _op_worker(args)}
+        ids = self._ids(task_id, _op_worker(args))
         try:
-            outcome = ops.run(self, task_id, args)
-        except (ResolutionError, RuntimeError) as exc:
-            self.record(started, TaskFailed(**ids, error=str(exc)))
-            return
-        if outcome.then is None:  # a pure decision: one atomic append says it all
-            self.record(
-                started,
-                *outcome.events,
-                TaskCompleted(**ids, result=outcome.result),
-                memory=outcome.memory,
-            )
-            return
-        # Side effects (processes) follow the decision, so the log shows it first.
-        self.record(started, *outcome.events, memory=outcome.memory)
-        try:
-            result = outcome.then()
-        except (ResolutionError, RuntimeError) as exc:
-            self.record(TaskFailed(**ids, error=str(exc)))
-            return
-        self.record(TaskCompleted(**ids, result=result))
+            try:
+                decision = ops.decide(self, task_id, args)
+            except (ResolutionError, RuntimeError) as exc:
+                self.record(started, TaskFailed(**ids, error=str(exc)))
+                return
+            if decision.act is None:  # a pure decision: one atomic append says it all
+                self.record(
+                    started,
+                    *decision.events,
+                    TaskCompleted(**ids, result=decision.result),
+                    memory=decision.memory,
+                )
+                return
+            # Side effects (processes) follow the decision, so the log shows it first.
+            self.record(started, *decision.events, memory=decision.memory)
+            try:
+                result = decision.act(self)
+            except TASK_ERRORS as exc:
+                self.record(TaskFailed(**ids, error=str(exc)))
+                return
+            except Exception as exc:  # noqa: BLE001 - a bug must end the op task, visibly
+                _log.exception("op crashed", task_id=task_id)
+                self.record(TaskFailed(**ids, error=f"internal error: {type(exc).__name__}: {exc}"))
+                return
+            self.record(TaskCompleted(**ids, result=result))
+        finally:
+            self._done[task_id].set()
 
-    def _record_other_session(self, session_id: str, event: Event) -> None:
+    def _record_in(self, session_id: str, event: Event) -> None:
         if session_id == self.session_id:
             self.record(event)
             return
         session_view(self.log, session_id).append([event])
 
 
-MEMORY_STREAM = "memory"
-
-
-def session_view(log: EventLog, session_id: str) -> StreamView[SessionState]:
-    """The live state of one session's stream."""
-    return StreamView(
-        log, f"session:{session_id}", lambda: SessionState(session_id=session_id), apply_session
-    )
-
-
 def _op_worker(args: TaskStartArgs) -> str | None:
     return args.worker.worker_id if args.worker else None
+
+
+def _no_process(spec: WorkerSpec) -> str:
+    return (
+        f'Worker "{spec.worker_id}" has no running process for this session\'s model '
+        f"{spec.model} and auto_spawn is false: start one with the worker.spawn op, "
+        "or pass auto_spawn=true."
+    )

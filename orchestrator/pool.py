@@ -4,6 +4,11 @@ Every decision is appended to the `registry` stream at the version it was made o
 requesters (threads, processes or hosts) that decide at once cannot both win: the second
 append conflicts, and it decides again on the newer state, where it finds the first one's
 claim and waits for the process that claim produces (ADR-0003).
+
+The decision itself is `orchestrator.reuse.plan`, pure. This module does the I/O around it:
+probing pids and `/health` before the registry lock is taken (never while it is held),
+starting processes, registering them only while their claim still stands (a claim taken
+over is fenced: its late process is stopped), and stopping, draining and evicting.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,43 +33,47 @@ import psutil
 from events.catalogue import (
     Event,
     ModelPolicy,
-    RejectReason,
+    StopReason,
+    WorkerDraining,
     WorkerExited,
     WorkerReady,
-    WorkerReused,
-    WorkerReuseRejected,
     WorkerSpawned,
     WorkerSpawnFailed,
     WorkerSpawnRequested,
     WorkerStopped,
 )
-from events.projections import Claim, RegistryEntry, RegistryState, apply_registry
+from events.projections import RegistryEntry, RegistryState, apply_registry
 from events.store import EventLog, StreamConflict, state_dir
 from events.streams import StreamView
+from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.config import OrchestratorConfig
 from orchestrator.processes import (
-    WorkerReplyError,
-    WorkerUnreachable,
     host_id,
     own_identity,
     process_state,
     start_time,
-    worker_call,
+    terminate,
+    worker_environment,
     worker_token,
 )
 from orchestrator.reuse import (
     CLAIM_TIMEOUT,
+    Plan,
+    Probe,
+    ProcessState,
     Request,
-    candidates,
-    claim_expired,
-    pending_claim,
-    static_rejection,
+    live_on_host,
+    plan,
+    to_probe,
 )
 from orchestrator.worker import SPEC_ENV, TOKEN_ENV
 
 REGISTRY_STREAM = "registry"
 READY_TIMEOUT = 30.0
 WAIT_POLL = 0.05
+# A process whose identity /health (or a /prompt reply) proved this recently is trusted
+# without another /health round trip; its pid and start time are still checked every time.
+PROOF_LEASE = 30.0
 
 
 class SpawnError(RuntimeError):
@@ -76,9 +88,21 @@ class WorkerSpec:
     model: str
     model_policy: ModelPolicy
     fingerprint: str
+    identity: dict[str, Any]
     system_prompt: str
     config: OrchestratorConfig
-    idle_timeout: float = 3600.0
+
+    def request(self, host: str, force_new: bool = False) -> Request:
+        """The pool request this spec makes."""
+        return Request(
+            self.worker_id,
+            self.fingerprint,
+            self.model,
+            self.model_policy,
+            host,
+            force_new,
+            self.identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -93,183 +117,267 @@ class Acquired:
 class WorkerPool:
     """Server workers of one orchestrator, backed by the shared registry stream."""
 
-    def __init__(self, log: EventLog) -> None:
+    def __init__(self, log: EventLog, log_dir: Path | None = None) -> None:
         self.log = log
         self.host = host_id()
         self.registry: StreamView[RegistryState] = StreamView(
             log, REGISTRY_STREAM, RegistryState, apply_registry
         )
+        self.log_dir = log_dir or state_dir() / "workers"
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._proven: dict[str, float] = {}
+        self._watchers: list[threading.Thread] = []
         self.started_here: set[str] = set()
 
-    # --- the decision ----------------------------------------------------------------------
+    # --- getting a process -----------------------------------------------------------------
 
     def get_or_spawn(
         self,
         spec: WorkerSpec,
-        session_id: str,
-        task_id: str | None = None,
+        ids: dict[str, Any],
         force_new: bool = False,
         spawn: bool = True,
+        idle_timeout: float = 900.0,
+        max_processes: int = 8,
     ) -> Acquired | None:
         """Reuse a matching live process, or spawn exactly one. None if `spawn` is False
         and nothing matches."""
-        request = Request(
-            spec.worker_id, spec.fingerprint, spec.model, spec.model_policy, self.host, force_new
-        )
-        ids = {"session_id": session_id, "worker_id": spec.worker_id, "task_id": task_id}
+        request = spec.request(self.host, force_new)
         # Outlast an abandoned claim's expiry, so a waiter takes it over instead of failing.
         deadline = time.monotonic() + CLAIM_TIMEOUT.total_seconds() + READY_TIMEOUT
+        probes: dict[str, Probe] = {}
         while True:
-            try:
-                outcome = self._decide(request, ids, spawn)
-            except StreamConflict:
-                continue  # someone else decided first: look again at what they did
-            if isinstance(outcome, Acquired) or outcome is None:
-                return outcome
-            if isinstance(outcome, str):
-                return self._spawn(spec, outcome, ids, force_new)
+            state = self.registry.refresh()
+            probes.update(self._probe(to_probe(state, request), probes))
+            claimants = self._claimants(state)
+            decided = self._decide(request, ids, probes, claimants, spawn)
+            if decided is None:
+                continue  # the registry moved on, or a new candidate needs probing
+            if decided.reuse is not None:
+                return Acquired(decided.reuse, True, _reuse_reason(decided.reuse))
+            if decided.spawn:
+                claim_id = decided.events[-1].claim_id  # type: ignore[attr-defined]
+                acquired = self._spawn(spec, claim_id, ids, force_new, idle_timeout, max_processes)
+                if acquired is not None:
+                    return acquired
+                probes.clear()  # fenced: our claim was taken over; look again
+                continue
+            if decided.wait_for is None:
+                return None
             if time.monotonic() > deadline:
                 raise SpawnError(
                     f'Timed out waiting for another process to spawn worker "{spec.worker_id}".'
                 )
             time.sleep(WAIT_POLL)
+            probes.clear()
 
     def _decide(
-        self, request: Request, ids: dict[str, Any], spawn: bool
-    ) -> Acquired | str | Claim | None:
-        """One look at the registry: an Acquired, a claim id we now own, a claim to wait
-        for, or None (nothing to reuse and spawning not allowed)."""
+        self,
+        request: Request,
+        ids: dict[str, Any],
+        probes: dict[str, Probe],
+        claimants: dict[str, ProcessState],
+        spawn: bool,
+    ) -> Plan | None:
+        """One decision under the registry lock, appended at the version it was made on.
+        None when it must be made again (a conflict, or an entry not probed yet)."""
         with self.registry.lock:
             state = self.registry.refresh()
             version = self.registry.version
-            events: list[Event] = []
-            exits: list[Event] = []
-            for entry in candidates(state, request.worker_id):
-                reason, detail = self._judge(entry, request)
-                if reason is None:
-                    events.append(
-                        WorkerReused(
-                            **ids, instance_id=entry.instance_id, fingerprint=entry.fingerprint
-                        )
-                    )
-                    self.log.append(REGISTRY_STREAM, events, version)
-                    return Acquired(entry, True, _reuse_reason(entry))
-                rejected = WorkerReuseRejected(
-                    **ids,
-                    instance_id=entry.instance_id,
-                    reason=reason,
-                    detail=detail,
-                    fingerprint=entry.fingerprint,
-                    requested_fingerprint=request.fingerprint,
-                )
-                events.append(rejected)
-                if reason in ("process_gone", "pid_recycled", "health_failed"):
-                    exit_event = WorkerExited(**ids, instance_id=entry.instance_id, detail=detail)
-                    events.append(exit_event)
-                    exits += [rejected, exit_event]
-            if not spawn:
-                if events:
-                    self.log.append(REGISTRY_STREAM, events, version)
+            decided = plan(state, request, probes, claimants, datetime.now(UTC), ids, spawn)
+            if decided.unprobed:
                 return None
-            claim = None if request.force_new else pending_claim(state, request)
-            if claim is not None and not self._claim_abandoned(claim):
-                if exits:  # dead entries leave the candidates now; mismatches are told later
-                    self.log.append(REGISTRY_STREAM, exits, version)
-                return claim
-            if claim is not None:
-                events.append(
-                    WorkerSpawnFailed(
+            if decided.spawn:
+                pid, started = own_identity()
+                decided.events.append(
+                    WorkerSpawnRequested(
                         **ids,
-                        claim_id=claim.claim_id,
-                        error=f"claimant pid {claim.claimant_pid} on {claim.host} "
-                        "died or gave up before its worker was ready",
+                        claim_id=uuid.uuid4().hex,
+                        fingerprint=request.fingerprint,
+                        model=request.model,
+                        model_policy=request.model_policy,
+                        host=self.host,
+                        claimant_pid=pid,
+                        claimant_started_at=started,
+                        force_new=request.force_new,
                     )
                 )
-            claim_id = uuid.uuid4().hex
-            pid, started = own_identity()
-            events.append(
-                WorkerSpawnRequested(
-                    **ids,
-                    claim_id=claim_id,
-                    fingerprint=request.fingerprint,
-                    model=request.model,
-                    model_policy=request.model_policy,
-                    host=self.host,
-                    claimant_pid=pid,
-                    claimant_started_at=started,
-                    force_new=request.force_new,
-                )
-            )
-            self.log.append(REGISTRY_STREAM, events, version)
-            return claim_id
+            if decided.events:
+                try:
+                    self.log.append(REGISTRY_STREAM, decided.events, version)
+                except StreamConflict:
+                    return None
+            return decided
 
-    def _judge(self, entry: RegistryEntry, request: Request) -> tuple[RejectReason | None, str]:
-        reason = static_rejection(entry, request)
-        if reason is not None:
-            return reason, _static_detail(reason, entry, request)
+    def _probe(self, entries: Iterable[RegistryEntry], known: dict[str, Probe]) -> dict[str, Probe]:
+        """Ask the outside world about entries (no lock held): pid, start time, /health."""
+        found: dict[str, Probe] = {}
+        for entry in entries:
+            if entry.instance_id in known:
+                continue
+            found[entry.instance_id] = self.probe(entry, health=entry.status == "ready")
+        return found
+
+    def probe(self, entry: RegistryEntry, health: bool = True) -> Probe:
+        """Is the entry's process alive, and does it answer as itself? An unusable process
+        that is still ours (same pid and start time) is stopped here, not left orphaned."""
         proc = process_state(entry.pid, entry.pid_started_at)
-        if proc == "gone":
-            return "process_gone", f"pid {entry.pid} no longer exists"
-        if proc == "recycled":
-            return "pid_recycled", f"pid {entry.pid} now belongs to another process"
+        if proc != "alive":
+            self._reap(entry.instance_id)
+            return Probe(proc, stopped_reason=self._exit_marker(entry.instance_id))
+        proven = self._proven.get(entry.instance_id)
+        if not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
+            return Probe("alive")
+        client = WorkerClient(str(entry.url), entry.instance_id)
         try:
-            health = worker_call(str(entry.url), entry.instance_id, "GET", "/health", timeout=2.0)
-        except (WorkerUnreachable, WorkerReplyError) as exc:
-            return "health_failed", f"/health did not answer: {exc}"
-        if health.get("instance_id") != entry.instance_id:
-            return "health_failed", (
-                f"/health answered instance {health.get('instance_id')}, "
-                f"recorded {entry.instance_id}"
+            answer = client.health()
+        except WorkerUnreachable as exc:
+            # Our pid and start time, yet it does not answer: ours and broken, so stopped.
+            killed = terminate(entry.pid, entry.pid_started_at)
+            self._reap(entry.instance_id)
+            detail = f"/health did not answer: {exc}"
+            return Probe("alive", healthy=False, detail=detail, killed=killed)
+        except WorkerReplyError as exc:
+            # It answers, but refuses this instance's token or breaks the protocol: not the
+            # recorded process, so not ours to stop.
+            return Probe("alive", healthy=False, detail=f"/health refused: {exc}")
+        if answer.instance_id != entry.instance_id or answer.fingerprint != entry.fingerprint:
+            # Someone else answers there: not ours to stop, and not the recorded process.
+            return Probe(
+                "alive",
+                healthy=False,
+                detail=f"/health answered instance {answer.instance_id} fingerprint "
+                f"{answer.fingerprint}, recorded {entry.instance_id} {entry.fingerprint}",
             )
-        if health.get("fingerprint") != entry.fingerprint:
-            return "health_failed", (
-                f"/health answered fingerprint {health.get('fingerprint')}, "
-                f"recorded {entry.fingerprint}"
-            )
-        return None, ""
+        self.prove(entry.instance_id)
+        return Probe("alive", healthy=True)
 
-    def _claim_abandoned(self, claim: Claim) -> bool:
-        if claim_expired(claim, datetime.now(UTC)):
-            return True
-        if claim.host != self.host:
-            return False
-        return process_state(claim.claimant_pid, claim.claimant_started_at) != "alive"
+    def prove(self, instance_id: str) -> None:
+        """The process answered as itself just now (a /health or a /prompt reply)."""
+        self._proven[instance_id] = time.monotonic()
 
-    # --- acting ----------------------------------------------------------------------------
+    def distrust(self, instance_id: str) -> None:
+        """Forget a proof: the next request asks /health again."""
+        self._proven.pop(instance_id, None)
+
+    def _claimants(self, state: RegistryState) -> dict[str, ProcessState]:
+        return {
+            c.claim_id: process_state(c.claimant_pid, c.claimant_started_at)
+            for c in state.claims.values()
+            if c.host == self.host
+        }
+
+    def _exit_marker(self, instance_id: str) -> StopReason | None:
+        try:
+            text = (self.log_dir / f"{instance_id}.exit").read_text().strip()
+        except OSError:
+            return None
+        reasons: dict[str, StopReason] = {"idle": "idle", "respawn": "respawn"}
+        return reasons.get(text)
+
+    # --- spawning --------------------------------------------------------------------------
 
     def _spawn(
-        self, spec: WorkerSpec, claim_id: str, ids: dict[str, Any], force_new: bool
-    ) -> Acquired:
+        self,
+        spec: WorkerSpec,
+        claim_id: str,
+        ids: dict[str, Any],
+        force_new: bool,
+        idle_timeout: float,
+        max_processes: int,
+    ) -> Acquired | None:
+        """Start the process of our claim and register it, or end the claim failed. None
+        when the claim was taken over meanwhile (fenced: the late process is stopped)."""
         instance_id = f"{spec.worker_id}-{uuid.uuid4().hex[:12]}"
+        proc: subprocess.Popen[bytes] | None = None
         try:
-            proc, url = self._launch(spec, instance_id)
-        except SpawnError as exc:
-            self._record(WorkerSpawnFailed(**ids, claim_id=claim_id, error=str(exc)))
-            raise
+            self._make_room(ids, max_processes)
+            proc, url = self._launch(spec, instance_id, idle_timeout)
+            spawned = WorkerSpawned(
+                **ids,
+                claim_id=claim_id,
+                instance_id=instance_id,
+                backend="server",
+                host=self.host,
+                pid=proc.pid,
+                pid_started_at=start_time(proc.pid),
+                url=url,
+                fingerprint=spec.fingerprint,
+                model=spec.model,
+                model_policy=spec.model_policy,
+                identity=spec.identity,
+                idle_timeout=idle_timeout,
+            )
+            if not self._register(claim_id, [spawned, WorkerReady(**ids, instance_id=instance_id)]):
+                _kill(proc)
+                return None
+            WorkerClient(url, instance_id).adopt()
+        except Exception as exc:
+            if proc is not None:
+                _kill(proc)
+            error = exc if isinstance(exc, SpawnError) else SpawnError(_spawn_error(spec, exc))
+            self._end_claim(claim_id, ids, str(error))
+            raise error from exc
         self._children[instance_id] = proc
         self.started_here.add(instance_id)
-        spawned = WorkerSpawned(
-            **ids,
-            claim_id=claim_id,
-            instance_id=instance_id,
-            backend="server",
-            host=self.host,
-            pid=proc.pid,
-            pid_started_at=start_time(proc.pid),
-            url=url,
-            fingerprint=spec.fingerprint,
-            model=spec.model,
-            model_policy=spec.model_policy,
-        )
-        self._record(spawned, WorkerReady(**ids, instance_id=instance_id))
+        self.prove(instance_id)
         entry = self.registry.refresh().entries[instance_id]
         why = "force_new requested" if force_new else "no running process matched"
         return Acquired(
             entry, False, f"spawned {instance_id}: {why} (fingerprint {spec.fingerprint})"
         )
 
-    def _launch(self, spec: WorkerSpec, instance_id: str) -> tuple[subprocess.Popen[bytes], str]:
+    def _register(self, claim_id: str, events: list[Event]) -> bool:
+        """Append the spawn only while our claim is still open (the fence)."""
+        while True:
+            with self.registry.lock:
+                state = self.registry.refresh()
+                if claim_id not in state.claims:
+                    return False
+                try:
+                    self.log.append(REGISTRY_STREAM, events, self.registry.version)
+                except StreamConflict:
+                    continue
+                return True
+
+    def _end_claim(self, claim_id: str, ids: dict[str, Any], error: str) -> None:
+        with self.registry.lock:
+            if claim_id in self.registry.refresh().claims:
+                self._record(WorkerSpawnFailed(**ids, claim_id=claim_id, error=error))
+
+    def _make_room(self, ids: dict[str, Any], max_processes: int) -> None:
+        """Below `max_processes` live processes on this host, or stop the least recently
+        used idle one (`evicted`); when none is idle, wait for one to be."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            live = live_on_host(self.registry.refresh(), self.host)
+            if len(live) < max_processes:
+                return
+            for entry in live:
+                if entry.status != "ready":
+                    continue
+                if process_state(entry.pid, entry.pid_started_at) != "alive":
+                    self.mark_exited(entry, ids, "found dead while making room")
+                    break
+                try:
+                    busy = WorkerClient(str(entry.url), entry.instance_id).health().in_flight
+                except (WorkerUnreachable, WorkerReplyError):
+                    continue
+                if busy == 0:
+                    detail = f"max_processes {max_processes} reached; least recently used idle"
+                    self.stop(entry, ids, reason="evicted", detail=detail)
+                    break
+            else:
+                if time.monotonic() > deadline:
+                    raise SpawnError(
+                        f"max_processes ({max_processes}) worker processes are busy on this "
+                        "host; try again when one is idle, or raise [pool] max_processes."
+                    )
+                time.sleep(0.2)
+
+    def _launch(
+        self, spec: WorkerSpec, instance_id: str, idle_timeout: float
+    ) -> tuple[subprocess.Popen[bytes], str]:
         worker_spec = {
             "worker_id": spec.worker_id,
             "instance_id": instance_id,
@@ -277,15 +385,17 @@ class WorkerPool:
             "model": spec.model,
             "model_policy": spec.model_policy,
             "system_prompt": spec.system_prompt,
-            "idle_timeout": spec.idle_timeout,
+            "idle_timeout": idle_timeout,
+            "spawner_pid": os.getpid(),
+            "log_dir": str(self.log_dir),
             "config": spec.config.model_dump(mode="json"),
         }
-        env = dict(os.environ)
-        env[SPEC_ENV] = json.dumps(worker_spec)
-        env[TOKEN_ENV] = worker_token(instance_id)
-        logs = state_dir() / "workers"
-        logs.mkdir(mode=0o700, exist_ok=True)
-        log_fd = os.open(logs / f"{instance_id}.log", os.O_CREAT | os.O_WRONLY, 0o600)
+        env = worker_environment(
+            os.environ, {SPEC_ENV: json.dumps(worker_spec), TOKEN_ENV: worker_token(instance_id)}
+        )
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{instance_id}.log"
+        log_fd = os.open(log_path, os.O_CREAT | os.O_WRONLY, 0o600)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.worker"],
@@ -306,17 +416,27 @@ class WorkerPool:
             _kill(proc)
             raise SpawnError(
                 f'worker "{spec.worker_id}" (pid {proc.pid}) did not print READY within '
-                f"{READY_TIMEOUT:.0f}s; see {logs / (instance_id + '.log')}"
+                f"{READY_TIMEOUT:.0f}s; see {log_path}"
             )
         return proc, str(json.loads(line[len("READY ") :])["url"])
+
+    # --- stopping --------------------------------------------------------------------------
 
     def _record(self, *events: Event) -> None:
         self.registry.append(list(events))
 
     def mark_exited(self, entry: RegistryEntry, ids: dict[str, Any], detail: str) -> None:
-        """Record that a process was found dead."""
+        """Record that a process was found dead (or, with an exit marker, why it left)."""
         self._reap(entry.instance_id)
-        self._record(WorkerExited(**ids, instance_id=entry.instance_id, detail=detail))
+        self.distrust(entry.instance_id)
+        reason = self._exit_marker(entry.instance_id)
+        if reason is not None:
+            event: Event = WorkerStopped(
+                **ids, instance_id=entry.instance_id, reason=reason, detail=detail
+            )
+        else:
+            event = WorkerExited(**ids, instance_id=entry.instance_id, detail=detail)
+        self._record(event)
 
     def live_entries(self, worker_id: str | None = None) -> list[RegistryEntry]:
         """Processes on this host recorded as running (optionally of one worker id)."""
@@ -327,18 +447,80 @@ class WorkerPool:
             if e.live and e.host == self.host and worker_id in (None, e.worker_id)
         ]
 
-    def stop(self, entry: RegistryEntry, ids: dict[str, Any], reason: str = "requested") -> bool:
+    def stoppable(self, worker_id: str | None = None) -> list[RegistryEntry]:
+        """Every entry of this host that is recorded running or whose process still runs,
+        whatever its recorded status (a process wrongly recorded exited is still stopped)."""
+        state = self.registry.refresh()
+        return [
+            e
+            for e in state.entries.values()
+            if e.host == self.host
+            and worker_id in (None, e.worker_id)
+            and e.backend == "server"
+            and (e.live or process_state(e.pid, e.pid_started_at) == "alive")
+        ]
+
+    def stop(
+        self,
+        entry: RegistryEntry,
+        ids: dict[str, Any],
+        reason: StopReason = "requested",
+        detail: str = "",
+    ) -> bool:
         """Ask a process to shut down, make sure it is gone, and record it. Returns False
         (and records `WorkerExited`) when it had already died."""
+        self.distrust(entry.instance_id)
         if process_state(entry.pid, entry.pid_started_at) != "alive":
-            self.mark_exited(entry, ids, "found dead when asked to stop")
+            if entry.live:
+                self.mark_exited(entry, ids, "found dead when asked to stop")
             return False
+        # It is killed below if it does not go by itself.
         with contextlib.suppress(WorkerUnreachable, WorkerReplyError):
-            worker_call(str(entry.url), entry.instance_id, "POST", "/shutdown", timeout=2.0)
+            WorkerClient(str(entry.url), entry.instance_id).shutdown()
         self._wait_gone(entry)
         self._reap(entry.instance_id)
-        self._record(WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason))
+        self._record(
+            WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason, detail=detail)
+        )
         return True
+
+    def retire(self, entry: RegistryEntry, ids: dict[str, Any], detail: str) -> None:
+        """Drain a process: no new tasks, the running ones finish, then it stops (`respawn`).
+        A watcher records the stop; if this orchestrator goes first, whoever finds the
+        process gone does."""
+        self.distrust(entry.instance_id)
+        self._record(
+            WorkerDraining(**ids, instance_id=entry.instance_id, reason="respawn", detail=detail)
+        )
+        try:
+            WorkerClient(str(entry.url), entry.instance_id).drain("respawn")
+        except (WorkerUnreachable, WorkerReplyError):
+            self.stop(entry, ids, reason="respawn", detail=detail)
+            return
+
+        def watch() -> None:
+            while process_state(entry.pid, entry.pid_started_at) == "alive":
+                self._reap(entry.instance_id)
+                time.sleep(WAIT_POLL * 4)
+            self._reap(entry.instance_id)
+            with self.registry.lock:
+                now = self.registry.refresh().entries.get(entry.instance_id)
+                if now is not None and now.status == "draining":
+                    self._record(
+                        WorkerStopped(
+                            **ids, instance_id=entry.instance_id, reason="respawn", detail=detail
+                        )
+                    )
+
+        watcher = threading.Thread(target=watch, daemon=True, name=f"drain-{entry.instance_id}")
+        watcher.start()
+        self._watchers.append(watcher)
+
+    def join_watchers(self, timeout: float) -> None:
+        """Give drain watchers up to `timeout` seconds to record their stops."""
+        deadline = time.monotonic() + timeout
+        for watcher in self._watchers:
+            watcher.join(max(0.0, deadline - time.monotonic()))
 
     def _wait_gone(self, entry: RegistryEntry) -> None:
         child = self._children.get(entry.instance_id)
@@ -348,21 +530,24 @@ class WorkerPool:
                 return
             psutil.Process(entry.pid).wait(timeout=5)
         except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            if process_state(entry.pid, entry.pid_started_at) == "alive":
-                psutil.Process(entry.pid).kill()
+            terminate(entry.pid, entry.pid_started_at)
         except psutil.NoSuchProcess:
             return
 
     def _reap(self, instance_id: str) -> None:
-        child = self._children.pop(instance_id, None)
-        if child is not None:
-            child.poll()
+        child = self._children.get(instance_id)
+        if child is not None and child.poll() is not None:
+            del self._children[instance_id]
 
     def reap_children(self) -> None:
         """Collect exit statuses of our children that ended (no zombies left behind)."""
-        for instance_id, child in list(self._children.items()):
-            if child.poll() is not None:
-                del self._children[instance_id]
+        for instance_id in list(self._children):
+            self._reap(instance_id)
+
+
+def _spawn_error(spec: WorkerSpec, exc: BaseException) -> str:
+    what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f'cannot spawn worker "{spec.worker_id}": {what}'
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -392,17 +577,5 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 def _reuse_reason(entry: RegistryEntry) -> str:
     return (
         f"reused {entry.instance_id} (pid {entry.pid}): fingerprint {entry.fingerprint} "
-        "matches, pid start time matches, /health confirmed"
+        "matches, pid start time matches, identity proven by /health"
     )
-
-
-def _static_detail(reason: RejectReason, entry: RegistryEntry, request: Request) -> str:
-    if reason == "model_mismatch":
-        return f"runs {entry.model}, requested {request.model}"
-    if reason == "policy_mismatch":
-        return f"runs with policy {entry.model_policy}, requested {request.model_policy}"
-    if reason == "other_host":
-        return f"runs on host {entry.host}, this is {request.host}"
-    if reason == "force_new":
-        return "force_new requested"
-    return f"fingerprint {entry.fingerprint} differs from requested {request.fingerprint}"

@@ -1,18 +1,18 @@
-"""The outside world of worker processes: pids, start times, tokens and their HTTP endpoints."""
+"""The outside world of worker processes: pids, start times, tokens and environments."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import socket
-import ssl
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import httpx
 import psutil
 
 from events.store import state_dir
@@ -57,12 +57,30 @@ def process_state(pid: int, started_at: float) -> ProcessState:
 def _host_key() -> bytes:
     path = state_dir() / "worker.key"
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return Path(path).read_bytes()
-    key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    # Written whole under a temporary name, then linked into place: a reader sees no key
+    # file or the whole key, never an empty one; of two racing creators the first link wins.
+    tmp = path.with_name(f".worker.key.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(KEY_BYTES))
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    return _read_key(path)
+
+
+KEY_BYTES = 32
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise OSError(f"{path} is damaged ({len(key)} bytes, expected {KEY_BYTES}); remove it")
     return key
 
 
@@ -71,41 +89,35 @@ def worker_token(instance_id: str) -> str:
     return hmac.new(_host_key(), instance_id.encode(), hashlib.sha256).hexdigest()
 
 
-class WorkerUnreachable(RuntimeError):
-    """The worker process did not answer on its url."""
+# What a worker process may inherit: enough to run Python and find its state directory.
+# Everything else (API keys above all) stays with the orchestrator, which sends the
+# credentials a request needs with that request.
+_ENV_KEEP = ("PATH", "HOME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+_ENV_KEEP_PREFIXES = ("LC_", "XDG_")
 
 
-class WorkerReplyError(RuntimeError):
-    """The worker process answered with an error (bad token, provider failure, ...)."""
+def worker_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a worker process starts with: an allow-list, plus `extra`."""
+    env = {k: v for k, v in environ.items() if k in _ENV_KEEP or k.startswith(_ENV_KEEP_PREFIXES)}
+    env.update(extra)
+    return env
 
 
-@cache
-def _client() -> httpx.Client:
-    # Workers speak plain HTTP on 127.0.0.1. An empty trust store skips loading the CA bundle
-    # (~40 ms per client) and refuses any TLS peer; trust_env=False keeps proxy variables from
-    # routing loopback traffic elsewhere. One client per process, shared by threads.
-    return httpx.Client(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), trust_env=False)
-
-
-def worker_call(
-    url: str,
-    instance_id: str,
-    method: Literal["GET", "POST"],
-    path: str,
-    body: dict[str, Any] | None = None,
-    timeout: float = 120.0,
-) -> dict[str, Any]:
-    """One authenticated request to a worker process."""
-    headers = {"Authorization": f"Bearer {worker_token(instance_id)}"}
+def terminate(pid: int, started_at: float, timeout: float = 5.0) -> bool:
+    """Stop the process at `pid` if it is still the one that started at `started_at`
+    (never the new owner of a recycled pid). True when it is gone afterwards."""
+    if process_state(pid, started_at) != "alive":
+        return True
     try:
-        resp = _client().request(method, url + path, json=body, headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise WorkerUnreachable(f"{url}{path}: {exc}") from exc
-    if resp.status_code >= 400:
+        proc = psutil.Process(pid)
+        proc.terminate()
         try:
-            detail = str(resp.json().get("error", resp.text))
-        except ValueError:
-            detail = resp.text
-        raise WorkerReplyError(detail or f"{url}{path} answered HTTP {resp.status_code}")
-    data: dict[str, Any] = resp.json()
-    return data
+            proc.wait(timeout=timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.AccessDenied, psutil.TimeoutExpired):
+        return False
+    return True

@@ -1,20 +1,46 @@
 """Providers: the code that actually asks a model. `echo` is offline; `openai` speaks HTTP.
 
 Used both in-process (agent backend) and inside worker processes, so imports stay light.
+Credentials come from the `credentials` mapping of each call (the asking orchestrator's
+environment, read at call time), never from the process's own environment.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 from orchestrator.config import OrchestratorConfig, ProviderConfig
 
+# A Retry-After longer than this is not waited for: the attempt fails and fallbacks decide.
+MAX_RETRY_AFTER = 30.0
+BODY_EXCERPT = 200
+
 
 class ProviderError(RuntimeError):
-    """The provider could not answer; the message says what to fix."""
+    """The provider could not answer; the message says what happened and what to fix.
+
+    `retryable` is true for failures another attempt (or another model) could avoid:
+    connection errors, time-outs, 429 and 5xx.
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One model answer: its text (possibly empty), tool calls, and reported usage."""
+
+    text: str
+    tool_calls: list[dict[str, Any]] | None = None
+    usage: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_model(model: str) -> tuple[str, str]:
@@ -25,28 +51,78 @@ def split_model(model: str) -> tuple[str, str]:
     return provider, name
 
 
+def provider_of(config: OrchestratorConfig, model: str) -> tuple[str, ProviderConfig]:
+    """The configured provider a `provider/model` is sent to."""
+    provider_id, _ = split_model(model)
+    provider = config.providers.get(provider_id)
+    if provider is None:
+        raise ProviderError(f'Provider "{provider_id}" is not configured.')
+    return provider_id, provider
+
+
+def credentials_for(
+    config: OrchestratorConfig, model: str, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The credentials a request to `model` needs, read from `environ` now (may be empty)."""
+    try:
+        _, provider = provider_of(config, model)
+    except ProviderError:
+        return {}
+    name = provider.api_key_env
+    if name and environ.get(name):
+        return {name: environ[name]}
+    return {}
+
+
+def request_budget(config: OrchestratorConfig, model: str) -> float:
+    """Seconds one request to `model` may take at most, retries and their back-off included."""
+    try:
+        _, provider = provider_of(config, model)
+    except ProviderError:
+        return 10.0
+    attempts = provider.max_retries + 1
+    return provider.timeout * attempts + sum(
+        min(MAX_RETRY_AFTER, _backoff(i)) for i in range(attempts)
+    )
+
+
 def complete(
     config: OrchestratorConfig,
     model: str,
     text: str,
     system_prompt: str = "",
-    environ: Mapping[str, str] | None = None,
-) -> str:
-    """Send one message to `model` (a `provider/model`) and return the reply text."""
-    provider_id, name = split_model(model)
-    provider = config.providers.get(provider_id)
-    if provider is None:
-        raise ProviderError(f'Provider "{provider_id}" is not configured.')
+    credentials: Mapping[str, str] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> Completion:
+    """Send one message to `model` (a `provider/model`) and return the answer."""
+    provider_id, provider = provider_of(config, model)
+    _, name = split_model(model)
     if provider.kind == "echo":
-        return f"[{model}] {text}"
-    return _openai_chat(provider_id, provider, name, text, system_prompt, environ or os.environ)
+        reply = f"[{model}] {text}"
+        return Completion(
+            text=reply,
+            usage={"input_tokens": len(text.split()), "output_tokens": len(reply.split())},
+        )
+    return _openai_chat(provider_id, provider, name, text, system_prompt, credentials or {}, tools)
 
 
 @cache
 def _http() -> Any:
+    import socket
+    import ssl
+
     import httpx
 
-    return httpx.Client(timeout=120.0)  # one per process: building one loads the CA bundle
+    # One client per process (building one loads the CA bundle); Nagle off for small bodies.
+    transport = httpx.HTTPTransport(
+        verify=ssl.create_default_context(),
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    )
+    return httpx.Client(transport=transport, trust_env=False)
+
+
+def _backoff(attempt: int) -> float:
+    return min(8.0, 0.25 * 2.0**attempt)
 
 
 def _openai_chat(
@@ -55,36 +131,144 @@ def _openai_chat(
     name: str,
     text: str,
     system_prompt: str,
-    environ: Mapping[str, str],
-) -> str:
-    import httpx
-
+    credentials: Mapping[str, str],
+    tools: list[dict[str, Any]] | None,
+) -> Completion:
     if not provider.base_url:
         raise ProviderError(f'Provider "{provider_id}" has no base_url.')
     headers = {"Content-Type": "application/json"}
+    secret = ""
     if provider.api_key_env:
-        key = environ.get(provider.api_key_env)
-        if not key:
+        secret = credentials.get(provider.api_key_env, "")
+        if not secret:
             raise ProviderError(
                 f'Provider "{provider_id}" needs an API key: set {provider.api_key_env}.'
             )
-        headers["Authorization"] = f"Bearer {key}"
+        headers["Authorization"] = f"Bearer {secret}"
     messages = [{"role": "user", "content": text}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
+    body: dict[str, Any] = {"model": name, "messages": messages}
+    if tools:
+        body["tools"] = tools
     url = provider.base_url.rstrip("/") + "/chat/completions"
+    last: ProviderError | None = None
+    for attempt in range(provider.max_retries + 1):
+        if attempt:
+            time.sleep(_retry_delay(last, attempt - 1))
+        try:
+            return _one_request(provider_id, provider, name, url, body, headers)
+        except ProviderError as exc:
+            last = _redacted(exc, secret)
+            if not last.retryable or _retry_delay(last, attempt) > MAX_RETRY_AFTER:
+                break
+    assert last is not None
+    if provider.max_retries and last.retryable:
+        raise ProviderError(f"{last} (after {provider.max_retries + 1} attempts)", True)
+    raise last
+
+
+class _RetryAfter(ProviderError):
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message, retryable=True)
+        self.delay = delay
+
+
+def _retry_delay(exc: ProviderError | None, attempt: int) -> float:
+    if isinstance(exc, _RetryAfter):
+        return float(exc.delay)
+    return _backoff(attempt)
+
+
+def _redacted(exc: ProviderError, secret: str) -> ProviderError:
+    if secret and secret in str(exc):
+        cls = type(exc)
+        text = str(exc).replace(secret, "***")
+        if isinstance(exc, _RetryAfter):
+            return _RetryAfter(text, exc.delay)
+        return cls(text, exc.retryable)
+    return exc
+
+
+def _one_request(
+    provider_id: str,
+    provider: ProviderConfig,
+    name: str,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> Completion:
+    import httpx
+
+    where = f'Provider "{provider_id}" for model "{name}"'
     try:
-        resp = _http().post(url, json={"model": name, "messages": messages}, headers=headers)
-        resp.raise_for_status()
-        content = resp.json()["choices"][0]["message"]["content"]
-    except httpx.HTTPStatusError as exc:
-        raise ProviderError(
-            f'Provider "{provider_id}" answered HTTP {exc.response.status_code} for model "{name}".'
-        ) from exc
+        resp = _http().post(url, json=body, headers=headers, timeout=provider.timeout)
+    except httpx.TimeoutException:
+        raise ProviderError(f"{where} timed out after {provider.timeout:g} s", True) from None
     except httpx.HTTPError as exc:
-        raise ProviderError(f'Provider "{provider_id}" at {url} did not answer: {exc}') from exc
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ProviderError(f"{where} at {url} did not answer: {exc}", True) from None
+    if resp.status_code >= 400:
+        message = f"{where} answered HTTP {resp.status_code}: {_excerpt(resp.text)}"
+        if resp.status_code == 429 or resp.status_code >= 500:
+            after = _retry_after(resp.headers.get("Retry-After"))
+            if after is not None:
+                raise _RetryAfter(message, after)
+            raise ProviderError(message, True)
+        raise ProviderError(message)
+    try:
+        data = resp.json()
+        message_obj = data["choices"][0]["message"]
+        content = message_obj.get("content")
+        tool_calls = message_obj.get("tool_calls") or None
+        usage = data.get("usage") or {}
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise ProviderError(
-            f'Provider "{provider_id}" sent a reply that is not a chat completion.'
-        ) from exc
-    return str(content)
+            f"{where} sent a reply that is not a chat completion: {_excerpt(resp.text)}"
+        ) from None
+    return Completion(
+        text="" if content is None else str(content),
+        tool_calls=list(tool_calls) if tool_calls else None,
+        usage=_usage(usage),
+    )
+
+
+def _usage(raw: Any) -> dict[str, int] | None:
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return {
+            "input_tokens": int(raw.get("prompt_tokens", 0)),
+            "output_tokens": int(raw.get("completion_tokens", 0)),
+        }
+    except (TypeError, ValueError):
+        return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from model servers; the usual back-off applies
+
+
+def _excerpt(body: str) -> str:
+    """The provider's own message when its body is an OpenAI-style error, else its start."""
+    text = body.strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            text = str(err["message"])
+        elif isinstance(err, str):
+            text = err
+        elif parsed.get("message"):
+            text = str(parsed["message"])
+    text = " ".join(text.split())
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= BODY_EXCERPT else text[: BODY_EXCERPT - 3] + "..."

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from events.projections import RegistryEntry, TaskRecord
 from events.replay import replay as replay_log
 from events.store import EventRecord
+from events.streams import session_view
 from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, WorkerView
 from orchestrator.explain import (
     ReplayView,
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 
 
 def tasks(orch: Orchestrator) -> list[TaskRecord]:
-    """This session's tasks, oldest first."""
+    """This session's tasks, oldest first (those of a dead orchestrator are ended first)."""
+    for task_id in list(orch.session.refresh().owners):
+        orch.settle(orch.session.state, task_id)
     state = orch.session.refresh()
     return sorted((t.model_copy() for t in state.tasks.values()), key=lambda t: t.started_at)
 
@@ -60,7 +63,7 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
             reason=decision.reason,
             fingerprint=spec.fingerprint,
         )
-        agent = orch.agents.get(worker_id)
+        agent = orch.agent.agents.get(worker_id)
         if profile.backend == "agent" and agent and agent.fingerprint == spec.fingerprint:
             row.status, row.instance_id = "running", agent.instance_id
         for entry in orch.pool.live_entries(worker_id):
@@ -186,11 +189,13 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
 
 def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
     """A task of another session, found through its TaskStarted event."""
-    from orchestrator.orchestrator import session_view
-
     for _, _, data in orch.log.read_log(types=["TaskStarted"]):
         if data.get("task_id") == task_id:
-            task = session_view(orch.log, data["session_id"]).refresh().tasks.get(task_id)
+            view = session_view(orch.log, data["session_id"])
+            task = view.refresh().tasks.get(task_id)
+            if task is not None and task.status == "running":
+                orch.settle(view.state, task_id)
+                task = view.refresh().tasks[task_id]
             if task is not None:
                 return task
     known = orch.session.refresh().tasks

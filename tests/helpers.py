@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from orchestrator import Orchestrator
-from orchestrator.config import Backend, OrchestratorConfig, default_config
+from orchestrator.config import BackendKind, OrchestratorConfig, default_config
 
 
-def config_with(backend: Backend = "agent", **changes: Any) -> OrchestratorConfig:
+def config_with(backend: BackendKind = "agent", **changes: Any) -> OrchestratorConfig:
     """The built-in default config, every profile on `backend`, with top-level changes."""
     cfg = default_config()
     for profile in cfg.profiles.values():
@@ -18,7 +19,7 @@ def config_with(backend: Backend = "agent", **changes: Any) -> OrchestratorConfi
 
 
 def lab_config(
-    port: int, backend: Backend = "server", models: tuple[str, ...] = ("slow",), **provider: Any
+    port: int, backend: BackendKind = "server", models: tuple[str, ...] = ("slow",), **provider: Any
 ) -> OrchestratorConfig:
     """A config whose one provider, `lab`, speaks the OpenAI protocol on a local port."""
     return OrchestratorConfig.model_validate(
@@ -79,3 +80,15 @@ def assert_replay_view_matches(orchs: Iterable[Orchestrator]) -> None:
             if o.session_id == sid
         }
         assert replayed == live
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        time.sleep(every)

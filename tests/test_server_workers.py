@@ -18,7 +18,7 @@ from events.catalogue import WorkerReady, WorkerSpawned, WorkerSpawnRequested
 from orchestrator import Orchestrator
 from orchestrator.processes import host_id, start_time
 from tests.conftest import ChatServer, OpenOrch
-from tests.helpers import config_with, lab_config, op, reset_model, run, set_model
+from tests.helpers import config_with, lab_config, op, reset_model, run, set_model, wait_for
 
 
 def events_of(orch: Orchestrator, type_: str) -> list[dict[str, object]]:
@@ -206,8 +206,12 @@ def test_respawn_replaces_the_process_and_plain_set_leaves_it(open_orch: OpenOrc
     assert [e.model for e in live if e.model == "local/echo-vision"] == ["local/echo-vision"]
     new_pid = served_pid(orch, "coder", "after")
     assert new_pid in {e.pid for e in live}
-    stopped = [e["reason"] for e in events_of(orch, "WorkerStopped")]
-    assert stopped == ["respawn with local/echo-vision"]
+    # Only this session used the old process: it drained, then stopped for the respawn.
+    _wait_gone(pid)
+    wait_for(lambda: [e["reason"] for e in events_of(orch, "WorkerStopped")] == ["respawn"])
+    assert [e["instance_id"] for e in events_of(orch, "WorkerDraining")] == [
+        e.instance_id for e in orch.task_list(view="registry") if e.pid == pid
+    ]
 
     back = reset_model(orch, "coder", respawn=True).result
     assert back["respawned"] is True

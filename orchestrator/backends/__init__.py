@@ -1,0 +1,117 @@
+"""Backends: where a worker task runs. One small interface, two implementations.
+
+- `AgentBackend` (`backends.agent`): in-process, never shared across processes.
+- `ServerBackend` (`backends.server`): a real OS process per fingerprint, found or spawned
+  through the device registry, spoken to with `WorkerClient` (`backends.client`).
+
+The orchestrator only ever calls `acquire`, `prompt`, `cancel`, `stop` and `running`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from orchestrator.config import BackendKind
+from orchestrator.pool import WorkerSpec
+from orchestrator.providers import Completion
+
+T = TypeVar("T")
+CANCEL_POLL = 0.05
+
+
+class TaskError(RuntimeError):
+    """The task cannot be served; the message says what happened and what to do."""
+
+
+class Cancelled(Exception):
+    """The task was cancelled while its request was in flight; the reply is dropped."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The process (or in-process agent) that serves one task, and how it was obtained."""
+
+    worker_id: str
+    instance_id: str
+    pid: int
+    url: str | None
+    fingerprint: str
+    model: str
+    model_policy: str
+    reused: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One message for a worker: the model that serves it travels with it."""
+
+    task_id: str
+    text: str
+    model: str
+    system_prompt: str = ""
+    attachments: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What `stop` did: instances stopped, and those found already dead."""
+
+    stopped: list[str]
+    exited: list[str]
+
+
+class Backend(Protocol):
+    """Where a worker's tasks run."""
+
+    kind: BackendKind
+
+    def acquire(
+        self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool
+    ) -> Lease | None:
+        """A process for `spec`: reused or spawned (None if `spawn` is False and none runs)."""
+        ...
+
+    def prompt(self, lease: Lease, request: PromptRequest, cancel: threading.Event) -> Completion:
+        """Serve one message; raises `ProviderError`, `TaskError` or `Cancelled`."""
+        ...
+
+    def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
+        """Stop every process of the worker this backend can reach."""
+        ...
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker recorded as running?"""
+        ...
+
+
+def interruptible(
+    work: Callable[[], T], cancel: threading.Event, on_cancel: Callable[[], None] | None = None
+) -> T:
+    """Run `work` on its own thread and return its result, or raise `Cancelled` as soon as
+    `cancel` is set (calling `on_cancel` to stop the far side); a late result is dropped."""
+    box: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, work()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="request").start()
+    while not done.wait(CANCEL_POLL):
+        if cancel.is_set():
+            if on_cancel is not None:
+                on_cancel()
+            raise Cancelled()
+    ok, value = box[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value

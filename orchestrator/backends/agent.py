@@ -1,0 +1,76 @@
+"""The agent backend: a worker that runs inside this orchestrator and dies with it."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from orchestrator.backends import Lease, PromptRequest, StopResult, interruptible
+from orchestrator.config import BackendKind, OrchestratorConfig
+from orchestrator.pool import WorkerSpec
+from orchestrator.providers import Completion, complete, credentials_for
+
+
+class AgentBackend:
+    """In-process workers, one per worker id, replaced when the fingerprint changes."""
+
+    kind: BackendKind = "agent"
+
+    def __init__(
+        self, config: OrchestratorConfig, environ: Callable[[], Mapping[str, str]]
+    ) -> None:
+        self.config = config
+        self._environ = environ
+        self._lock = threading.Lock()
+        self.agents: dict[str, Lease] = {}
+
+    def acquire(
+        self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool = True
+    ) -> Lease:
+        """The in-process worker for a spec: reused while its fingerprint matches."""
+        with self._lock:
+            agent = self.agents.get(spec.worker_id)
+            if agent is not None and agent.fingerprint == spec.fingerprint and not force_new:
+                return agent
+            new = Lease(
+                worker_id=spec.worker_id,
+                instance_id=f"agent-{spec.worker_id}-{uuid.uuid4().hex[:8]}",
+                pid=os.getpid(),
+                url=None,
+                fingerprint=spec.fingerprint,
+                model=spec.model,
+                model_policy=spec.model_policy,
+                reused=False,
+                reason="in-process agent worker",
+            )
+            # The next acquire of the same fingerprint reuses it.
+            self.agents[spec.worker_id] = Lease(**{**new.__dict__, "reused": True})
+            return new
+
+    def prompt(self, lease: Lease, request: PromptRequest, cancel: threading.Event) -> Completion:
+        """Call the provider from this process, with credentials read now."""
+        credentials = credentials_for(self.config, request.model, self._environ())
+        return interruptible(
+            lambda: complete(
+                self.config,
+                request.model,
+                request.text,
+                request.system_prompt,
+                credentials=credentials,
+                tools=request.tools,
+            ),
+            cancel,
+        )
+
+    def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
+        """Drop the in-process worker."""
+        with self._lock:
+            agent = self.agents.pop(worker_id, None)
+        return StopResult([agent.instance_id] if agent else [], [])
+
+    def running(self, worker_id: str) -> bool:
+        """Is there an in-process worker for this id?"""
+        return worker_id in self.agents

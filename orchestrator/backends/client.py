@@ -1,0 +1,142 @@
+"""The one client of a worker process's HTTP endpoints (see `orchestrator.worker`)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from functools import cache
+from typing import Any, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.processes import worker_token
+
+
+class WorkerUnreachable(RuntimeError):
+    """The worker process did not answer on its url (refused, reset or timed out)."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+class WorkerReplyError(RuntimeError):
+    """The worker process answered with an error, or with a body that breaks the protocol."""
+
+    def __init__(self, message: str, status: int = 0, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class Health(BaseModel):
+    """What `GET /health` answers."""
+
+    worker_id: str
+    instance_id: str
+    pid: int
+    fingerprint: str
+    model: str
+    status: str
+    in_flight: int = 0
+    adopted: bool = True
+
+
+class PromptReply(BaseModel):
+    """What `POST /prompt` answers: the reply and the process that made it."""
+
+    text: str
+    model: str
+    instance_id: str
+    fingerprint: str
+    usage: dict[str, int] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+@cache
+def _client() -> httpx.Client:
+    # Workers speak plain HTTP on 127.0.0.1. An empty trust store skips loading the CA bundle
+    # (~40 ms per client) and refuses any TLS peer; trust_env=False keeps proxy variables from
+    # routing loopback traffic elsewhere; Nagle off, or keep-alive requests wait ~40 ms on
+    # delayed ACKs. One client per process, shared by threads.
+    transport = httpx.HTTPTransport(
+        verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=20.0),
+    )
+    return httpx.Client(transport=transport, trust_env=False)
+
+
+class WorkerClient:
+    """Authenticated calls to one worker process at `url`, known as `instance_id`."""
+
+    def __init__(self, url: str, instance_id: str) -> None:
+        self.url = url
+        self.instance_id = instance_id
+        self._headers = {"Authorization": f"Bearer {worker_token(instance_id)}"}
+
+    def health(self, timeout: float = 2.0) -> Health:
+        """`GET /health`, validated."""
+        return _parse(Health, self._call("GET", "/health", None, timeout), "/health")
+
+    def prompt(self, body: dict[str, Any], timeout: float) -> PromptReply:
+        """`POST /prompt`, validated; the caller checks the reply's instance and fingerprint."""
+        return _parse(PromptReply, self._call("POST", "/prompt", body, timeout), "/prompt")
+
+    def cancel(self, task_id: str) -> None:
+        """Ask the worker to drop the prompt of `task_id` (nothing happens if it has none)."""
+        self._call("POST", "/cancel", {"task_id": task_id}, 2.0)
+
+    def adopt(self) -> Health:
+        """Tell the worker it is registered, so it stops watching its spawner."""
+        return _parse(Health, self._call("POST", "/adopt", {}, 5.0), "/adopt")
+
+    def drain(self, reason: str) -> None:
+        """No new prompts; exit once the running ones are done."""
+        self._call("POST", "/drain", {"reason": reason}, 5.0)
+
+    def shutdown(self) -> None:
+        """Stop now."""
+        self._call("POST", "/shutdown", {}, 2.0)
+
+    def _call(
+        self, method: Literal["GET", "POST"], path: str, body: dict[str, Any] | None, timeout: float
+    ) -> dict[str, Any]:
+        where = f"{self.url}{path}"
+        try:
+            resp = _client().request(
+                method, where, json=body, headers=self._headers, timeout=timeout
+            )
+        except httpx.TimeoutException as exc:
+            raise WorkerUnreachable(f"{where}: no answer within {timeout:g} s", True) from exc
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachable(f"{where}: {exc}") from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code >= 400:
+            detail = data.get("error") if isinstance(data, dict) else None
+            retryable = bool(data.get("retryable")) if isinstance(data, dict) else False
+            raise WorkerReplyError(
+                str(detail or f"{where} answered HTTP {resp.status_code}"),
+                resp.status_code,
+                retryable,
+            )
+        if not isinstance(data, dict):
+            raise WorkerReplyError(f"{where} answered with a body that is not a JSON object")
+        return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], data: dict[str, Any], path: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = ", ".join(".".join(str(p) for p in e["loc"]) or "body" for e in exc.errors())
+        raise WorkerReplyError(
+            f"the worker's {path} reply breaks the protocol (bad or missing: {fields})"
+        ) from None

@@ -1,0 +1,165 @@
+"""The server backend: worker processes found or spawned through the device registry."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from orchestrator.backends import (
+    Cancelled,
+    Lease,
+    PromptRequest,
+    StopResult,
+    TaskError,
+    interruptible,
+)
+from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
+from orchestrator.config import BackendKind, OrchestratorConfig
+from orchestrator.pool import Acquired, WorkerPool, WorkerSpec
+from orchestrator.processes import process_state
+from orchestrator.providers import Completion, ProviderError, credentials_for, request_budget
+
+# Beyond the provider's own budget, what a loopback hop and a busy worker may add.
+PROMPT_MARGIN = 10.0
+# A process that began draining between acquire and prompt: acquire again, this often.
+DRAINING_RETRIES = 3
+
+
+class ServerBackend:
+    """Worker processes shared by every orchestrator of this host (and its sessions)."""
+
+    kind: BackendKind = "server"
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        config: OrchestratorConfig,
+        environ: Callable[[], Mapping[str, str]],
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self._environ = environ
+
+    def acquire(
+        self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool = True
+    ) -> Lease | None:
+        """Reuse a proven process with the spec's fingerprint, or spawn exactly one."""
+        acquired = self.pool.get_or_spawn(
+            spec,
+            ids,
+            force_new=force_new,
+            spawn=spawn,
+            idle_timeout=self.config.pool.idle_timeout,
+            max_processes=self.config.pool.max_processes,
+        )
+        return None if acquired is None else _lease(acquired)
+
+    def prompt(self, lease: Lease, request: PromptRequest, cancel: threading.Event) -> Completion:
+        """Send the message (with the credentials it needs, read now) and accept the reply
+        only from the process that was acquired."""
+        assert lease.url is not None
+        client = WorkerClient(lease.url, lease.instance_id)
+        budget = request_budget(self.config, request.model) + PROMPT_MARGIN
+        body = {
+            "text": request.text,
+            "model": request.model,
+            "attachments": request.attachments,
+            "tools": request.tools,
+            "task_id": request.task_id,
+            "credentials": credentials_for(self.config, request.model, self._environ()),
+        }
+        try:
+            reply = interruptible(
+                lambda: client.prompt(body, timeout=budget),
+                cancel,
+                on_cancel=lambda: _tell_cancel(client, request.task_id),
+            )
+        except Cancelled:
+            raise
+        except WorkerReplyError as exc:
+            if exc.status == 502:
+                raise ProviderError(str(exc), exc.retryable) from None
+            if exc.status == 409:
+                raise Cancelled() from None
+            if exc.status == 503:
+                raise Draining(str(exc)) from None
+            self.pool.distrust(lease.instance_id)
+            raise TaskError(
+                f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
+                f"refused the task: {exc}"
+            ) from None
+        except WorkerUnreachable as exc:
+            raise self._unreachable(lease, exc, budget) from None
+        if reply.instance_id != lease.instance_id or reply.fingerprint != lease.fingerprint:
+            self.pool.distrust(lease.instance_id)
+            raise TaskError(
+                f"The reply came from instance {reply.instance_id} (fingerprint "
+                f"{reply.fingerprint}), not from {lease.instance_id} ({lease.fingerprint}) "
+                "that was acquired: it is not accepted. Run the task again."
+            )
+        self.pool.prove(lease.instance_id)
+        return Completion(text=reply.text, tool_calls=reply.tool_calls, usage=reply.usage)
+
+    def _unreachable(self, lease: Lease, exc: WorkerUnreachable, budget: float) -> TaskError:
+        entry = self.pool.registry.refresh().entries.get(lease.instance_id)
+        if entry is None:
+            return TaskError(str(exc))
+        ids = {"session_id": entry.session_id, "worker_id": lease.worker_id}
+        if process_state(entry.pid, entry.pid_started_at) != "alive":
+            self.pool.mark_exited(entry, ids, f"did not answer /prompt: {exc}")
+            return TaskError(
+                f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
+                "stopped answering while serving this task; it is marked exited and the "
+                "next request will spawn a fresh one."
+            )
+        self.pool.distrust(lease.instance_id)
+        if exc.timed_out:
+            return TaskError(
+                f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
+                f"did not reply within {budget:g} s (the provider's timeout and retries, plus "
+                f"{PROMPT_MARGIN:g} s); the process is alive and left running."
+            )
+        return TaskError(
+            f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
+            f"is alive but its connection failed: {exc}. Run the task again; the next "
+            "request checks its /health first."
+        )
+
+    def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
+        """Stop every live process of the worker on this host, whatever its recorded status."""
+        stopped: list[str] = []
+        exited: list[str] = []
+        for entry in self.pool.stoppable(worker_id):
+            (stopped if self.pool.stop(entry, ids) else exited).append(entry.instance_id)
+        return StopResult(stopped, exited)
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker recorded as running on this host?"""
+        return bool(self.pool.live_entries(worker_id))
+
+
+class Draining(TaskError):
+    """The acquired process began draining before the prompt reached it: acquire again."""
+
+
+def _tell_cancel(client: WorkerClient, task_id: str) -> None:
+    try:
+        client.cancel(task_id)
+    except (WorkerUnreachable, WorkerReplyError):
+        return  # the process is gone or busy: its late reply is dropped all the same
+
+
+def _lease(acquired: Acquired) -> Lease:
+    e = acquired.entry
+    return Lease(
+        worker_id=e.worker_id,
+        instance_id=e.instance_id,
+        pid=e.pid,
+        url=e.url,
+        fingerprint=e.fingerprint,
+        model=e.model,
+        model_policy=e.model_policy,
+        reused=acquired.reused,
+        reason=acquired.reason,
+    )
