@@ -240,6 +240,11 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
         lines.append(f"no override: the profile's configured model {e.model_ref}")
     if e.resolver_reason:
         lines.append(f"resolver: {e.resolver_reason}")
+    for queued in (r for r in e.chain if r.type == "TaskQueued"):
+        lines.append(
+            f"queued at position {queued.position}: all {queued.data['slots']} concurrency "
+            f"slots were busy ({queued.data['ahead']} task(s) ahead)"
+        )
     for rej in e.rejections:
         lines.append(f"not reused: {rej.instance_id} ({rej.reason}: {rej.detail})")
     p = e.process

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,8 @@ from psycopg import sql
 
 from events.store import EventLog
 from orchestrator import Orchestrator
+from tests.chat import ChatServer
+from tests.chat import chat_server as serve_chat
 
 settings.register_profile(
     "ci",
@@ -129,43 +127,15 @@ def open_orch(store: EventLog | str) -> Iterator[OpenOrch]:
         orch.close(stop_workers=True)
 
 
-class ChatServer(ThreadingHTTPServer):
-    """A local server speaking the OpenAI chat-completions protocol, recording requests."""
-
-    daemon_threads = True
-    seen: list[dict[str, Any]]
-    auth: list[str]
-    delay: float
-
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-
-    def log_message(self, *args: Any) -> None:
-        return
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.seen.append(body)
-        self.server.auth.append(self.headers.get("Authorization", ""))
-        time.sleep(self.server.delay)
-        text = body["messages"][-1]["content"]
-        message = {"role": "assistant", "content": f"{body['model']} says {text}"}
-        reply = json.dumps({"choices": [{"message": message}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-
 @pytest.fixture
 def chat_server() -> Iterator[ChatServer]:
     """A running chat-completions server on loopback (set `.delay` to make it slow)."""
-    server = ChatServer(("127.0.0.1", 0), _ChatHandler)
-    server.seen, server.auth, server.delay = [], [], 0.0
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serve_chat() as server:
+        yield server
+
+
+@pytest.fixture
+def chat_server_b() -> Iterator[ChatServer]:
+    """A second, independent chat-completions server."""
+    with serve_chat() as server:
+        yield server

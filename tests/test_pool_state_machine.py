@@ -21,7 +21,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
-from tests.helpers import assert_replay_view_matches, config_with, op, reset_model, run, set_model
+from tests.helpers import (
+    assert_replay_view_matches,
+    config_with,
+    op,
+    reset_model,
+    run,
+    set_model,
+    wait_for,
+)
 
 SESSIONS = ["s1", "s2"]
 WORKERS = ["coder", "explorer"]
@@ -43,6 +51,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.overrides: dict[tuple[str, str], str] = {}
         # instance_id -> (worker_id, model, policy, pid)
         self.live: dict[str, tuple[str, str, str, int]] = {}
+        # instance_id -> the sessions that have used it (respawn retires only a lone user's)
+        self.used: dict[str, set[str]] = {}
 
     def wanted(self, session: str, worker: str) -> tuple[str, str]:
         if (session, worker) in self.overrides:
@@ -61,6 +71,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert instance_id not in self.live, "no match was alive, yet nothing was spawned"
             model, policy = self.wanted(session, worker)
             self.live[instance_id] = (worker, model, policy, pid)
+        self.used.setdefault(instance_id, set()).add(session)
 
     @rule(
         session=st.sampled_from(SESSIONS),
@@ -85,6 +96,74 @@ class PoolMachine(RuleBasedStateMachine):
         assert rec.response == f"[{model}] ping"
         done = orch.task_list(view="events", type="TaskCompleted", task_id=rec.task_id)[0]
         self.check_acquired(session, worker, done.data["instance_id"], done.data["pid"])
+
+    @rule(
+        session=st.sampled_from(SESSIONS),
+        worker=st.sampled_from(WORKERS),
+        model=st.sampled_from(MODELS),
+    )
+    def respawn_with_a_task_in_flight(self, session: str, worker: str, model: str) -> None:
+        """The other session has a task in flight; this one sets a model with respawn."""
+        other = next(s for s in SESSIONS if s != session)
+        orch = self.orchs[other]
+        handle = orch.task_start(kind="worker", worker_id=worker, task="in flight")
+        taken = wait_for(lambda: self._acquired(orch, handle.task_id))
+        self.check_acquired(other, worker, *taken)
+        before = self.matching_for(worker, model, "sticky")
+        old = {
+            i
+            for i, v in self.live.items()
+            if v[0] == worker and session in self.used[i] and (v[1], v[2]) != (model, "sticky")
+        }
+        rec = set_model(self.orchs[session], worker, model, respawn=True)
+        assert rec.status == "completed", rec.error
+        assert rec.result["respawned"] is True
+        self.overrides[(session, worker)] = model
+        done = orch.task_await(handle.task_id, timeout=60)
+        assert done.status == "completed", done.error  # respawn never fails a task
+        assert done.response == f"[{self.wanted(other, worker)[0]}] in flight"
+        ready = {
+            e.instance_id: e.pid
+            for e in orch.task_list(view="registry")
+            if e.status == "ready"
+            and (e.worker_id, e.model, e.model_policy) == (worker, model, "sticky")
+        }
+        if before:
+            assert set(ready) == before, "respawn spawned although a match was running"
+        else:
+            assert len(ready) == 1, "respawn did not start the process the new model asks for"
+            instance_id, pid = next(iter(ready.items()))
+            self.live[instance_id] = (worker, model, "sticky", pid)
+        for instance_id in ready:
+            self.used.setdefault(instance_id, set()).add(session)
+        # Only a process no other session used is retired; it drains, then stops.
+        retired = {i for i in old if self.used[i] == {session}}
+        for instance_id in retired:
+            pid = self.live.pop(instance_id)[3]
+            wait_for(lambda pid=pid: self._gone(pid))
+        wait_for(lambda: retired <= self._stopped(orch))
+
+    def matching_for(self, worker: str, model: str, policy: str) -> set[str]:
+        return {i for i, (w, m, p, _) in self.live.items() if (w, m, p) == (worker, model, policy)}
+
+    def _acquired(self, orch: Orchestrator, task_id: str) -> tuple[str, int] | None:
+        for row in orch.task_list(view="events", task_id=task_id):
+            if row.type in ("WorkerReused", "WorkerSpawned"):
+                instance_id = row.data["instance_id"]
+                pids = {e.instance_id: e.pid for e in orch.task_list(view="registry")}
+                return instance_id, pids[instance_id]
+        return None
+
+    def _gone(self, pid: int) -> bool:
+        for orch in self.orchs.values():
+            orch.pool.reap_children()
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def _stopped(self, orch: Orchestrator) -> set[str]:
+        return {e.instance_id for e in orch.task_list(view="registry") if e.status == "stopped"}
 
     @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
     def spawn(self, session: str, worker: str) -> None:
