@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,7 @@ from events.catalogue import Event, upcast
 from events.logs import get_logger
 
 _log = get_logger("orchestrator.events")
+_log_target = logging.getLogger("orchestrator.events")
 
 
 class StoreError(RuntimeError):
@@ -155,9 +157,10 @@ class EventLog:
             streams = ", ".join(b[0] for b in batches)
             raise StreamConflict(f"another writer appended to {streams} first") from exc
         result = list(positions or [])
-        appended = [(stream, e) for stream, events, _ in batches for e in events]
-        for position, (stream, event) in zip(result, appended, strict=False):
-            _log.info(event.type_name(), position=position, stream=stream, **_log_fields(event))
+        if _log_target.isEnabledFor(logging.INFO):  # rendering costs more than the append
+            appended = [(stream, e) for stream, events, _ in batches for e in events]
+            for position, (stream, event) in zip(result, appended, strict=False):
+                _log.info(event.type_name(), position=position, stream=stream, **_log_fields(event))
         return result
 
     # --- reading ---------------------------------------------------------------------------

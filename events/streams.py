@@ -82,6 +82,8 @@ class StreamView(Generic[S]):
 def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
     """Append facts to one or more streams in one transaction, retrying on conflicts."""
     batches = tuple(b for b in batches if b[1])
+    if not batches:
+        return
     views = sorted({id(v): v for v, _ in batches}.values(), key=lambda v: v.stream)
     with contextlib.ExitStack() as held:
         for view in views:  # a fixed order, so two writers never wait on each other

@@ -86,6 +86,7 @@ class Orchestrator:
         self._busy_lock = threading.Lock()
         self._done: dict[str, threading.Event] = {}
         self._cancels: dict[str, threading.Event] = {}
+        self._leases: dict[str, tuple[Backend, Lease]] = {}
         self._closed = False
         self._opened_recorded = False
 
@@ -137,10 +138,13 @@ class Orchestrator:
 
     # --- the log ---------------------------------------------------------------------------
 
-    def record(self, *events: Event, memory: Sequence[Event] = ()) -> None:
-        """Append facts to this session's stream (and the memory stream) in one transaction,
-        retrying past other writers. The first write of this orchestrator also records
-        `SessionOpened`, so merely looking (views, CLI inspection) leaves the log unchanged."""
+    def record(
+        self, *events: Event, memory: Sequence[Event] = (), registry: Sequence[Event] = ()
+    ) -> None:
+        """Append facts to this session's stream (and the memory and registry streams) in one
+        transaction, retrying past other writers. The first write of this orchestrator also
+        records `SessionOpened`, so merely looking (views, CLI inspection) leaves the log
+        unchanged."""
         batch = list(events)
         with self.session.lock:
             if not self._opened_recorded:
@@ -153,7 +157,11 @@ class Orchestrator:
                 )
                 batch.insert(0, opened)
                 self._opened_recorded = True
-            append_together((self.session, batch), (self.memory, list(memory)))
+            append_together(
+                (self.session, batch),
+                (self.memory, list(memory)),
+                (self.pool.registry, list(registry)),
+            )
 
     def catalogue(self) -> list[CatalogueModel]:
         """The model catalogue, with usability read from the environment now."""
@@ -185,7 +193,8 @@ class Orchestrator:
             self._run_op(task_id, args, started)
         else:
             self._start_worker_task(task_id, args, started)
-        return TaskHandle(task_id=task_id, status=self.task_peek(task_id).status)
+        # Our own appends are folded already: no read needed for the status.
+        return TaskHandle(task_id=task_id, status=self.session.state.tasks[task_id].status)
 
     def task_peek(self, task_id: str) -> TaskRecord:
         """The task's record now; never blocks. A task left running by an orchestrator
@@ -225,6 +234,8 @@ class Orchestrator:
         """Block until the task finishes or `timeout` seconds pass; return its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
         done = self._done.get(task_id)
+        if done is not None:  # ours: woken when it ends or is cancelled, no polling
+            done.wait(timeout)
         while True:
             rec = self.task_peek(task_id)
             if rec.status != "running":
@@ -250,6 +261,10 @@ class Orchestrator:
             cancel = self._cancels.get(task_id)
             if cancel is not None:
                 cancel.set()
+            leased = self._leases.get(task_id)
+            if leased is not None:
+                backend, lease = leased
+                backend.cancel(lease, task_id)
             done = self._done.get(task_id)
             if done is not None:
                 done.set()
@@ -313,6 +328,7 @@ class Orchestrator:
         spec = self.worker_spec(worker_id, self.session_decision(worker_id))
         lease = self._acquire(spec, self._ids(task_id, worker_id), force_new, True)
         assert lease is not None
+        self.pool.registry.append(list(lease.deferred))
         return {
             "worker_id": worker_id,
             "instance_id": lease.instance_id,
@@ -356,6 +372,7 @@ class Orchestrator:
         ]
         lease = self._acquire(spec, ids, force_new=False, spawn=True)
         assert lease is not None
+        self.pool.registry.append(list(lease.deferred))
         for entry in before:
             if set(entry.sessions) <= {self.session_id}:
                 self.pool.retire(
@@ -421,6 +438,7 @@ class Orchestrator:
                 with self._busy_lock:
                     self._busy -= 1
                 self._cancels.pop(task_id, None)
+                self._leases.pop(task_id, None)
                 self._done[task_id].set()
 
         self._executor.submit(guarded)
@@ -475,6 +493,7 @@ class Orchestrator:
             lease = self._acquire(spec, ids, args.force_new, args.auto_spawn)
             if lease is None:
                 return None, Completion(text="")
+            self._leases[request.task_id] = (backend, lease)
             if cancel.is_set():
                 raise Cancelled()
             try:
@@ -502,10 +521,17 @@ class Orchestrator:
         return {**completion.usage, "cost_usd": cost}
 
     def _finish(self, task_id: str, event: Event) -> None:
-        with self.session.lock:
-            if self.session.refresh().tasks[task_id].status != "running":
-                return  # cancelled meanwhile: the caller was told, the late result is dropped
-            self.record(event)
+        """Record a task's end with the registry facts of the process that served it. A task
+        cancelled meanwhile keeps its cancel: the fold lets the first terminal event win, so
+        a late result (even one racing a cancel from another process) changes nothing."""
+        leased = self._leases.pop(task_id, None)
+        deferred = leased[1].deferred if leased else ()
+        cancel = self._cancels.get(task_id)
+        if cancel is not None and cancel.is_set():
+            if deferred:
+                self.pool.registry.append(list(deferred))
+            return
+        self.record(event, registry=deferred)
 
     # --- ops -------------------------------------------------------------------------------
 

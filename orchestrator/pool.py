@@ -42,7 +42,7 @@ from events.catalogue import (
     WorkerSpawnRequested,
     WorkerStopped,
 )
-from events.projections import RegistryEntry, RegistryState, apply_registry
+from events.projections import Claim, RegistryEntry, RegistryState, apply_registry
 from events.store import EventLog, StreamConflict, state_dir
 from events.streams import StreamView
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
@@ -107,11 +107,15 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class Acquired:
-    """The process that will serve a request, and how it was obtained."""
+    """The process that will serve a request, and how it was obtained. `deferred` are
+    registry facts still to be recorded: a plain reuse (`WorkerReused`, nothing rejected)
+    is recorded with the task's end, in the same transaction, instead of costing an append
+    of its own."""
 
     entry: RegistryEntry
     reused: bool
     reason: str
+    deferred: tuple[Event, ...] = ()
 
 
 class WorkerPool:
@@ -147,14 +151,20 @@ class WorkerPool:
         deadline = time.monotonic() + CLAIM_TIMEOUT.total_seconds() + READY_TIMEOUT
         probes: dict[str, Probe] = {}
         while True:
-            state = self.registry.refresh()
-            probes.update(self._probe(to_probe(state, request), probes))
-            claimants = self._claimants(state)
+            # Probe what the last look knew (no read, no lock); the decision re-reads and
+            # asks again for anything new.
+            with self.registry.lock:  # a consistent copy: folds update entries in place
+                state = self.registry.state
+                looked = [e.model_copy() for e in to_probe(state, request)]
+                claims = [c.model_copy() for c in state.claims.values()]
+            probes.update(self._probe(looked, probes))
+            claimants = self._claimants(claims)
             decided = self._decide(request, ids, probes, claimants, spawn)
             if decided is None:
                 continue  # the registry moved on, or a new candidate needs probing
             if decided.reuse is not None:
-                return Acquired(decided.reuse, True, _reuse_reason(decided.reuse))
+                deferred = tuple(decided.events) if decided.deferred else ()
+                return Acquired(decided.reuse, True, _reuse_reason(decided.reuse), deferred)
             if decided.spawn:
                 claim_id = decided.events[-1].claim_id  # type: ignore[attr-defined]
                 acquired = self._spawn(spec, claim_id, ids, force_new, idle_timeout, max_processes)
@@ -202,7 +212,16 @@ class WorkerPool:
                         force_new=request.force_new,
                     )
                 )
-            if decided.events:
+            # A reuse that rejects nothing, by a session that used the process before,
+            # changes nothing another decision reads: it is recorded with the task's end
+            # instead of costing an append of its own. A session's first use is appended
+            # now, so a respawn elsewhere knows the process is shared.
+            decided.deferred = (
+                decided.reuse is not None
+                and len(decided.events) == 1
+                and ids.get("session_id") in decided.reuse.sessions
+            )
+            if decided.events and not decided.deferred:
                 try:
                     self.log.append(REGISTRY_STREAM, decided.events, version)
                 except StreamConflict:
@@ -260,10 +279,10 @@ class WorkerPool:
         """Forget a proof: the next request asks /health again."""
         self._proven.pop(instance_id, None)
 
-    def _claimants(self, state: RegistryState) -> dict[str, ProcessState]:
+    def _claimants(self, claims: Iterable[Claim]) -> dict[str, ProcessState]:
         return {
             c.claim_id: process_state(c.claimant_pid, c.claimant_started_at)
-            for c in state.claims.values()
+            for c in claims
             if c.host == self.host
         }
 

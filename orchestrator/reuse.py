@@ -66,6 +66,7 @@ class Plan:
     wait_for: Claim | None = None
     spawn: bool = False
     unprobed: list[str] = field(default_factory=list)
+    deferred: bool = False  # set by the pool: the events are recorded later, with the task
 
 
 def candidates(state: RegistryState, worker_id: str) -> list[RegistryEntry]:

@@ -5,6 +5,9 @@
   through the device registry, spoken to with `WorkerClient` (`backends.client`).
 
 The orchestrator only ever calls `acquire`, `prompt`, `cancel`, `stop` and `running`.
+`task_cancel` sets the task's cancel event and calls `cancel`: the agent backend stops waiting
+for its provider call (run on a thread of its own), the server backend tells the worker, which
+drops the request and answers at once; either way a late reply is dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from events.catalogue import Event
 from orchestrator.config import BackendKind
 from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion
@@ -43,6 +47,7 @@ class Lease:
     model_policy: str
     reused: bool
     reason: str
+    deferred: tuple[Event, ...] = ()  # registry facts to record with the task's end
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class Backend(Protocol):
 
     def prompt(self, lease: Lease, request: PromptRequest, cancel: threading.Event) -> Completion:
         """Serve one message; raises `ProviderError`, `TaskError` or `Cancelled`."""
+        ...
+
+    def cancel(self, lease: Lease, task_id: str) -> None:
+        """Interrupt the request of `task_id` in flight on `lease` (from another thread)."""
         ...
 
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:

@@ -65,6 +65,9 @@ class AgentBackend:
             cancel,
         )
 
+    def cancel(self, lease: Lease, task_id: str) -> None:
+        """Nothing to tell anyone: `prompt` stops waiting as soon as the cancel event is set."""
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Drop the in-process worker."""
         with self._lock:

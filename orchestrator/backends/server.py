@@ -12,7 +12,6 @@ from orchestrator.backends import (
     PromptRequest,
     StopResult,
     TaskError,
-    interruptible,
 )
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.config import BackendKind, OrchestratorConfig
@@ -69,14 +68,9 @@ class ServerBackend:
             "task_id": request.task_id,
             "credentials": credentials_for(self.config, request.model, self._environ()),
         }
+        # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
-            reply = interruptible(
-                lambda: client.prompt(body, timeout=budget),
-                cancel,
-                on_cancel=lambda: _tell_cancel(client, request.task_id),
-            )
-        except Cancelled:
-            raise
+            reply = client.prompt(body, timeout=budget)
         except WorkerReplyError as exc:
             if exc.status == 502:
                 raise ProviderError(str(exc), exc.retryable) from None
@@ -126,6 +120,11 @@ class ServerBackend:
             "request checks its /health first."
         )
 
+    def cancel(self, lease: Lease, task_id: str) -> None:
+        """Tell the worker to drop the task's request: its prompt answers 409 at once."""
+        if lease.url is not None:
+            _tell_cancel(WorkerClient(lease.url, lease.instance_id), task_id)
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Stop every live process of the worker on this host, whatever its recorded status."""
         stopped: list[str] = []
@@ -162,4 +161,5 @@ def _lease(acquired: Acquired) -> Lease:
         model_policy=e.model_policy,
         reused=acquired.reused,
         reason=acquired.reason,
+        deferred=acquired.deferred,
     )
