@@ -126,6 +126,23 @@ class TaskCompleted(Event):
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class ModelAttemptFailed(Event):
+    """One model failed to serve a worker task; `retryable` failures move on to the next
+    fallback model, others end the task."""
+
+    model: str
+    error: str
+    retryable: bool
+
+
+class ModelCooledDown(Event):
+    """A model failed retryably too often: tags and fallbacks skip it until `until`."""
+
+    model: str
+    until: datetime
+    reason: str
+
+
 class TaskFailed(Event):
     """A well-formed task could not be done; `error` says what to do about it."""
 
@@ -259,6 +276,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TaskQueued,
         ModelResolved,
         TaskCompleted,
+        ModelAttemptFailed,
+        ModelCooledDown,
         TaskFailed,
         TaskCancelled,
         MemoryPut,

@@ -35,6 +35,7 @@ class TaskRecord(BaseModel):
     finished_at: datetime | None = None
     session_id: str
     usage: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -181,6 +182,8 @@ def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> Sess
             state.owners[task_id] = Owner(
                 host=data["host"], pid=data["pid"], pid_started_at=data["pid_started_at"]
             )
+    elif type_ == "ModelAttemptFailed" and task_id in state.tasks:
+        state.tasks[task_id].attempts.append({"model": data["model"], "error": data["error"]})
     elif task_id in state.tasks:
         _finish_task(state.tasks[task_id], type_, data)
         if state.tasks[task_id].status != "running":
@@ -320,11 +323,28 @@ SESSION_TYPES = frozenset(
         "TaskQueued",
         "ModelResolved",
         "TaskCompleted",
+        "ModelAttemptFailed",
         "TaskFailed",
         "TaskCancelled",
     }
 )
 MEMORY_TYPES = frozenset({"MemoryPut", "MemoryLinked", "MemoryDone"})
+
+
+class ModelsState(BaseModel):
+    """Cooldowns: models that tags and fallbacks skip until a time."""
+
+    cooled: dict[str, datetime] = Field(default_factory=dict)
+
+
+def apply_models(state: ModelsState, type_: str, data: dict[str, Any]) -> ModelsState:
+    """Fold one models-stream event."""
+    if type_ == "ModelCooledDown":
+        state.cooled[data["model"]] = datetime.fromisoformat(data["until"])
+    return state
+
+
+MODELS_TYPES = frozenset({"ModelCooledDown"})
 
 
 class LogState(BaseModel):
@@ -334,6 +354,7 @@ class LogState(BaseModel):
     registry: RegistryState = Field(default_factory=RegistryState)
     sessions: dict[str, SessionState] = Field(default_factory=dict)
     memory: MemoryState = Field(default_factory=MemoryState)
+    models: ModelsState = Field(default_factory=ModelsState)
 
 
 def apply(state: LogState, position: int, type_: str, data: dict[str, Any]) -> LogState:
@@ -344,6 +365,8 @@ def apply(state: LogState, position: int, type_: str, data: dict[str, Any]) -> L
         state.sessions[sid] = apply_session(session, type_, data)
     elif type_ in MEMORY_TYPES:
         apply_memory(state.memory, type_, data)
+    elif type_ in MODELS_TYPES:
+        apply_models(state.models, type_, data)
     else:
         apply_registry(state.registry, type_, data)
     state.position = position

@@ -75,7 +75,7 @@ def default_store_url() -> str:
     env = os.environ.get("ORCHESTRATOR_STORE")
     if env:
         return env
-    return f"sqlite:///{state_dir() / 'events.db'}"
+    return f"sqlite:///{state_dir() / 'events.db'}"  # an absolute path: four slashes
 
 
 def state_dir() -> Path:
@@ -278,10 +278,16 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
     if url == "memory":
         return "memory", {"PERSISTENCE_MODULE": "eventsourcing.popo"}
     if url.startswith("sqlite:///"):
-        path = Path(unquote(url[len("sqlite:///") - 1 :]))
+        # As SQLAlchemy reads them: sqlite:///relative.db is relative to the working
+        # directory, sqlite:////abs.db (four slashes) is absolute.
+        path = Path(unquote(url[len("sqlite:///") :]))
         if not path.is_absolute():
-            raise StoreError(f"bad store URL {url!r}: use sqlite:///absolute/path.db")
-        _create_private_file(path)
+            path = Path.cwd() / path
+        if not path.parent.is_dir():
+            raise StoreError(
+                f"cannot open store {url}: directory {path.parent} does not exist (create it first)"
+            )
+        _create_private_file(url, path)
         return "sqlite", {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(path),
@@ -292,18 +298,17 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql", _postgres_env(url)
     raise StoreError(
-        f"bad store URL {url!r}: expected memory, sqlite:///abs/path.db or "
-        "postgresql://user@host:port/db"
+        f"bad store URL {url!r}: expected memory, sqlite:///relative.db, sqlite:////abs.db "
+        "or postgresql://user@host:port/db"
     )
 
 
-def _create_private_file(path: Path) -> None:
+def _create_private_file(url: str, path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         os.close(fd)
     except OSError as exc:
-        raise StoreError(f"cannot open store sqlite:///{path}: {exc.strerror}") from exc
+        raise StoreError(f"cannot open store {url}: {exc.strerror}") from exc
 
 
 # Any fixed 64-bit number: all orchestrator processes take the same advisory lock.

@@ -102,6 +102,7 @@ def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
 
 
 MEMORY_STREAM = "memory"
+MODELS_STREAM = "models"
 
 
 def session_view(log: EventLog, session_id: str) -> StreamView[SessionState]:

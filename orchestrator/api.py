@@ -171,3 +171,15 @@ class MemoryItem(BaseModel):
     task_id: str | None = None
     summary: str | None = None
     session_id: str | None = None
+
+
+class UsageRow(BaseModel):
+    """One row of the `usage` view: what a (session, worker, model) consumed."""
+
+    session_id: str
+    worker_id: str
+    model: str
+    tasks: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None

@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 explain_app = typer.Typer(no_args_is_help=True, help="Why a task or worker has its model.")
 app.add_typer(explain_app, name="explain")
+config_app = typer.Typer(no_args_is_help=True, help="The configuration the CLI uses.")
+app.add_typer(config_app, name="config")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
@@ -386,6 +388,62 @@ def explain_worker(ctx: typer.Context, worker_id: str, as_json: JsonOpt = False)
         title="processes",
     )
     emit(expl.history, False, EVENT_COLUMNS, title="history")
+
+
+@app.command("usage")
+def usage_cmd(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Every session, not only this one.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokens and cost per session, worker and model, with totals."""
+    from orchestrator.api import UsageRow
+
+    with session(ctx) as orch:
+        rows = orch.task_list(view="usage", **({"session_id": None} if all_ else {}))
+    if as_json:
+        emit(rows, True, [])
+        return
+    costs = [r.cost_usd for r in rows if r.cost_usd is not None]
+    total = UsageRow(
+        session_id="total",
+        worker_id="",
+        model="",
+        tasks=sum(r.tasks for r in rows),
+        input_tokens=sum(r.input_tokens for r in rows),
+        output_tokens=sum(r.output_tokens for r in rows),
+        cost_usd=sum(costs) if costs else None,
+    )
+    emit(
+        [*rows, total],
+        False,
+        ["session_id", "worker_id", "model", "tasks", "input_tokens", "output_tokens", "cost_usd"],
+    )
+
+
+@config_app.command("check")
+def config_check(ctx: typer.Context) -> None:
+    """Load the configuration and check that every model it names resolves."""
+    from orchestrator.config import ConfigError, discover_config_path, load_config
+    from orchestrator.resolver import check_config
+
+    s: Settings = ctx.obj
+    path = s.config or discover_config_path()
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    where = str(path) if path else "built-in default"
+    problems = check_config(cfg, os.environ)
+    if problems:
+        for line in problems:
+            typer.echo(f"{where}: {line}", err=True)
+        raise typer.Exit(2)
+    out.print(
+        f"ok: {where}: {len(cfg.providers)} providers, {len(cfg.profiles)} profiles, "
+        f"default model {cfg.model}",
+        markup=False,
+    )
 
 
 @app.command()

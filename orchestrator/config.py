@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ProviderKind = Literal["openai", "echo"]
 ProviderSource = Literal["config", "env", "custom", "api"]
@@ -64,6 +64,7 @@ class ProfileConfig(BaseModel):
     purpose: str = ""
     when_to_use: str = ""
     system_prompt: str = ""
+    fallback_models: list[str] = Field(default_factory=list)
 
 
 class PoolConfig(BaseModel):
@@ -74,6 +75,11 @@ class PoolConfig(BaseModel):
     idle_timeout: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
     max_processes: int = Field(default=8, ge=1, le=256)
     max_concurrency: int = Field(default=8, ge=1, le=256)
+    # A model failing retryably `cooldown_after` times within `cooldown_window` seconds is
+    # skipped by tags and fallbacks for `cooldown_for` seconds (SPEC section 10: 3, 60, 60).
+    cooldown_after: int = Field(default=3, ge=1, le=100)
+    cooldown_window: float = Field(default=60.0, gt=0, le=3600)
+    cooldown_for: float = Field(default=60.0, gt=0, le=3600)
 
 
 # Ids become file names and registry keys: a small safe set, so no id escapes a directory.
@@ -187,16 +193,115 @@ def discover_config_path() -> Path | None:
     return user if user.is_file() else None
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot be used: one line per problem, each naming the file (or
+    `config`), the key path and what is wrong."""
+
+
 def load_config(
     config: OrchestratorConfig | dict[str, Any] | str | Path | None,
 ) -> OrchestratorConfig:
-    """Accept a config object, a dict, a TOML path, or None (discover, else the default)."""
+    """Accept a config object, a dict, a TOML path, or None (discover, else the default).
+
+    A file or dict **extends** the built-in default: the providers and profiles it names are
+    added or replace the built-in entry of that name, the top-level keys it sets replace the
+    default's; `extends = "none"` starts from nothing. Raises `ConfigError`.
+    """
     if isinstance(config, OrchestratorConfig):
         return config
     if isinstance(config, dict):
-        return OrchestratorConfig.model_validate(config)
+        return layered(config, "config")
     path = Path(config) if config is not None else discover_config_path()
     if path is None:
         return default_config()
-    with path.open("rb") as fh:
-        return OrchestratorConfig.model_validate(tomllib.load(fh))
+    return layered(read_toml(path), _display(path))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict, or `ConfigError` naming the file."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{_display(path)}: TOML syntax error: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{_display(path)}: cannot read: {exc.strerror or exc}") from None
+
+
+def layered(raw: dict[str, Any], source: str) -> OrchestratorConfig:
+    """Validate `raw` on top of the built-in default (unless `extends = "none"`)."""
+    raw = dict(raw)
+    extends = raw.pop("extends", "default")
+    if extends not in ("default", "none"):
+        raise ConfigError(f'{source}: extends: must be "default" or "none", got {extends!r}')
+    merged: dict[str, Any] = {}
+    if extends == "default":
+        merged = default_config().model_dump()
+    for key, value in raw.items():
+        if key in ("providers", "profiles") and isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    try:
+        return OrchestratorConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_problems(exc, source))) from None
+
+
+def _problems(exc: ValidationError, source: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        said = _say(err)
+        if err["type"] == "extra_forbidden":
+            said += _suggest(loc)
+        lines.append(f"{source}: {where}: {said}")
+    return lines
+
+
+def _suggest(loc: list[str]) -> str:
+    """' Did you mean "x"?' among the keys allowed where an unknown key stands."""
+    from rapidfuzz import fuzz, process
+
+    parent = loc[:-1]
+    model: type[BaseModel] = OrchestratorConfig
+    if parent[:1] == ["pool"]:
+        model = PoolConfig
+    elif parent[:1] == ["profiles"] and len(parent) == 2:
+        model = ProfileConfig
+    elif parent[:1] == ["providers"] and len(parent) == 2:
+        model = ProviderConfig
+    elif parent[:1] == ["providers"] and len(parent) == 4:
+        model = ModelInfo
+    allowed = [*model.model_fields, *(["extends"] if model is OrchestratorConfig else [])]
+    match = process.extractOne(loc[-1], allowed, scorer=fuzz.ratio, score_cutoff=60)
+    return f'; did you mean "{match[0]}"?' if match else ""
+
+
+def _say(err: Any) -> str:
+    kind, given = err["type"], err.get("input")
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"must be {expected.replace(chr(39), chr(34))}, got {_shown(given)}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    return f"{err['msg'].lower()}, got {_shown(given)}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -240,6 +240,12 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
         lines.append(f"no override: the profile's configured model {e.model_ref}")
     if e.resolver_reason:
         lines.append(f"resolver: {e.resolver_reason}")
+    for failed in (r for r in e.chain if r.type == "ModelAttemptFailed"):
+        kind = "retryable, next model" if failed.data["retryable"] else "not retryable"
+        lines.append(
+            f"attempt with {failed.data['model']} failed at position {failed.position} "
+            f"({kind}): {failed.data['error']}"
+        )
     for queued in (r for r in e.chain if r.type == "TaskQueued"):
         lines.append(
             f"queued at position {queued.position}: all {queued.data['slots']} concurrency "

@@ -8,12 +8,16 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from events.catalogue import (
     Event,
+    ModelAttemptFailed,
+    ModelCooledDown,
     ModelResolved,
     SessionOpened,
     TaskCancelled,
@@ -21,11 +25,27 @@ from events.catalogue import (
     TaskFailed,
     TaskQueued,
     TaskStarted,
+    utcnow,
 )
 from events.logs import get_logger
-from events.projections import MemoryState, Override, Owner, SessionState, TaskRecord, apply_memory
+from events.projections import (
+    MemoryState,
+    ModelsState,
+    Override,
+    Owner,
+    SessionState,
+    TaskRecord,
+    apply_memory,
+    apply_models,
+)
 from events.store import EventLog
-from events.streams import MEMORY_STREAM, StreamView, append_together, session_view
+from events.streams import (
+    MEMORY_STREAM,
+    MODELS_STREAM,
+    StreamView,
+    append_together,
+    session_view,
+)
 from orchestrator import ops, views
 from orchestrator.api import InvalidTaskArgs, TaskHandle, TaskStartArgs, parse_task_args
 from orchestrator.backends import (
@@ -46,6 +66,7 @@ from orchestrator.resolver import (
     CatalogueModel,
     ModelDecision,
     ResolutionError,
+    attempt_chain,
     build_catalogue,
     check_worker,
     decide_model,
@@ -87,6 +108,9 @@ class Orchestrator:
         self._done: dict[str, threading.Event] = {}
         self._cancels: dict[str, threading.Event] = {}
         self._leases: dict[str, tuple[Backend, Lease]] = {}
+        self.models = StreamView(log, MODELS_STREAM, ModelsState, apply_models)
+        self._failures: dict[str, list[datetime]] = {}
+        self._failures_lock = threading.Lock()
         self._closed = False
         self._opened_recorded = False
 
@@ -448,16 +472,28 @@ class Orchestrator:
     ) -> None:
         ids = self._ids(task_id, spec.worker_id)
         cancel = self._cancels[task_id]
+        chain, skipped = attempt_chain(
+            decision,
+            self.profile(spec.worker_id),
+            self.config,
+            self.catalogue(),
+            self.models.refresh().cooled,
+            utcnow(),
+        )
+        if not chain:
+            error = "Every model for this task is cooling down: " + "; ".join(skipped)
+            self._finish(task_id, TaskFailed(**ids, error=error))
+            return
         request = PromptRequest(
             task_id=task_id,
             text=str(args.task),
-            model=decision.resolved_model,
+            model=chain[0],
             system_prompt=spec.system_prompt,
             attachments=list(args.attachments),
             tools=args.tools,
         )
         try:
-            lease, completion = self._serve_once(spec, ids, args, request, cancel)
+            lease, served, completion = self._serve_chain(spec, ids, args, request, chain, cancel)
         except Cancelled:
             return  # recorded by task_cancel; the late reply, if any, is dropped
         except TASK_ERRORS as exc:
@@ -470,37 +506,83 @@ class Orchestrator:
             task_id,
             TaskCompleted(
                 **ids,
-                model=request.model,
+                model=served,
                 response=completion.text,
                 instance_id=lease.instance_id,
                 pid=lease.pid,
                 reused=lease.reused,
-                usage=self._usage(request.model, completion),
+                usage=self._usage(served, completion),
                 tool_calls=completion.tool_calls,
             ),
         )
 
-    def _serve_once(
+    def _serve_chain(
         self,
         spec: WorkerSpec,
         ids: dict[str, Any],
         args: TaskStartArgs,
         request: PromptRequest,
+        chain: list[str],
         cancel: threading.Event,
-    ) -> tuple[Lease | None, Completion]:
+    ) -> tuple[Lease | None, str, Completion]:
+        """Try the models in order on one process: a retryable failure moves on to the next
+        (each recorded `ModelAttemptFailed`), any other ends the task."""
         backend = self.backends[self.profile(spec.worker_id).backend]
-        for _ in range(DRAINING_RETRIES):
-            lease = self._acquire(spec, ids, args.force_new, args.auto_spawn)
-            if lease is None:
-                return None, Completion(text="")
-            self._leases[request.task_id] = (backend, lease)
-            if cancel.is_set():
-                raise Cancelled()
-            try:
-                return lease, backend.prompt(lease, request, cancel)
-            except Draining:
-                continue  # a respawn retired it just now: take (or start) its successor
-        raise TaskError(f'Worker "{spec.worker_id}" kept draining; run the task again.')
+        last: ProviderError | None = None
+        for model in chain:
+            for _ in range(DRAINING_RETRIES):
+                lease = self._acquire(spec, ids, args.force_new, args.auto_spawn)
+                if lease is None:
+                    return None, model, Completion(text="")
+                self._leases[request.task_id] = (backend, lease)
+                if cancel.is_set():
+                    raise Cancelled()
+                try:
+                    completion = backend.prompt(lease, replace(request, model=model), cancel)
+                except Draining:
+                    continue  # a respawn retired it just now: take (or start) its successor
+                except ProviderError as exc:
+                    self._attempt_failed(ids, model, exc)
+                    last = exc
+                    break
+                return lease, model, completion
+            else:
+                raise TaskError(f'Worker "{spec.worker_id}" kept draining; run the task again.')
+            if not last.retryable:
+                raise last
+        assert last is not None
+        if len(chain) > 1:
+            raise ProviderError(f"All {len(chain)} models failed; the last said: {last}")
+        raise last
+
+    def _attempt_failed(self, ids: dict[str, Any], model: str, exc: ProviderError) -> None:
+        """Record a failed attempt; cool the model down when it keeps failing retryably."""
+        events: list[Event] = [
+            ModelAttemptFailed(**ids, model=model, error=str(exc), retryable=exc.retryable)
+        ]
+        self.record(*events)
+        if not exc.retryable:
+            return
+        pool = self.config.pool
+        now = utcnow()
+        with self._failures_lock:
+            recent = [
+                t
+                for t in self._failures.get(model, [])
+                if (now - t).total_seconds() < pool.cooldown_window
+            ]
+            recent.append(now)
+            self._failures[model] = recent
+            if len(recent) < pool.cooldown_after:
+                return
+            self._failures[model] = []
+        until = now + timedelta(seconds=pool.cooldown_for)
+        reason = (
+            f"{len(recent)} retryable failures within {pool.cooldown_window:g} s; the last: {exc}"
+        )
+        self.models.append(
+            [ModelCooledDown(session_id=self.session_id, model=model, until=until, reason=reason)]
+        )
 
     def _acquire(
         self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool

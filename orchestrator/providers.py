@@ -220,7 +220,7 @@ def _one_request(
         message_obj = data["choices"][0]["message"]
         content = message_obj.get("content")
         tool_calls = message_obj.get("tool_calls") or None
-        usage = data.get("usage") or {}
+        usage = data.get("usage")
     except (KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise ProviderError(
             f"{where} sent a reply that is not a chat completion: {_excerpt(resp.text)}"

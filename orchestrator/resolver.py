@@ -7,6 +7,7 @@ passed in, so tests (and hypothesis) can call it with anything.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -239,3 +240,63 @@ def decide_model(
         source="profile",
         reason=f"profile default: {res.reason}",
     )
+
+
+def is_tag(model_ref: str) -> bool:
+    """A tag (`auto`, `auto:*`, `node`, `node:*`) rather than an explicit `provider/model`."""
+    return normalise_ref(model_ref).startswith("auto")
+
+
+def attempt_chain(
+    decision: ModelDecision,
+    profile: ProfileConfig,
+    config: OrchestratorConfig,
+    catalogue: list[CatalogueModel],
+    cooled: Mapping[str, datetime],
+    now: datetime,
+) -> tuple[list[str], list[str]]:
+    """The models a worker task tries, in order: the decided one, then the profile's
+    `fallback_models`. A model cooled down until after `now` is skipped, except the
+    decided model when it was named explicitly. Returns (models, why some were skipped);
+    no models means every one is cooling down."""
+    chain: list[str] = []
+    skipped: list[str] = []
+    refs = [(decision.model_ref, decision.resolved_model, not is_tag(decision.model_ref))]
+    for ref in profile.fallback_models:
+        try:
+            refs.append((ref, resolve(ref, profile, config, catalogue).resolved_model, False))
+        except ResolutionError as exc:
+            skipped.append(f"fallback {ref}: {exc}")
+    for ref, model, explicit in refs:
+        if model in chain:
+            continue
+        until = cooled.get(model)
+        if until is not None and until > now and not explicit:
+            skipped.append(f"{model} (from {ref}) is cooling down until {until.isoformat()}")
+            continue
+        chain.append(model)
+    return chain, skipped
+
+
+def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> list[str]:
+    """What `config check` reports: every model reference that does not resolve now, as
+    `key.path: problem` lines (empty when all is well)."""
+    catalogue = build_catalogue(config, environ)
+    names = {row.model for row in catalogue}
+    problems = []
+    for key in ("model", "small_model"):
+        ref = getattr(config, key)
+        if ref and ref not in names:
+            problems.append(
+                f'{key}: model "{ref}" is not in any provider\'s models.{did_you_mean(ref, names)}'
+            )
+    for worker_id, profile in config.profiles.items():
+        refs = [("model", profile.model)] + [
+            (f"fallback_models[{i}]", ref) for i, ref in enumerate(profile.fallback_models)
+        ]
+        for key, ref in refs:
+            try:
+                resolve(ref, profile, config, catalogue)
+            except ResolutionError as exc:
+                problems.append(f"profiles.{worker_id}.{key}: {exc}")
+    return problems

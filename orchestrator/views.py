@@ -9,7 +9,7 @@ from events.projections import RegistryEntry, TaskRecord
 from events.replay import replay as replay_log
 from events.store import EventRecord
 from events.streams import session_view
-from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, WorkerView
+from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
 from orchestrator.explain import (
     ReplayView,
     TaskExplanation,
@@ -142,6 +142,39 @@ def events(
     ]
 
 
+_THIS_SESSION: Any = object()
+
+
+def usage(
+    orch: Orchestrator, session_id: str | None = _THIS_SESSION, since: int = 0
+) -> list[UsageRow]:
+    """Tokens and cost per (session, worker, model) of finished worker tasks: this session's
+    by default, every session's with `session_id=None`, only after position `since`."""
+    wanted = orch.session_id if session_id is _THIS_SESSION else session_id
+    rows: dict[tuple[str, str, str], UsageRow] = {}
+    for _, _, data in orch.log.read_log(after=since, types=["TaskCompleted"]):
+        used = data.get("usage")
+        if not used or wanted not in (None, data.get("session_id")):
+            continue
+        key = (data["session_id"], str(data.get("worker_id")), str(data.get("model")))
+        row = rows.get(key) or UsageRow(
+            session_id=key[0],
+            worker_id=key[1],
+            model=key[2],
+            tasks=0,
+            input_tokens=0,
+            output_tokens=0,
+            cost_usd=None,
+        )
+        row.tasks += 1
+        row.input_tokens += int(used.get("input_tokens") or 0)
+        row.output_tokens += int(used.get("output_tokens") or 0)
+        if used.get("cost_usd") is not None:
+            row.cost_usd = (row.cost_usd or 0.0) + float(used["cost_usd"])
+        rows[key] = row
+    return [rows[k] for k in sorted(rows)]
+
+
 def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
     """The registry, overrides and tasks as of log position `until` (default: now)."""
     return [replay_view(replay_log(orch.log, until=until))]
@@ -212,4 +245,5 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "events": events,
     "replay": replay,
     "explain": explain,
+    "usage": usage,
 }
