@@ -219,6 +219,19 @@ class EventLog:
         except IntegrityError:
             return  # another process saved the same snapshot: same fold, same state
 
+    def private_dir(self, name: str) -> Path:
+        """A user-only directory that belongs to this store: beside a SQLite file
+        (`events.db.workers/`), else under the state directory, named after the store."""
+        if self.kind == "sqlite":
+            db = Path(self._env["SQLITE_DBNAME"])
+            path = db.with_name(f"{db.name}.{name}")
+        else:
+            digest = hashlib.sha256(_redact(self.url).encode()).hexdigest()[:12]
+            (state_dir() / name).mkdir(mode=0o700, exist_ok=True)
+            path = state_dir() / name / f"{self.kind}-{digest}"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
     # --- host leases ------------------------------------------------------------------------
 
     def hold_host_lease(self, host: str) -> None:

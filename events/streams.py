@@ -79,11 +79,12 @@ class StreamView(Generic[S]):
             self.version += 1
 
 
-def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
-    """Append facts to one or more streams in one transaction, retrying on conflicts."""
+def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> list[int]:
+    """Append facts to one or more streams in one transaction, retrying on conflicts;
+    returns their log positions."""
     batches = tuple(b for b in batches if b[1])
     if not batches:
-        return
+        return []
     views = sorted({id(v): v for v, _ in batches}.values(), key=lambda v: v.stream)
     with contextlib.ExitStack() as held:
         for view in views:  # a fixed order, so two writers never wait on each other
@@ -93,12 +94,14 @@ def append_together(*batches: tuple[StreamView[Any], list[Event]]) -> None:
                 view.refresh()
             log = batches[0][0].log
             try:
-                log.append_batches([(v.stream, events, v.version) for v, events in batches])
+                positions = log.append_batches(
+                    [(v.stream, events, v.version) for v, events in batches]
+                )
             except StreamConflict:
                 continue
             for view, events in batches:
                 view.fold_appended(events)
-            return
+            return positions
 
 
 MEMORY_STREAM = "memory"

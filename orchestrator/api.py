@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from events.catalogue import ModelPolicy
+from orchestrator.config import ID_PATTERN, ID_RULE, check_id
 
 Op = Literal[
     "memory.put",
@@ -27,51 +28,143 @@ class InvalidTaskArgs(ValueError):
     """`task_start` arguments that break the schema; the message names each bad field."""
 
 
+# Limits on what one task may carry (docs/task-api.md). They keep every event well below
+# what a store takes in one write, so no write can stall on a huge row.
+MAX_TEXT = 200_000  # characters of a task's text or a memory value
+MAX_ID = 64  # characters of a worker, task or key id
+MAX_ATTACHMENTS = 16
+MAX_ATTACHMENT = 200_000  # characters of one attachment
+MAX_TOOLS = 64
+
+WorkerId = Annotated[
+    str,
+    Field(
+        pattern=ID_PATTERN,
+        description="A profile id, e.g. `coder`, `docs` (see task_list(view='profiles')).",
+    ),
+]
+
+
+def _title(name: str, _info: Any) -> str:
+    return name.replace("_", " ").capitalize()
+
+
 class _Args(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        field_title_generator=_title,
     )
 
 
 class MemoryPayload(_Args):
-    """`memory={...}` of the memory ops: put {key, value, tags}, link {from_key, to_key,
-    type}, done {task_id, summary}."""
+    """The payload of the memory ops: `memory.put` {key, value, tags}, `memory.link`
+    {from_key, to_key, type}, `memory.done` {task_id, summary}."""
 
-    key: str | None = None
-    value: str | None = None
-    tags: list[str] = []
-    from_key: str | None = None
-    to_key: str | None = None
-    type: str | None = None
-    task_id: str | None = None
-    summary: str | None = None
+    key: str | None = Field(None, max_length=MAX_TEXT, description="memory.put: the note's key.")
+    value: str | None = Field(
+        None, max_length=MAX_TEXT, description="memory.put: the note's text (may be empty)."
+    )
+    tags: list[str] = Field([], max_length=64, description="memory.put: optional tags.")
+    from_key: str | None = Field(None, max_length=MAX_TEXT, description="memory.link: source.")
+    to_key: str | None = Field(None, max_length=MAX_TEXT, description="memory.link: target.")
+    type: str | None = Field(None, max_length=200, description="memory.link: the link's type.")
+    task_id: str | None = Field(
+        None, max_length=MAX_ID, description="memory.done: the task that is done."
+    )
+    summary: str | None = Field(
+        None, max_length=MAX_TEXT, description="memory.done: what the task achieved."
+    )
 
 
 class WorkerPayload(_Args):
-    """`worker={...}` of the worker ops."""
+    """The payload of the worker ops."""
 
-    worker_id: str
-    model: str | None = None
-    model_policy: ModelPolicy | None = None
-    respawn: bool = False
-    force_new: bool = False
+    worker_id: WorkerId
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="worker.model.set (required): a tag (`auto`, `auto:fast`, `auto:vision`, "
+        "`auto:docs`) or `provider/model`.",
+    )
+    model_policy: ModelPolicy | None = Field(
+        None,
+        description="worker.model.set: `sticky` (default) pins the resolved model; `dynamic` "
+        "re-resolves the tag at every task.",
+    )
+    respawn: bool = Field(
+        False,
+        description="worker.model.set/reset: start the process the new model asks for now, "
+        "and retire the one this session used (if no other session used it).",
+    )
+    force_new: bool = Field(False, description="worker.spawn: never reuse a running process.")
 
 
 class TaskStartArgs(_Args):
-    """Arguments of `task_start`, in snake_case or camelCase. Its JSON schema is the tool
-    schema an LLM calls the orchestrator with."""
+    """Start a task on the LLM worker orchestrator.
 
-    kind: Literal["worker", "op"] = "worker"
-    worker_id: str | None = None
-    task: str | None = None
-    model: str | None = None
-    auto_spawn: bool = True
-    force_new: bool = False
-    attachments: list[str] = []
-    tools: list[dict[str, Any]] | None = None
-    op: Op | None = None
-    memory: MemoryPayload | None = None
-    worker: WorkerPayload | None = None
+    `kind="worker"` sends `task` (a prompt) to the worker `worker_id` and needs both; the
+    reply is read with task_await. `kind="op"` runs an operation named by `op` with its
+    payload: `memory` for memory.put/link/done, `worker` for worker.model.set/reset,
+    worker.spawn and worker.stop. Keys may be snake_case or camelCase. The call returns at
+    once with a task id; await it for the result.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"kind": {"const": "op"}}, "required": ["kind"]},
+                    "then": {"required": ["op"]},
+                    "else": {"required": ["workerId", "task"]},
+                }
+            ]
+        }
+    )
+
+    kind: Literal["worker", "op"] = Field(
+        "worker",
+        description="`worker` (default): send `task` to a worker. `op`: run the operation `op`.",
+    )
+    worker_id: WorkerId | None = Field(
+        None,
+        description="kind=worker (required): the worker profile to send the task to, e.g. "
+        "`coder` or `docs`.",
+    )
+    task: str | None = Field(
+        None, max_length=MAX_TEXT, description="kind=worker (required): the prompt text."
+    )
+    model: str | None = Field(
+        None,
+        max_length=200,
+        description="kind=worker (optional): a model for this task only, a tag or "
+        "`provider/model`; otherwise the session's or the profile's model serves.",
+    )
+    auto_spawn: bool = Field(
+        True,
+        description="kind=worker: start a worker process when none runs (default true).",
+    )
+    force_new: bool = Field(
+        False, description="kind=worker: never reuse a running process; start a fresh one."
+    )
+    attachments: list[Annotated[str, Field(max_length=MAX_ATTACHMENT)]] = Field(
+        [], max_length=MAX_ATTACHMENTS, description="kind=worker: files or URLs for the model."
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=MAX_TOOLS,
+        description="kind=worker: OpenAI function-tool definitions, passed to the model as "
+        "they are; tool calls come back in the record's `tool_calls`.",
+    )
+    op: Op | None = Field(None, description="kind=op (required): the operation to run.")
+    memory: MemoryPayload | None = Field(
+        None, description="kind=op, op=memory.*: the note, link or summary."
+    )
+    worker: WorkerPayload | None = Field(
+        None, description="kind=op, op=worker.*: which worker and what to do with it."
+    )
 
 
 _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -83,24 +176,36 @@ _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker.spawn": ("worker", ("worker_id",)),
     "worker.stop": ("worker", ("worker_id",)),
 }
+_KIND_FIELDS = {
+    "worker": ("worker_id", "task", "model", "auto_spawn", "force_new", "attachments", "tools"),
+    "op": ("op", "memory", "worker"),
+}
 
 
 def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
     """Validate a `task_start` payload; raise `InvalidTaskArgs` naming every bad field."""
+    problems = _both_spellings(payload)
+    if problems:
+        raise InvalidTaskArgs(_paragraph(problems))
     try:
         args = TaskStartArgs.model_validate(payload)
     except ValidationError as exc:
         problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {_message(err)}"
             for err in exc.errors()
         ]
         raise InvalidTaskArgs(_paragraph(problems)) from None
-    problems = []
+    other = "op" if args.kind == "worker" else "worker"
+    problems = [
+        f'{f}: belongs to kind="{other}", not kind="{args.kind}"'
+        for f in _KIND_FIELDS[other]
+        if f in args.model_fields_set
+    ]
     if args.kind == "worker":
         problems += [
             f'{f}: Field required for kind="worker"'
             for f in ("worker_id", "task")
-            if not getattr(args, f)
+            if getattr(args, f) is None
         ]
     elif args.op is None:
         problems.append('op: Field required for kind="op"')
@@ -113,11 +218,46 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
             problems += [
                 f'{group}.{f}: Field required for op "{args.op}"'
                 for f in fields
-                if not getattr(payload_obj, f)
+                if getattr(payload_obj, f) is None
             ]
+        unused = "worker" if group == "memory" else "memory"
+        if unused in args.model_fields_set:
+            problems.append(f'{unused}: does not belong to op "{args.op}" (use {group})')
     if problems:
         raise InvalidTaskArgs(_paragraph(problems))
     return args
+
+
+def _both_spellings(payload: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys given twice, as snake_case and as camelCase: one clear error each."""
+    problems = []
+    for key, value in payload.items():
+        camel = to_camel(key)
+        if camel != key and camel in payload:
+            problems.append(f"{prefix}{key}: given twice, as {key} and {camel}; give one")
+        if isinstance(value, dict) and key in ("memory", "worker"):
+            problems += _both_spellings(value, f"{key}.")
+    return problems
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "string_pattern_mismatch":
+        return f"must be {ID_RULE}; got {str(err.get('input'))[:80]!r}"
+    if err["type"] in ("string_too_long", "too_long"):
+        limit = err.get("ctx", {}).get("max_length")
+        return f"too long: the limit is {limit} (see docs/task-api.md)"
+    return str(err["msg"])
+
+
+def check_session_id(session_id: str) -> str:
+    """A session id follows the id rule, or `InvalidTaskArgs` says the rule."""
+    try:
+        return check_id(session_id)
+    except ValueError:
+        shown = session_id[:80] + ("..." if len(session_id) > 80 else "")
+        raise InvalidTaskArgs(
+            f"Invalid session id {shown!r}: a session id must be {ID_RULE}."
+        ) from None
 
 
 def _paragraph(problems: list[str]) -> str:

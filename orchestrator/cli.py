@@ -25,41 +25,69 @@ from orchestrator.api import InvalidTaskArgs
 from orchestrator.orchestrator import Orchestrator
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Event-sourced LLM worker orchestrator."
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Event-sourced LLM worker orchestrator.",
 )
-explain_app = typer.Typer(no_args_is_help=True, help="Why a task or worker has its model.")
+explain_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Why a task or worker has its model."
+)
 app.add_typer(explain_app, name="explain")
-config_app = typer.Typer(no_args_is_help=True, help="The configuration the CLI uses.")
+config_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="The configuration the CLI uses."
+)
 app.add_typer(config_app, name="config")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.", metavar="")]
+WorkerArg = Annotated[str, typer.Argument(metavar="WORKER", help="A worker profile id.")]
+RespawnOpt = Annotated[
+    bool,
+    typer.Option(
+        "--respawn",
+        metavar="",
+        help="Start the process the new model asks for now, and retire the one this session "
+        "used (if no other session used it).",
+    ),
+]
 
 
 class Settings(BaseModel):
     """Global options shared by every command."""
 
     store: str | None
-    session: str
+    session: str | None  # None: the command's default (`cli`; a new one for `mcp`)
     config: str | None
 
 
 @app.callback()
 def main_options(
     ctx: typer.Context,
-    store: Annotated[str | None, typer.Option(help="Store URL (env ORCHESTRATOR_STORE).")] = None,
+    store: Annotated[
+        str | None, typer.Option(metavar="URL", help="Store URL (env ORCHESTRATOR_STORE).")
+    ] = None,
     session: Annotated[
-        str, typer.Option(envvar="ORCHESTRATOR_SESSION", help="Session id.")
-    ] = "cli",
-    config: Annotated[str | None, typer.Option(help="Path to orchestrator.toml.")] = None,
+        str | None,
+        typer.Option(
+            envvar="ORCHESTRATOR_SESSION", metavar="ID", help="Session id (default: cli)."
+        ),
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option(metavar="FILE", help="Path to orchestrator.toml.")
+    ] = None,
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log every event to stderr.")
+        bool,
+        typer.Option("--verbose", "-v", metavar="", help="Log every event to stderr (JSON lines)."),
     ] = False,
 ) -> None:
     """Global options."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # Only our JSON event lines: the HTTP clients' own request lines stay quiet.
+        for noisy in ("httpx", "httpcore", "mcp"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = Settings(store=store, session=session, config=config)
 
 
@@ -74,7 +102,7 @@ def session(ctx: typer.Context) -> Iterator[Orchestrator]:
     """The CLI's session on the chosen store; errors become one line and exit 2."""
     s: Settings = ctx.obj
     try:
-        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session)
+        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session or "cli")
     except (StoreError, OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     try:
@@ -148,10 +176,14 @@ def finish_task(orch: Orchestrator, task_id: str, as_json: bool, label: str) -> 
 @app.command()
 def run(
     ctx: typer.Context,
-    worker: str,
-    text: str,
-    model: Annotated[str | None, typer.Option(help="Model for this task only.")] = None,
-    force_new: Annotated[bool, typer.Option("--force-new", help="Never reuse a process.")] = False,
+    worker: WorkerArg,
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="The task's prompt.")],
+    model: Annotated[
+        str | None, typer.Option(metavar="MODEL", help="Model for this task only.")
+    ] = None,
+    force_new: Annotated[
+        bool, typer.Option("--force-new", metavar="", help="Never reuse a process.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a task on a worker and print its reply."""
@@ -165,10 +197,12 @@ def run(
 @app.command("set-model")
 def set_model(
     ctx: typer.Context,
-    worker: str,
-    model: str,
-    policy: Annotated[str, typer.Option(help="sticky or dynamic.")] = "sticky",
-    respawn: Annotated[bool, typer.Option("--respawn")] = False,
+    worker: WorkerArg,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A tag or provider/model.")],
+    policy: Annotated[
+        str, typer.Option(metavar="POLICY", help="sticky (pin the model) or dynamic.")
+    ] = "sticky",
+    respawn: RespawnOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Set this session's model for a worker."""
@@ -189,8 +223,8 @@ def set_model(
 @app.command("reset-model")
 def reset_model(
     ctx: typer.Context,
-    worker: str,
-    respawn: Annotated[bool, typer.Option("--respawn")] = False,
+    worker: WorkerArg,
+    respawn: RespawnOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Reset this session's model for a worker to the profile's."""
@@ -204,13 +238,17 @@ def reset_model(
 @app.command()
 def stop(
     ctx: typer.Context,
-    worker: Annotated[str | None, typer.Argument()] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Stop every worker.")] = False,
+    worker: Annotated[
+        str | None, typer.Argument(metavar="WORKER", help="A worker profile id.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", metavar="", help="Stop every worker.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Stop a worker's processes on this host (or all workers')."""
-    if (worker is None) == (not all_):
-        raise fail("give a WORKER or --all (not both)")
+    if worker is None and not all_:
+        raise fail("give a WORKER to stop, or --all")
+    if worker is not None and all_:
+        raise fail("give a WORKER or --all, not both")
     with session(ctx) as orch:
         ids = [worker] if worker else [p.worker_id for p in orch.task_list(view="profiles")]
         results = []
@@ -222,13 +260,14 @@ def stop(
             results.append(rec.result)
         if as_json:
             out.print_json(json.dumps(results))
-        else:
-            for r in results:
-                if r and (r["stopped"] or r["exited"]):
-                    out.print(
-                        f"{r['worker_id']}: stopped {', '.join(r['stopped']) or '-'}"
-                        f"; found dead {', '.join(r['exited']) or '-'}"
-                    )
+            return
+        lines = []
+        for r in results:
+            if r and r["stopped"]:
+                lines.append(f"{r['worker_id']}: stopped {', '.join(r['stopped'])}")
+            if r and r["exited"]:
+                lines.append(f"{r['worker_id']}: already gone {', '.join(r['exited'])}")
+        out.print("\n".join(lines) or "nothing to stop on this host", markup=False)
 
 
 def _view_command(view: str, columns: list[str], doc: str) -> None:
@@ -264,19 +303,23 @@ _view_command(
 )
 
 
-EVENT_COLUMNS = ["position", "type", "session_id", "worker_id", "task_id", "data"]
+EVENT_COLUMNS = ["position", "timestamp", "type", "session_id", "worker_id", "task_id", "data"]
 
 
 @app.command("events")
 def events_cmd(
     ctx: typer.Context,
-    worker: Annotated[str | None, typer.Option(help="Only this worker.")] = None,
-    type_: Annotated[str | None, typer.Option("--type", help="Only this event type.")] = None,
-    session_filter: Annotated[
-        str | None, typer.Option("--session", help="Only this session.")
+    worker: Annotated[str | None, typer.Option(metavar="WORKER", help="Only this worker.")] = None,
+    type_: Annotated[
+        str | None, typer.Option("--type", metavar="TYPE", help="Only this event type.")
     ] = None,
-    since: Annotated[int, typer.Option(help="Only events after this position.")] = 0,
-    follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events.")] = False,
+    session_filter: Annotated[
+        str | None, typer.Option("--session", metavar="ID", help="Only this session.")
+    ] = None,
+    since: Annotated[int, typer.Option(metavar="N", help="Only events after this position.")] = 0,
+    follow: Annotated[
+        bool, typer.Option("--follow", metavar="", help="Keep printing new events.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The event log, filtered."""
@@ -319,7 +362,9 @@ def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
 @app.command()
 def replay(
     ctx: typer.Context,
-    until: Annotated[int, typer.Option(help="Log position to replay up to (inclusive).")],
+    until: Annotated[
+        int, typer.Option(metavar="N", help="Log position to replay up to (inclusive).")
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Registry, session overrides and tasks as of log position N."""
@@ -358,7 +403,11 @@ def one_row(ctx: typer.Context, as_json: bool, view: str, **filters: Any) -> Any
 
 
 @explain_app.command("task")
-def explain_task(ctx: typer.Context, task_id: str, as_json: JsonOpt = False) -> None:
+def explain_task(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="A task id.")],
+    as_json: JsonOpt = False,
+) -> None:
     """Which model served a task, which process, and the events that decided it."""
     expl = one_row(ctx, as_json, "explain", task_id=task_id)
     if expl is None:
@@ -369,7 +418,7 @@ def explain_task(ctx: typer.Context, task_id: str, as_json: JsonOpt = False) -> 
 
 
 @explain_app.command("worker")
-def explain_worker(ctx: typer.Context, worker_id: str, as_json: JsonOpt = False) -> None:
+def explain_worker(ctx: typer.Context, worker_id: WorkerArg, as_json: JsonOpt = False) -> None:
     """A worker's current effective model for this session and its process history."""
     expl = one_row(ctx, as_json, "explain", worker_id=worker_id)
     if expl is None:
@@ -390,10 +439,60 @@ def explain_worker(ctx: typer.Context, worker_id: str, as_json: JsonOpt = False)
     emit(expl.history, False, EVENT_COLUMNS, title="history")
 
 
+@app.command()
+def schema() -> None:
+    """Print the tool schema of task_start (TaskStartArgs) as JSON."""
+    from orchestrator.api import TaskStartArgs
+
+    out.print_json(json.dumps(TaskStartArgs.model_json_schema()))
+
+
+@app.command()
+def mcp(ctx: typer.Context) -> None:
+    """Serve the Task API as an MCP server over stdio (one session per server process)."""
+    try:
+        from orchestrator.mcp_server import serve
+    except ImportError:
+        raise fail(
+            "the mcp extra is not installed: pip install 'eventlog-orchestrator[mcp]'"
+        ) from None
+    s: Settings = ctx.obj
+    session_id = (
+        None if s.session == "cli" and not os.environ.get("ORCHESTRATOR_SESSION") else s.session
+    )
+    try:
+        orch = Orchestrator.open(config=s.config, store=s.store, session_id=session_id)
+    except (StoreError, OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        serve(orch)
+    finally:
+        orch.close()
+
+
+@app.command("export-otel")
+def export_otel(
+    ctx: typer.Context,
+    session_filter: Annotated[
+        str | None, typer.Option("--session", metavar="ID", help="Only this session's tasks.")
+    ] = None,
+) -> None:
+    """Send the spans of a recorded log over OTLP (settings from the OTEL_* variables)."""
+    from orchestrator import telemetry
+
+    if not telemetry.available():
+        raise fail("the otel extra is not installed: pip install 'eventlog-orchestrator[otel]'")
+    with session(ctx) as orch:
+        count = telemetry.export_log(orch.log.records(), session_filter)
+    typer.echo(f"exported {count} spans", err=True)
+
+
 @app.command("usage")
 def usage_cmd(
     ctx: typer.Context,
-    all_: Annotated[bool, typer.Option("--all", help="Every session, not only this one.")] = False,
+    all_: Annotated[
+        bool, typer.Option("--all", metavar="", help="Every session, not only this one.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokens and cost per session, worker and model, with totals."""
@@ -449,7 +548,8 @@ def config_check(ctx: typer.Context) -> None:
 @app.command()
 def demo(
     store: Annotated[
-        str | None, typer.Option(help="Store URL (default: a temporary SQLite file).")
+        str | None,
+        typer.Option(metavar="URL", help="Store URL (default: a temporary SQLite file)."),
     ] = None,
 ) -> None:
     """Offline walk-through: set/reset, reuse, refusal, force_new, the log and explain."""

@@ -5,6 +5,7 @@ Pure functions over event records, so the same answer comes from any copy of the
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,6 +38,7 @@ class OverrideCause(BaseModel):
     """The `WorkerModelSet` event a session-level decision rested on."""
 
     position: int
+    timestamp: datetime
     session_id: str
     model_ref: str
     resolved_model: str
@@ -129,6 +131,7 @@ def override_in_force(
         if r.type == "WorkerModelSet":
             cause = OverrideCause(
                 position=r.position,
+                timestamp=r.timestamp,
                 session_id=session_id,
                 model_ref=r.data["model_ref"],
                 resolved_model=r.data["resolved_model"],

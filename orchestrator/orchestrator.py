@@ -46,8 +46,14 @@ from events.streams import (
     append_together,
     session_view,
 )
-from orchestrator import ops, views
-from orchestrator.api import InvalidTaskArgs, TaskHandle, TaskStartArgs, parse_task_args
+from orchestrator import ops, telemetry, views
+from orchestrator.api import (
+    InvalidTaskArgs,
+    TaskHandle,
+    TaskStartArgs,
+    check_session_id,
+    parse_task_args,
+)
 from orchestrator.backends import (
     Backend,
     Cancelled,
@@ -58,6 +64,7 @@ from orchestrator.backends import (
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.server import DRAINING_RETRIES, Draining, ServerBackend
 from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
+from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.pool import SpawnError, WorkerPool, WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
@@ -95,7 +102,7 @@ class Orchestrator:
         self.host = host_id()
         self.session = session_view(log, session_id)
         self.memory = StreamView(log, MEMORY_STREAM, MemoryState, apply_memory)
-        self.pool = WorkerPool(log)
+        self.pool = WorkerPool(log, log.private_dir("workers"))
         log.hold_host_lease(self.host)
         self.agent = AgentBackend(config, lambda: os.environ)
         self.server = ServerBackend(self.pool, config, lambda: os.environ)
@@ -111,6 +118,8 @@ class Orchestrator:
         self.models = StreamView(log, MODELS_STREAM, ModelsState, apply_models)
         self._failures: dict[str, list[datetime]] = {}
         self._failures_lock = threading.Lock()
+        # task id -> (log position of its start, the override in force): for its span
+        self._traced: dict[str, tuple[int, Override | None]] = {}
         self._closed = False
         self._opened_recorded = False
 
@@ -122,9 +131,9 @@ class Orchestrator:
         session_id: str | None = None,
     ) -> Orchestrator:
         """Open a session on a store: a new one (`session_id=None`) or a resumed one."""
+        sid = check_session_id(session_id) if session_id else f"s-{uuid.uuid4().hex[:10]}"
         cfg = load_config(config)
         log = store if isinstance(store, EventLog) else EventLog(store)
-        sid = session_id or f"s-{uuid.uuid4().hex[:10]}"
         return cls(cfg, log, sid, owns_log=not isinstance(store, EventLog))
 
     def __enter__(self) -> Orchestrator:
@@ -164,7 +173,7 @@ class Orchestrator:
 
     def record(
         self, *events: Event, memory: Sequence[Event] = (), registry: Sequence[Event] = ()
-    ) -> None:
+    ) -> list[int]:
         """Append facts to this session's stream (and the memory and registry streams) in one
         transaction, retrying past other writers. The first write of this orchestrator also
         records `SessionOpened`, so merely looking (views, CLI inspection) leaves the log
@@ -181,7 +190,7 @@ class Orchestrator:
                 )
                 batch.insert(0, opened)
                 self._opened_recorded = True
-            append_together(
+            return append_together(
                 (self.session, batch),
                 (self.memory, list(memory)),
                 (self.pool.registry, list(registry)),
@@ -302,6 +311,14 @@ class Orchestrator:
                 f'Invalid task_list arguments: view: unknown view "{view}".'
                 + did_you_mean(view, views.VIEWS)
             )
+        allowed = views.filters_of(handler)
+        for name in filters:
+            if name not in allowed:
+                known = ", ".join(sorted(allowed)) or "none"
+                raise InvalidTaskArgs(
+                    f'Invalid task_list arguments: {name}: the {view} view has no filter "{name}"'
+                    f" (its filters: {known})." + did_you_mean(name, allowed)
+                )
         return handler(self, **filters)
 
     # --- what deciders read (ops.OpContext) --------------------------------------------------
@@ -433,7 +450,9 @@ class Orchestrator:
         extra: list[Event] = []
         if queued is not None:
             extra.append(TaskQueued(**ids, slots=self._slots, ahead=queued))
-        self.record(started, resolved, *extra)
+        positions = self.record(started, resolved, *extra)
+        if telemetry.available():
+            self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
 
@@ -614,6 +633,28 @@ class Orchestrator:
                 self.pool.registry.append(list(deferred))
             return
         self.record(event, registry=deferred)
+        traced = self._traced.pop(task_id, None)
+        if traced is not None:
+            self._emit_span(task_id, *traced)
+
+    def _emit_span(self, task_id: str, since: int, override: Override | None) -> None:
+        """The task's span, built from its events in the log since it started (the same
+        builder `export-otel` uses, so live and exported spans agree)."""
+        chain = [r for r in self.log.records(after=since - 1) if r.task_id == task_id]
+        cause = None
+        if override is not None:
+            cause = OverrideCause(
+                position=0,
+                timestamp=override.set_at,
+                session_id=self.session_id,
+                model_ref=override.model_ref,
+                resolved_model=override.resolved_model,
+                model_policy=override.model_policy,
+                reason=override.reason,
+            )
+        span = telemetry.task_span(chain, cause)
+        if span is not None:
+            telemetry.emit([span])
 
     # --- ops -------------------------------------------------------------------------------
 

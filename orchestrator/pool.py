@@ -501,7 +501,13 @@ class WorkerPool:
         self._record(
             WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason, detail=detail)
         )
+        self.prune(entry.instance_id)
         return True
+
+    def prune(self, instance_id: str) -> None:
+        """Remove a stopped process's log and exit marker (a crashed one keeps its log)."""
+        for suffix in (".log", ".exit"):
+            (self.log_dir / f"{instance_id}{suffix}").unlink(missing_ok=True)
 
     def retire(self, entry: RegistryEntry, ids: dict[str, Any], detail: str) -> None:
         """Drain a process: no new tasks, the running ones finish, then it stops (`respawn`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -233,6 +234,12 @@ def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
                 return task
     known = orch.session.refresh().tasks
     raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+
+
+def filters_of(view: Callable[..., list[Any]]) -> list[str]:
+    """The filters (keyword parameters) a view takes."""
+    params = list(inspect.signature(view).parameters)
+    return params[1:]  # the first is the orchestrator
 
 
 VIEWS: dict[str, Callable[..., list[Any]]] = {

@@ -422,7 +422,8 @@ def test_any_error_while_spawning_ends_the_claim_and_the_task(
     open_orch: OpenOrch, state_home: Path
 ) -> None:
     orch = open_orch(config=config_with("server"))
-    logs = state_home / "orchestrator" / "workers"
+    logs = orch.pool.log_dir
+    logs.rmdir()
     logs.write_text("not a directory")  # opening the worker log fails
     for _ in range(2):  # the second does not wait on a leaked claim
         began = time.monotonic()
@@ -555,7 +556,7 @@ def test_reuse_is_proven_by_replies_without_a_health_call_per_task(
     for i in range(3):
         assert run(second, "coder", str(i)).status == "completed"
     entry = orch.task_list(view="registry")[0]
-    log = (state_home / "orchestrator" / "workers" / f"{entry.instance_id}.log").read_text()
+    log = (orch.pool.log_dir / f"{entry.instance_id}.log").read_text()
     assert log.count("GET /health") == 1
     assert log.count("POST /prompt") == 8
 
