@@ -9,6 +9,7 @@ what `events`, `replay` and `explain` read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,24 @@ class StoreError(RuntimeError):
 
 class StreamConflict(RuntimeError):
     """Another writer appended to the stream first: reload and decide again."""
+
+
+# What a store may raise below us; each becomes one `StoreError` line.
+_STORE_FAILURES = (PersistenceError, OSError, sqlite3.Error, psycopg.Error)
+MARKER_TABLE = "orchestrator_store"
+STORE_FORMAT = 1
+OUR_STREAMS = ("session:", "registry", "memory", "models")
+DEFAULT_TIMEOUT = 30
+
+
+@contextmanager
+def _guarded(url: str, doing: str) -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except _STORE_FAILURES as exc:
+        raise StoreError(f"store {_redact(url)}: {doing} failed: {_first_line(exc)}") from None
 
 
 class EventRecord(BaseModel):
@@ -123,11 +142,13 @@ class EventLog:
         self._leases: dict[str, psycopg.Connection[Any]] = {}
         try:
             with _schema_lock(env):
+                _check_marker(self.url, env)
                 self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
                 self._recorder: ApplicationRecorder = self._factory.application_recorder()
                 self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
+                _write_marker(env)  # DDL too: under the same lock
             self._recorder.max_notification_id()  # fail now, not at the first real read
-        except (PersistenceError, OSError, sqlite3.Error, psycopg.Error) as exc:
+        except _STORE_FAILURES as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
 
     # --- writing ---------------------------------------------------------------------------
@@ -152,7 +173,8 @@ class EventLog:
             for i, event in enumerate(events)
         ]
         try:
-            positions = self._recorder.insert_events(stored)
+            with _guarded(self.url, "writing"):
+                positions = self._recorder.insert_events(stored)
         except IntegrityError as exc:
             streams = ", ".join(b[0] for b in batches)
             raise StreamConflict(f"another writer appended to {streams} first") from exc
@@ -167,10 +189,9 @@ class EventLog:
 
     def read_stream(self, stream: str, after: int = 0) -> list[StreamEvent]:
         """Events of one stream with versions greater than `after`, oldest first."""
-        return [
-            StreamEvent(s.originator_version, s.topic, _decode(s.topic, s.state))
-            for s in self._recorder.select_events(stream, gt=after or None)
-        ]
+        with _guarded(self.url, "reading"):
+            rows = self._recorder.select_events(stream, gt=after or None)
+        return [StreamEvent(s.originator_version, s.topic, _decode(s.topic, s.state)) for s in rows]
 
     def read_log(
         self,
@@ -182,9 +203,10 @@ class EventLog:
         """(position, type, data) of every event after `after` up to `until`, in log order."""
         start = after
         while True:
-            batch = self._recorder.select_notifications(
-                start, page, stop=until, topics=types, inclusive_of_start=False
-            )
+            with _guarded(self.url, "reading"):
+                batch = self._recorder.select_notifications(
+                    start, page, stop=until, topics=types, inclusive_of_start=False
+                )
             for n in batch:
                 yield n.id, n.topic, _decode(n.topic, n.state)
             if len(batch) < page:
@@ -199,13 +221,15 @@ class EventLog:
 
     def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
-        return self._recorder.max_notification_id() or 0
+        with _guarded(self.url, "reading"):
+            return self._recorder.max_notification_id() or 0
 
     # --- snapshots -------------------------------------------------------------------------
 
     def load_snapshot(self, stream: str) -> tuple[int, dict[str, Any]] | None:
         """The newest snapshot of a stream's state: (version, state)."""
-        rows = self._snapshots.select_events(stream, desc=True, limit=1)
+        with _guarded(self.url, "reading"):
+            rows = self._snapshots.select_events(stream, desc=True, limit=1)
         if not rows:
             return None
         return rows[0].originator_version, json.loads(rows[0].state)
@@ -213,9 +237,10 @@ class EventLog:
     def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
         """Store a stream's folded state at `version` (idempotent across writers)."""
         try:
-            self._snapshots.insert_events(
-                [StoredEvent(stream, version, "snapshot", json.dumps(state).encode())]
-            )
+            with _guarded(self.url, "writing a snapshot"):
+                self._snapshots.insert_events(
+                    [StoredEvent(stream, version, "snapshot", json.dumps(state).encode())]
+                )
         except IntegrityError:
             return  # another process saved the same snapshot: same fold, same state
 
@@ -293,7 +318,9 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
     if url.startswith("sqlite:///"):
         # As SQLAlchemy reads them: sqlite:///relative.db is relative to the working
         # directory, sqlite:////abs.db (four slashes) is absolute.
-        path = Path(unquote(url[len("sqlite:///") :]))
+        rest, _, query = url[len("sqlite:///") :].partition("?")
+        timeout = _timeout(url, parse_qs(query))
+        path = Path(unquote(rest))
         if not path.is_absolute():
             path = Path.cwd() / path
         if not path.parent.is_dir():
@@ -304,7 +331,7 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
         return "sqlite", {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(path),
-            "SQLITE_LOCK_TIMEOUT": "30",
+            "SQLITE_LOCK_TIMEOUT": str(timeout),
             "ORIGINATOR_ID_TYPE": "text",
             "CREATE_TABLE": "y",
         }
@@ -349,6 +376,75 @@ def _schema_lock(env: dict[str, str]) -> Iterator[None]:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))
 
 
+def _timeout(url: str, query: dict[str, list[str]]) -> int:
+    """`?timeout=N` of a store URL: seconds a call may wait for a lock (1-600, default 30)."""
+    raw = query.get("timeout", [str(DEFAULT_TIMEOUT)])[0]
+    if not raw.isdigit() or not 1 <= int(raw) <= 600:
+        raise StoreError(f"bad store URL {_redact(url)!r}: timeout must be 1-600 seconds")
+    return int(raw)
+
+
+def _tables(env: dict[str, str]) -> set[str] | None:
+    """The tables already in the store (None for the memory store)."""
+    module = env["PERSISTENCE_MODULE"]
+    if module == "eventsourcing.sqlite":
+        with contextlib.closing(sqlite3.connect(env["SQLITE_DBNAME"], timeout=5)) as conn:
+            found = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {r[0] for r in found}
+    if module == "eventsourcing.postgres":
+        with _connect(env) as conn:
+            rows = conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (env.get("POSTGRES_SCHEMA", "public"),),
+            ).fetchall()
+            return {r[0] for r in rows}
+    return None
+
+
+def _check_marker(url: str, env: dict[str, str]) -> None:
+    """Refuse a store someone else made, rather than read it as empty (ADR-0006)."""
+    tables = _tables(env)
+    if not tables or MARKER_TABLE in tables:
+        return
+    if "stored_events" in tables and _only_our_streams(env):
+        return  # made before the marker existed: adopted, and marked after opening
+    raise StoreError(
+        f"cannot open store {_redact(url)}: it is not an orchestrator store (it has tables "
+        f"{', '.join(sorted(tables)[:5])} but no {MARKER_TABLE}); refusing to read or change it"
+    )
+
+
+def _only_our_streams(env: dict[str, str]) -> bool:
+    sql_ = "SELECT DISTINCT originator_id FROM {}stored_events LIMIT 1000"
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        with contextlib.closing(sqlite3.connect(env["SQLITE_DBNAME"], timeout=5)) as conn:
+            ids = [r[0] for r in conn.execute(sql_.format(""))]
+    else:
+        schema = env.get("POSTGRES_SCHEMA", "public")
+        with _connect(env) as conn:
+            ids = [r[0] for r in conn.execute(sql_.format(f'"{schema}".'))]
+    return all(str(i).startswith(OUR_STREAMS) for i in ids)
+
+
+def _write_marker(env: dict[str, str]) -> None:
+    ddl = "CREATE TABLE IF NOT EXISTS {}orchestrator_store (format INTEGER NOT NULL)"
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        with contextlib.closing(sqlite3.connect(env["SQLITE_DBNAME"], timeout=30)) as conn:
+            if (
+                conn.execute(
+                    f"SELECT count(*) FROM sqlite_master WHERE name = '{MARKER_TABLE}'"
+                ).fetchone()[0]
+                == 0
+            ):
+                conn.execute(ddl.format(""))
+                conn.execute(f"INSERT INTO {MARKER_TABLE} VALUES ({STORE_FORMAT})")
+                conn.commit()
+    elif env["PERSISTENCE_MODULE"] == "eventsourcing.postgres":
+        schema = env.get("POSTGRES_SCHEMA", "public")
+        with _connect(env) as conn:
+            conn.execute(ddl.format(f'"{schema}".'))
+
+
 def _connect(env: dict[str, str]) -> psycopg.Connection[Any]:
     return psycopg.connect(
         dbname=env["POSTGRES_DBNAME"],
@@ -383,7 +479,8 @@ def _postgres_env(url: str) -> dict[str, str]:
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_POOL_SIZE": "5",
         "POSTGRES_MAX_OVERFLOW": "10",
-        "POSTGRES_LOCK_TIMEOUT": "30",
+        "POSTGRES_LOCK_TIMEOUT": str(_timeout(url, query)),
+        "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(_timeout(url, query)),
         "ORIGINATOR_ID_TYPE": "text",
         "CREATE_TABLE": "y",
     }

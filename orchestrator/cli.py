@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -91,6 +92,22 @@ def main_options(
     ctx.obj = Settings(store=store, session=session, config=config)
 
 
+# Terminal control sequences (CSI, OSC, other escapes) and control characters other than
+# newline and tab: model text must not retitle, clear or rewrite the user's terminal.
+_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
+    r"|\x1b[@-Z\\-_]?"  # other escapes, or a lone ESC
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def printable(text: str) -> str:
+    """Model text made safe for a terminal: control sequences removed, newlines and tabs
+    kept. (`--json` output is exact; only people's output is cleaned.)"""
+    return _CONTROL.sub("", text)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print one clear line on stderr and return the exit to raise."""
     typer.echo(f"error: {message}", err=True)  # never wrapped: one line, greppable
@@ -107,10 +124,13 @@ def session(ctx: typer.Context) -> Iterator[Orchestrator]:
         raise fail(str(exc)) from None
     try:
         yield orch
-    except InvalidTaskArgs as exc:
+    except (InvalidTaskArgs, StoreError) as exc:
         raise fail(str(exc)) from None
     finally:
-        orch.close()
+        try:
+            orch.close()
+        except StoreError as exc:
+            raise fail(str(exc)) from None
 
 
 def emit(
@@ -163,9 +183,8 @@ def finish_task(orch: Orchestrator, task_id: str, as_json: bool, label: str) -> 
     if as_json:
         out.print_json(rec.model_dump_json())
     elif rec.status == "completed":
-        out.print(
-            rec.response if rec.kind == "worker" else json.dumps(rec.result, indent=2), markup=False
-        )
+        text = rec.response if rec.kind == "worker" else json.dumps(rec.result, indent=2)
+        typer.echo(printable(text or ""))  # as it is: rich would expand the tabs
     if rec.status != "completed":
         raise fail(str(rec.error or rec.status), code=1)
 

@@ -81,6 +81,8 @@ from orchestrator.resolver import (
 )
 
 AWAIT_POLL = 0.05
+MAX_ARGS_BYTES = 1024 * 1024  # one task's arguments, encoded (ADR-0006)
+MAX_REPLY = 1_000_000  # characters of a model's reply
 # Drain watchers get this long at close to record their stops; later finders record the rest.
 CLOSE_GRACE = 2.0
 _log = get_logger("orchestrator")
@@ -206,6 +208,12 @@ class Orchestrator:
         """Start a task. Schema errors raise `InvalidTaskArgs`; everything else ends as a
         task (completed or failed) in the log."""
         args = parse_task_args(payload)
+        encoded = len(args.model_dump_json())
+        if encoded > MAX_ARGS_BYTES:
+            raise InvalidTaskArgs(
+                f"Invalid task_start arguments: arguments: {encoded:,} bytes once encoded; "
+                f"the limit for one task is {MAX_ARGS_BYTES:,} (see docs/task-api.md)."
+            )
         task_id = f"t-{uuid.uuid4().hex[:12]}"
         worker_id = args.worker_id if args.kind == "worker" else _op_worker(args)
         pid, started_at = own_identity()
@@ -520,6 +528,13 @@ class Orchestrator:
             return
         if lease is None:
             self._finish(task_id, TaskFailed(**ids, error=_no_process(spec)))
+            return
+        if len(completion.text) > MAX_REPLY:
+            error = (
+                f"The reply of {served} is {len(completion.text):,} characters; the limit is "
+                f"{MAX_REPLY:,}. Ask for a shorter answer."
+            )
+            self._finish(task_id, TaskFailed(**ids, error=error))
             return
         self._finish(
             task_id,

@@ -25,7 +25,7 @@ class Reply:
     delay: float = 0.0
     error: str | None = None  # an OpenAI-style error body with this message
     retry_after: str | None = None
-    content: str | None = "default"  # None: a tool-call answer with content null
+    content: str | None = "default"  # "default": echo; None: content null; else this text
     tool_calls: list[dict[str, Any]] | None = None
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 7, "completion_tokens": 3}
@@ -106,7 +106,9 @@ class _Handler(BaseHTTPRequestHandler):
             }
         else:
             text = body["messages"][-1]["content"]
-            content = None if reply.content is None else f"{body['model']} says {text}"
+            content = reply.content
+            if content == "default":
+                content = f"{body['model']} says {text}"
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reply.tool_calls is not None:
                 message["tool_calls"] = reply.tool_calls
