@@ -30,7 +30,7 @@ class InvalidTaskArgs(ValueError):
 
 # Limits on what one task may carry (docs/task-api.md). They keep every event well below
 # what a store takes in one write, so no write can stall on a huge row.
-MAX_TEXT = 200_000  # characters of a task's text or a memory value
+MAX_TEXT = 1_000_000  # the ceiling of `[limits] max_text` (default 200,000 characters)
 MAX_ID = 64  # characters of a worker, task or key id
 MAX_ATTACHMENTS = 16
 MAX_ATTACHMENT = 200_000  # characters of one attachment
@@ -63,20 +63,16 @@ class MemoryPayload(_Args):
     """The payload of the memory ops: `memory.put` {key, value, tags}, `memory.link`
     {from_key, to_key, type}, `memory.done` {task_id, summary}."""
 
-    key: str | None = Field(None, max_length=MAX_TEXT, description="memory.put: the note's key.")
-    value: str | None = Field(
-        None, max_length=MAX_TEXT, description="memory.put: the note's text (may be empty)."
-    )
+    key: str | None = Field(None, description="memory.put: the note's key.")
+    value: str | None = Field(None, description="memory.put: the note's text (may be empty).")
     tags: list[str] = Field([], max_length=64, description="memory.put: optional tags.")
-    from_key: str | None = Field(None, max_length=MAX_TEXT, description="memory.link: source.")
-    to_key: str | None = Field(None, max_length=MAX_TEXT, description="memory.link: target.")
+    from_key: str | None = Field(None, description="memory.link: source.")
+    to_key: str | None = Field(None, description="memory.link: target.")
     type: str | None = Field(None, max_length=200, description="memory.link: the link's type.")
     task_id: str | None = Field(
         None, max_length=MAX_ID, description="memory.done: the task that is done."
     )
-    summary: str | None = Field(
-        None, max_length=MAX_TEXT, description="memory.done: what the task achieved."
-    )
+    summary: str | None = Field(None, description="memory.done: what the task achieved.")
 
 
 class WorkerPayload(_Args):
@@ -133,9 +129,7 @@ class TaskStartArgs(_Args):
         description="kind=worker (required): the worker profile to send the task to, e.g. "
         "`coder` or `docs`.",
     )
-    task: str | None = Field(
-        None, max_length=MAX_TEXT, description="kind=worker (required): the prompt text."
-    )
+    task: str | None = Field(None, description="kind=worker (required): the prompt text.")
     model: str | None = Field(
         None,
         max_length=200,
@@ -247,6 +241,20 @@ def _message(err: Any) -> str:
         limit = err.get("ctx", {}).get("max_length")
         return f"too long: the limit is {limit} (see docs/task-api.md)"
     return str(err["msg"])
+
+
+def check_limits(args: TaskStartArgs, max_text: int) -> None:
+    """The configured text limit (`[limits] max_text`), below the schema's ceiling."""
+    texts = {"task": args.task}
+    if args.memory is not None:
+        texts |= {f"memory.{f}": getattr(args.memory, f) for f in ("key", "value", "summary")}
+    problems = [
+        f"{name}: too long: the limit is {max_text} (see docs/task-api.md)"
+        for name, text in texts.items()
+        if text is not None and len(text) > max_text
+    ]
+    if problems:
+        raise InvalidTaskArgs(_paragraph(problems))
 
 
 def check_session_id(session_id: str) -> str:

@@ -82,6 +82,15 @@ class PoolConfig(BaseModel):
     cooldown_for: float = Field(default=60.0, gt=0, le=3600)
 
 
+class LimitsConfig(BaseModel):
+    """What one task may carry (`[limits]`, ADR-0006); within these bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_text: int = Field(default=200_000, ge=1_000, le=1_000_000)
+    max_reply: int = Field(default=1_000_000, ge=1_000, le=4_000_000)
+
+
 # Ids become file names and registry keys: a small safe set, so no id escapes a directory.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -105,6 +114,7 @@ class OrchestratorConfig(BaseModel):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     pool: PoolConfig = Field(default_factory=PoolConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @field_validator("providers", "profiles")
     @classmethod
@@ -275,6 +285,8 @@ def _suggest(loc: list[str]) -> str:
     model: type[BaseModel] = OrchestratorConfig
     if parent[:1] == ["pool"]:
         model = PoolConfig
+    elif parent[:1] == ["limits"]:
+        model = LimitsConfig
     elif parent[:1] == ["profiles"] and len(parent) == 2:
         model = ProfileConfig
     elif parent[:1] == ["providers"] and len(parent) == 2:

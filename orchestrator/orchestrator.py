@@ -51,6 +51,7 @@ from orchestrator.api import (
     InvalidTaskArgs,
     TaskHandle,
     TaskStartArgs,
+    check_limits,
     check_session_id,
     parse_task_args,
 )
@@ -82,7 +83,6 @@ from orchestrator.resolver import (
 
 AWAIT_POLL = 0.05
 MAX_ARGS_BYTES = 1024 * 1024  # one task's arguments, encoded (ADR-0006)
-MAX_REPLY = 1_000_000  # characters of a model's reply
 # Drain watchers get this long at close to record their stops; later finders record the rest.
 CLOSE_GRACE = 2.0
 _log = get_logger("orchestrator")
@@ -208,6 +208,7 @@ class Orchestrator:
         """Start a task. Schema errors raise `InvalidTaskArgs`; everything else ends as a
         task (completed or failed) in the log."""
         args = parse_task_args(payload)
+        check_limits(args, self.config.limits.max_text)
         encoded = len(args.model_dump_json())
         if encoded > MAX_ARGS_BYTES:
             raise InvalidTaskArgs(
@@ -459,7 +460,7 @@ class Orchestrator:
         if queued is not None:
             extra.append(TaskQueued(**ids, slots=self._slots, ahead=queued))
         positions = self.record(started, resolved, *extra)
-        if telemetry.available():
+        if telemetry.enabled():
             self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
@@ -529,10 +530,11 @@ class Orchestrator:
         if lease is None:
             self._finish(task_id, TaskFailed(**ids, error=_no_process(spec)))
             return
-        if len(completion.text) > MAX_REPLY:
+        limit = self.config.limits.max_reply
+        if len(completion.text) > limit:
             error = (
                 f"The reply of {served} is {len(completion.text):,} characters; the limit is "
-                f"{MAX_REPLY:,}. Ask for a shorter answer."
+                f"{limit:,}. Ask for a shorter answer."
             )
             self._finish(task_id, TaskFailed(**ids, error=error))
             return

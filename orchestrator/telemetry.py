@@ -27,6 +27,16 @@ def available() -> bool:
     return importlib.util.find_spec("opentelemetry") is not None
 
 
+def enabled() -> bool:
+    """Is a real tracer provider installed? Until the application installs one, spans would
+    go nowhere, so a task does not pay for building them."""
+    if not available():
+        return False
+    from opentelemetry import trace
+
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 @dataclass
 class SpanData:
     """One worker task as a span: name, times, attributes and events."""

@@ -61,6 +61,18 @@ def test_oversized_payloads_are_refused_before_anything_is_written(url: str) -> 
         assert rec.status == "completed"  # under the limit it is stored, on every store
 
 
+def test_limits_are_configurable_within_bounds(tmp_path: Path) -> None:
+    raw = {**config_with().model_dump(), "limits": {"max_text": 1000}}
+    with Orchestrator.open(config=raw, store=f"sqlite:///{tmp_path / 'e.db'}") as orch:
+        with pytest.raises(InvalidTaskArgs, match="task: too long: the limit is 1000 "):
+            orch.task_start(kind="worker", worker_id="coder", task="t" * 1001)
+        assert run(orch, "coder", "t" * 1000).status == "completed"
+    from orchestrator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"limits\.max_text: input should be less than"):
+        load_config({"limits": {"max_text": 50_000_000}})
+
+
 def test_a_reply_over_the_limit_fails_the_task(tmp_path: Path, chat_server: ChatServer) -> None:
     url = f"sqlite:///{tmp_path / 'e.db'}"
     with Orchestrator.open(config=lab_config(chat_server.port, "agent"), store=url) as orch:
