@@ -4,6 +4,7 @@ in-memory exporter, the tool schema through a JSON-schema validator, and the doc
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -40,7 +41,11 @@ async def _mcp_session(store: str, calls: list[tuple[str, dict[str, Any]]]) -> l
     from mcp import ClientSession
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
-    params = StdioServerParameters(command=CLI, args=["--store", store, "mcp"], cwd=str(ROOT))
+    # The server's workers live under this test's state dir, so the fixture reaps them.
+    env = {"XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]}
+    params = StdioServerParameters(
+        command=CLI, args=["--store", store, "mcp"], cwd=str(ROOT), env=env
+    )
     results: list[Any] = []
     with anyio.fail_after(60):
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
