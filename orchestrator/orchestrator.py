@@ -281,6 +281,7 @@ class Orchestrator:
         while True:
             rec = self.task_peek(task_id)
             if rec.status != "running":
+                self._done.pop(task_id, None)  # awaited: nothing left to wake
                 return rec
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -452,7 +453,7 @@ class Orchestrator:
             spec = self.worker_spec(worker_id, session_level)
         except ResolutionError as exc:
             self.record(started, TaskFailed(**ids, error=str(exc)))
-            self._done[task_id].set()
+            self._wake(task_id)
             return
         resolved = ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint)
         queued = self._take_slot()
@@ -464,6 +465,12 @@ class Orchestrator:
             self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
+
+    def _wake(self, task_id: str) -> None:
+        """The task ended: wake whoever awaits it (it may have been awaited already)."""
+        done = self._done.get(task_id)
+        if done is not None:
+            done.set()
 
     def _take_slot(self) -> int | None:
         """Count a task in; the number of tasks ahead of it when every slot is busy."""
@@ -491,7 +498,7 @@ class Orchestrator:
                     self._busy -= 1
                 self._cancels.pop(task_id, None)
                 self._leases.pop(task_id, None)
-                self._done[task_id].set()
+                self._wake(task_id)
 
         self._executor.submit(guarded)
 
@@ -704,7 +711,7 @@ class Orchestrator:
                 return
             self.record(TaskCompleted(**ids, result=result))
         finally:
-            self._done[task_id].set()
+            self._wake(task_id)
 
     def _record_in(self, session_id: str, event: Event) -> None:
         if session_id == self.session_id:

@@ -165,9 +165,10 @@ class WorkerPool:
             if decided.reuse is not None:
                 deferred = tuple(decided.events) if decided.deferred else ()
                 return Acquired(decided.reuse, True, _reuse_reason(decided.reuse), deferred)
-            if decided.spawn:
-                claim_id = decided.events[-1].claim_id  # type: ignore[attr-defined]
-                acquired = self._spawn(spec, claim_id, ids, force_new, idle_timeout, max_processes)
+            if decided.claim_id is not None:
+                acquired = self._spawn(
+                    spec, decided.claim_id, ids, force_new, idle_timeout, max_processes
+                )
                 if acquired is not None:
                     return acquired
                 probes.clear()  # fenced: our claim was taken over; look again
@@ -199,10 +200,11 @@ class WorkerPool:
                 return None
             if decided.spawn:
                 pid, started = own_identity()
+                decided.claim_id = uuid.uuid4().hex
                 decided.events.append(
                     WorkerSpawnRequested(
                         **ids,
-                        claim_id=uuid.uuid4().hex,
+                        claim_id=decided.claim_id,
                         fingerprint=request.fingerprint,
                         model=request.model,
                         model_policy=request.model_policy,

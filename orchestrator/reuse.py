@@ -67,6 +67,7 @@ class Plan:
     spawn: bool = False
     unprobed: list[str] = field(default_factory=list)
     deferred: bool = False  # set by the pool: the events are recorded later, with the task
+    claim_id: str | None = None  # set by the pool: the claim it appended for the spawn
 
 
 def candidates(state: RegistryState, worker_id: str) -> list[RegistryEntry]:

@@ -447,8 +447,8 @@ def test_a_claim_taken_over_cannot_be_fulfilled(open_orch: OpenOrch, state_home:
     ids = {"session_id": orch.session_id, "worker_id": "coder", "task_id": None}
     request = spec.request(orch.pool.host)
     decided = orch.pool._decide(request, ids, {}, {}, spawn=True)
-    assert decided is not None and decided.spawn
-    claim_id = decided.events[-1].claim_id  # type: ignore[attr-defined]
+    assert decided is not None and decided.claim_id is not None
+    claim_id = decided.claim_id
     # A waiter judged the claimant stalled and took the claim over.
     orch.pool.registry.append(
         [WorkerSpawnFailed(**ids, claim_id=claim_id, error="taken over by a waiter")]
