@@ -13,17 +13,16 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from events.store import StoreError
-from orchestrator.api import InvalidTaskArgs
-from orchestrator.orchestrator import Orchestrator
+if TYPE_CHECKING:  # the store, pydantic and the orchestrator load when a command needs them
+    from pydantic import BaseModel
+
+    from orchestrator.orchestrator import Orchestrator
 
 app = typer.Typer(
     add_completion=False,
@@ -55,7 +54,8 @@ RespawnOpt = Annotated[
 ]
 
 
-class Settings(BaseModel):
+@dataclass(frozen=True)
+class Settings:
     """Global options shared by every command."""
 
     store: str | None
@@ -117,6 +117,10 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @contextmanager
 def session(ctx: typer.Context) -> Iterator[Orchestrator]:
     """The CLI's session on the chosen store; errors become one line and exit 2."""
+    from events.store import StoreError
+    from orchestrator.api import InvalidTaskArgs
+    from orchestrator.orchestrator import Orchestrator
+
     s: Settings = ctx.obj
     try:
         orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session or "cli")
@@ -140,6 +144,9 @@ def emit(
     if as_json:
         out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, show_lines=False)
     for col in columns:
         table.add_column(col)
@@ -335,7 +342,9 @@ def events_cmd(
     session_filter: Annotated[
         str | None, typer.Option("--session", metavar="ID", help="Only this session.")
     ] = None,
-    since: Annotated[int, typer.Option(metavar="N", help="Only events after this position.")] = 0,
+    since: Annotated[
+        int, typer.Option(metavar="N", min=0, help="Only events after this position.")
+    ] = 0,
     follow: Annotated[
         bool, typer.Option("--follow", metavar="", help="Keep printing new events.")
     ] = False,
@@ -382,7 +391,8 @@ def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
 def replay(
     ctx: typer.Context,
     until: Annotated[
-        int, typer.Option(metavar="N", help="Log position to replay up to (inclusive).")
+        int,
+        typer.Option(metavar="N", min=0, help="Log position to replay up to (inclusive)."),
     ],
     as_json: JsonOpt = False,
 ) -> None:
@@ -469,18 +479,17 @@ def schema() -> None:
 @app.command()
 def mcp(ctx: typer.Context) -> None:
     """Serve the Task API as an MCP server over stdio (one session per server process)."""
-    try:
-        from orchestrator.mcp_server import serve
-    except ImportError:
-        raise fail(
-            "the mcp extra is not installed: pip install 'eventlog-orchestrator[mcp]'"
-        ) from None
+    import importlib.util
+
+    if importlib.util.find_spec("mcp") is None:
+        raise fail("the mcp extra is not installed: pip install 'eventlog-orchestrator[mcp]'")
+    from events.store import StoreError
+    from orchestrator.mcp_server import serve
+    from orchestrator.orchestrator import Orchestrator
+
     s: Settings = ctx.obj
-    session_id = (
-        None if s.session == "cli" and not os.environ.get("ORCHESTRATOR_SESSION") else s.session
-    )
-    try:
-        orch = Orchestrator.open(config=s.config, store=s.store, session_id=session_id)
+    try:  # no --session: a new session for this server process
+        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session)
     except (StoreError, OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     try:
@@ -572,6 +581,7 @@ def demo(
     ] = None,
 ) -> None:
     """Offline walk-through: set/reset, reuse, refusal, force_new, the log and explain."""
+    from events.store import StoreError
     from orchestrator.demo import run_demo
 
     try:

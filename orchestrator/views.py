@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from events.catalogue import EVENT_TYPES
 from events.projections import RegistryEntry, TaskRecord
 from events.replay import replay as replay_log
 from events.store import EventRecord
@@ -133,6 +134,12 @@ def events(
     task_id: str | None = None,
 ) -> list[EventRecord]:
     """The log, filtered: `since` is exclusive (events after that position)."""
+    if type is not None and type not in EVENT_TYPES:
+        raise InvalidTaskArgs(
+            f'Invalid task_list arguments: type: no event type "{type}".'
+            + did_you_mean(type, EVENT_TYPES)
+        )
+    _check_position("since", since)
     rows = orch.log.records(after=since, types=[type] if type else ())
     return [
         r
@@ -178,7 +185,17 @@ def usage(
 
 def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
     """The registry, overrides and tasks as of log position `until` (default: now)."""
+    if until is not None:
+        _check_position("until", until)
     return [replay_view(replay_log(orch.log, until=until))]
+
+
+def _check_position(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 0:
+        raise InvalidTaskArgs(
+            f"Invalid task_list arguments: {name}: a log position is a whole number >= 0, "
+            f"got {value!r}."
+        )
 
 
 def explain(

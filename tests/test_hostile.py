@@ -395,3 +395,18 @@ def check_payloads(url: str) -> None:
             t.status != "running" for t in state.sessions["fuzz"].tasks.values()
         )
         orch.task_list(view="events")
+
+
+def test_view_filters_are_checked_with_suggestions(tmp_path: Path) -> None:
+    with Orchestrator.open(config=config_with(), store=f"sqlite:///{tmp_path / 'e.db'}") as orch:
+        with pytest.raises(InvalidTaskArgs, match='Did you mean "worker_id"'):
+            orch.task_list(view="events", worker="coder")
+        with pytest.raises(InvalidTaskArgs, match='Did you mean "WorkerSpawned"'):
+            orch.task_list(view="events", type="WorkerSpwned")
+        with pytest.raises(InvalidTaskArgs, match="a log position is a whole number"):
+            orch.task_list(view="replay", until=-3)
+    bad = _cli("--store", f"sqlite:///{tmp_path / 'e.db'}", "replay", "--until", "-3")
+    assert bad.returncode == 2
+    typo = _cli("--store", f"sqlite:///{tmp_path / 'e.db'}", "events", "--type", "WorkerSpwned")
+    assert typo.returncode == 2
+    assert typo.stderr.strip().endswith('Did you mean "WorkerSpawned"?')
