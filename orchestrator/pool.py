@@ -409,7 +409,7 @@ class WorkerPool:
             "idle_timeout": idle_timeout,
             "spawner_pid": os.getpid(),
             "log_dir": str(self.log_dir),
-            "config": spec.config.model_dump(mode="json"),
+            "providers": {pid: p.identity() for pid, p in spec.config.providers.items()},
         }
         env = worker_environment(
             os.environ, {SPEC_ENV: json.dumps(worker_spec), TOKEN_ENV: worker_token(instance_id)}

@@ -12,9 +12,37 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Protocol
 
-from orchestrator.config import OrchestratorConfig, ProviderConfig
+
+class Provider(Protocol):
+    """What a call needs of a provider: `ProviderConfig` in an orchestrator, the plain
+    `ProviderSettings` in a worker process (which never imports the config models)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def base_url(self) -> str | None: ...
+    @property
+    def api_key_env(self) -> str | None: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_retries(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """A provider's identity as a plain value (see `ProviderConfig.identity`)."""
+
+    kind: str
+    base_url: str | None
+    api_key_env: str | None
+    timeout: float
+    max_retries: int
+
+
+Providers = Mapping[str, Provider]
 
 # A Retry-After longer than this is not waited for: the attempt fails and fallbacks decide.
 MAX_RETRY_AFTER = 30.0
@@ -51,21 +79,19 @@ def split_model(model: str) -> tuple[str, str]:
     return provider, name
 
 
-def provider_of(config: OrchestratorConfig, model: str) -> tuple[str, ProviderConfig]:
+def provider_of(providers: Providers, model: str) -> tuple[str, Provider]:
     """The configured provider a `provider/model` is sent to."""
     provider_id, _ = split_model(model)
-    provider = config.providers.get(provider_id)
+    provider = providers.get(provider_id)
     if provider is None:
         raise ProviderError(f'Provider "{provider_id}" is not configured.')
     return provider_id, provider
 
 
-def credentials_for(
-    config: OrchestratorConfig, model: str, environ: Mapping[str, str]
-) -> dict[str, str]:
+def credentials_for(providers: Providers, model: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The credentials a request to `model` needs, read from `environ` now (may be empty)."""
     try:
-        _, provider = provider_of(config, model)
+        _, provider = provider_of(providers, model)
     except ProviderError:
         return {}
     name = provider.api_key_env
@@ -74,10 +100,10 @@ def credentials_for(
     return {}
 
 
-def request_budget(config: OrchestratorConfig, model: str) -> float:
+def request_budget(providers: Providers, model: str) -> float:
     """Seconds one request to `model` may take at most, retries and their back-off included."""
     try:
-        _, provider = provider_of(config, model)
+        _, provider = provider_of(providers, model)
     except ProviderError:
         return 10.0
     attempts = provider.max_retries + 1
@@ -87,7 +113,7 @@ def request_budget(config: OrchestratorConfig, model: str) -> float:
 
 
 def complete(
-    config: OrchestratorConfig,
+    providers: Providers,
     model: str,
     text: str,
     system_prompt: str = "",
@@ -95,7 +121,7 @@ def complete(
     tools: list[dict[str, Any]] | None = None,
 ) -> Completion:
     """Send one message to `model` (a `provider/model`) and return the answer."""
-    provider_id, provider = provider_of(config, model)
+    provider_id, provider = provider_of(providers, model)
     _, name = split_model(model)
     if provider.kind == "echo":
         reply = f"[{model}] {text}"
@@ -127,7 +153,7 @@ def _backoff(attempt: int) -> float:
 
 def _openai_chat(
     provider_id: str,
-    provider: ProviderConfig,
+    provider: Provider,
     name: str,
     text: str,
     system_prompt: str,
@@ -192,7 +218,7 @@ def _redacted(exc: ProviderError, secret: str) -> ProviderError:
 
 def _one_request(
     provider_id: str,
-    provider: ProviderConfig,
+    provider: Provider,
     name: str,
     url: str,
     body: dict[str, Any],

@@ -29,8 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import OrchestratorConfig
-from orchestrator.providers import Completion, ProviderError, complete
+from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
 
 SPEC_ENV = "ORCHESTRATOR_WORKER_SPEC"
 TOKEN_ENV = "ORCHESTRATOR_WORKER_TOKEN"
@@ -50,7 +49,10 @@ class WorkerServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.spec = spec
         self.token = token
-        self.config = OrchestratorConfig.model_validate(spec["config"])
+        # Plain values its spawner validated already: no config models to import or build.
+        self.providers = {
+            pid: ProviderSettings(**settings) for pid, settings in spec["providers"].items()
+        }
         self.last_used = time.monotonic()
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -241,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 outcome.append(
                     complete(
-                        self.server.config,
+                        self.server.providers,
                         model,
                         text,
                         self.server.spec["system_prompt"],

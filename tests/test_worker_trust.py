@@ -359,7 +359,7 @@ from orchestrator.processes import worker_environment, worker_token
 spec = {"worker_id": "coder", "instance_id": "coder-orphan", "fingerprint": "fp-x",
         "model": "local/echo-large", "model_policy": "dynamic", "system_prompt": "",
         "idle_timeout": 900, "spawner_pid": os.getpid(), "log_dir": sys.argv[1],
-        "config": default_config().model_dump(mode="json")}
+        "providers": {p: c.identity() for p, c in default_config().providers.items()}}
 env = worker_environment(os.environ, {"ORCHESTRATOR_WORKER_SPEC": json.dumps(spec),
                                       "ORCHESTRATOR_WORKER_TOKEN": worker_token("coder-orphan")})
 proc = subprocess.Popen([sys.executable, "-m", "orchestrator.worker"], env=env,

@@ -52,10 +52,10 @@ class AgentBackend:
 
     def prompt(self, lease: Lease, request: PromptRequest, cancel: threading.Event) -> Completion:
         """Call the provider from this process, with credentials read now."""
-        credentials = credentials_for(self.config, request.model, self._environ())
+        credentials = credentials_for(self.config.providers, request.model, self._environ())
         return interruptible(
             lambda: complete(
-                self.config,
+                self.config.providers,
                 request.model,
                 request.text,
                 request.system_prompt,

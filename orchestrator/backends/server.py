@@ -59,14 +59,14 @@ class ServerBackend:
         only from the process that was acquired."""
         assert lease.url is not None
         client = WorkerClient(lease.url, lease.instance_id)
-        budget = request_budget(self.config, request.model) + PROMPT_MARGIN
+        budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
         body = {
             "text": request.text,
             "model": request.model,
             "attachments": request.attachments,
             "tools": request.tools,
             "task_id": request.task_id,
-            "credentials": credentials_for(self.config, request.model, self._environ()),
+            "credentials": credentials_for(self.config.providers, request.model, self._environ()),
         }
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
