@@ -166,12 +166,15 @@ _QUIET = {
     "requested_fingerprint",
     "response",
     "result",
+    "identity",
 }
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
     if isinstance(value, dict):
         return " ".join(
             f"{k}={_cell(v)}"
