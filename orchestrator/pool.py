@@ -48,6 +48,7 @@ from events.streams import StreamView
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.config import OrchestratorConfig
 from orchestrator.processes import (
+    ProcessState,
     host_id,
     own_identity,
     process_state,
@@ -60,7 +61,6 @@ from orchestrator.reuse import (
     CLAIM_TIMEOUT,
     Plan,
     Probe,
-    ProcessState,
     Request,
     live_on_host,
     plan,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from events.catalogue import (
     Event,
@@ -26,11 +26,10 @@ from events.catalogue import (
 )
 from events.projections import Claim, RegistryEntry, RegistryState
 from orchestrator.fingerprint import identity_diff
+from orchestrator.processes import ProcessState
 
 # Longer than any healthy spawn (READY within 30 s), so only an abandoned claim expires.
 CLAIM_TIMEOUT = timedelta(seconds=40)
-
-ProcessState = Literal["alive", "gone", "recycled"]
 
 
 @dataclass(frozen=True)

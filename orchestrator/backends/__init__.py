@@ -15,12 +15,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from events.catalogue import Event
 from orchestrator.config import BackendKind
-from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion
+
+if TYPE_CHECKING:  # the pool uses this package's client: no import back at run time
+    from orchestrator.pool import WorkerSpec
 
 T = TypeVar("T")
 CANCEL_POLL = 0.05
