@@ -651,13 +651,13 @@ class Orchestrator:
         a late result (even one racing a cancel from another process) changes nothing."""
         leased = self._leases.pop(task_id, None)
         deferred = leased[1].deferred if leased else ()
+        traced = self._traced.pop(task_id, None)
         cancel = self._cancels.get(task_id)
         if cancel is not None and cancel.is_set():
             if deferred:
                 self.pool.registry.append(list(deferred))
             return
         self.record(event, registry=deferred)
-        traced = self._traced.pop(task_id, None)
         if traced is not None:
             self._emit_span(task_id, *traced)
 
