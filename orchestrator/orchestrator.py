@@ -343,7 +343,7 @@ class Orchestrator:
 
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
-        return self.backends[self.profile(worker_id).backend].running(worker_id)
+        return self._backend(worker_id).running(worker_id)
 
     def session_decision(self, worker_id: str) -> ModelDecision:
         """The model this session's worker uses when a task names none."""
@@ -464,7 +464,7 @@ class Orchestrator:
         if telemetry.enabled():
             self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
-        self._submit(task_id, lambda: self._serve(task_id, args, decision, spec))
+        self._submit(task_id, lambda: self._serve(task_id, args, decision, spec, catalogue))
 
     def _wake(self, task_id: str) -> None:
         """The task ended: wake whoever awaits it (it may have been awaited already)."""
@@ -503,15 +503,22 @@ class Orchestrator:
         self._executor.submit(guarded)
 
     def _serve(
-        self, task_id: str, args: TaskStartArgs, decision: ModelDecision, spec: WorkerSpec
+        self,
+        task_id: str,
+        args: TaskStartArgs,
+        decision: ModelDecision,
+        spec: WorkerSpec,
+        catalogue: list[CatalogueModel],
     ) -> None:
+        """Serve a worker task on the catalogue its model was decided with (one build per
+        task: fallbacks and the price come from the same one)."""
         ids = self._ids(task_id, spec.worker_id)
         cancel = self._cancels[task_id]
         chain, skipped = attempt_chain(
             decision,
             self.profile(spec.worker_id),
             self.config,
-            self.catalogue(),
+            catalogue,
             self.models.refresh().cooled,
             utcnow(),
         )
@@ -554,7 +561,7 @@ class Orchestrator:
                 instance_id=lease.instance_id,
                 pid=lease.pid,
                 reused=lease.reused,
-                usage=self._usage(served, completion),
+                usage=_usage(catalogue, served, completion),
                 tool_calls=completion.tool_calls,
             ),
         )
@@ -570,11 +577,11 @@ class Orchestrator:
     ) -> tuple[Lease | None, str, Completion]:
         """Try the models in order on one process: a retryable failure moves on to the next
         (each recorded `ModelAttemptFailed`), any other ends the task."""
-        backend = self.backends[self.profile(spec.worker_id).backend]
+        backend = self._backend(spec.worker_id)
         last: ProviderError | None = None
         for model in chain:
             for _ in range(DRAINING_RETRIES):
-                lease = self._acquire(spec, ids, args.force_new, args.auto_spawn)
+                lease = backend.acquire(spec, ids, args.force_new, args.auto_spawn)
                 if lease is None:
                     return None, model, Completion(text="")
                 self._leases[request.task_id] = (backend, lease)
@@ -627,23 +634,14 @@ class Orchestrator:
             [ModelCooledDown(session_id=self.session_id, model=model, until=until, reason=reason)]
         )
 
+    def _backend(self, worker_id: str) -> Backend:
+        """Where the worker's tasks run (its profile's backend)."""
+        return self.backends[self.profile(worker_id).backend]
+
     def _acquire(
         self, spec: WorkerSpec, ids: dict[str, Any], force_new: bool, spawn: bool
     ) -> Lease | None:
-        backend = self.backends[self.profile(spec.worker_id).backend]
-        return backend.acquire(spec, ids, force_new, spawn)
-
-    def _usage(self, model: str, completion: Completion) -> dict[str, Any] | None:
-        if completion.usage is None:
-            return None
-        price = next((m for m in self.catalogue() if m.model == model), None)
-        cost = None
-        if price is not None and (price.cost_input or price.cost_output):
-            cost = (
-                completion.usage["input_tokens"] * price.cost_input
-                + completion.usage["output_tokens"] * price.cost_output
-            ) / 1_000_000
-        return {**completion.usage, "cost_usd": cost}
+        return self._backend(spec.worker_id).acquire(spec, ids, force_new, spawn)
 
     def _finish(self, task_id: str, event: Event) -> None:
         """Record a task's end with the registry facts of the process that served it. A task
@@ -730,3 +728,19 @@ def _no_process(spec: WorkerSpec) -> str:
         f"{spec.model} and auto_spawn is false: start one with the worker.spawn op, "
         "or pass auto_spawn=true."
     )
+
+
+def _usage(
+    catalogue: list[CatalogueModel], model: str, completion: Completion
+) -> dict[str, Any] | None:
+    """The reported usage, priced with the catalogue's per-million-token costs."""
+    if completion.usage is None:
+        return None
+    price = next((m for m in catalogue if m.model == model), None)
+    cost = None
+    if price is not None and (price.cost_input or price.cost_output):
+        cost = (
+            completion.usage["input_tokens"] * price.cost_input
+            + completion.usage["output_tokens"] * price.cost_output
+        ) / 1_000_000
+    return {**completion.usage, "cost_usd": cost}

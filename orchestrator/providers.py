@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 
@@ -68,7 +68,6 @@ class Completion:
     text: str
     tool_calls: list[dict[str, Any]] | None = None
     usage: dict[str, int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split_model(model: str) -> tuple[str, str]:
