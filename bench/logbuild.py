@@ -7,9 +7,13 @@ orchestrator uses, in batches. The measured session, `bench`, is small and writt
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 import uuid
 from typing import Any
+
+import orjson
 
 from bench.measure import Stats, timed
 from events.catalogue import (
@@ -23,7 +27,7 @@ from events.catalogue import (
     WorkerSpawned,
 )
 from events.replay import replay
-from events.store import EventLog
+from events.store import EventLog, Filter
 from orchestrator import Orchestrator
 
 SESSION_SIZE = 1000  # events per filler session
@@ -130,3 +134,82 @@ def replay_all(url: str) -> tuple[float, int]:
     elapsed = time.perf_counter() - started
     log.close()
     return elapsed, state.position
+
+
+def middle_task(url: str) -> str:
+    """A task id from the middle of a built log (its tasks are numbered in order)."""
+    log = EventLog(url)
+    try:
+        started = sum(1 for _ in log.select(Filter(types=("TaskStarted",)), limit=None))
+    finally:
+        log.close()
+    return f"t-{max(1, started // 2):012x}"
+
+
+def debug_reads(url: str, runs: int) -> dict[str, Any]:
+    """Time the debugging reads of one task deep in the log, from another session:
+    `explain task`, `task_peek`, a page of its session's events, a page of a worker's."""
+    task_id = middle_task(url)
+    with Orchestrator.open(store=url, session_id="bench") as orch:
+        session_id = orch.task_peek(task_id).session_id
+        reads = {
+            "explain": lambda: orch.task_list(view="explain", task_id=task_id),
+            "peek": lambda: orch.task_peek(task_id),
+            "session_page": lambda: orch.task_list(view="events", session_id=session_id, limit=100),
+            "worker_page": lambda: orch.task_list(view="events", worker_id="docs", limit=100),
+        }
+        return {name: timed(read, runs, warmup=2).__dict__ for name, read in reads.items()}
+
+
+def decode_floor(db_path: str) -> float:
+    """The replay floor: read every row of the SQLite log and decode it with orjson."""
+    started = time.perf_counter()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        cursor = conn.execute("SELECT rowid, topic, state FROM stored_events ORDER BY rowid")
+        while rows := cursor.fetchmany(1000):
+            for _, _, state in rows:
+                orjson.loads(state)
+    return time.perf_counter() - started
+
+
+def big_session(url: str, tasks: int) -> None:
+    """Append `tasks` finished tasks to session `big` (as a long-lived CLI session has)."""
+    log = EventLog(url)
+    version = log.stream_version("session:big")
+    batch: list[Event] = []
+    for n in range(tasks):
+        ids: dict[str, Any] = {"session_id": "big", "task_id": f"t-big-{n:08d}"}
+        batch += [
+            TaskStarted(**ids, kind="op", op="memory.put", args={"key": "k", "value": "v"}),
+            TaskCompleted(**ids, result={"key": "k", "value": "v", "tags": []}),
+        ]
+        if len(batch) >= 1000:
+            log.append("session:big", batch, version)
+            version += len(batch)
+            batch = []
+    if batch:
+        log.append("session:big", batch, version)
+    log.close()
+
+
+def open_session(url: str, session_id: str, runs: int) -> dict[str, Any]:
+    """Time opening an orchestrator on a session and reading its state."""
+
+    def once() -> None:
+        with Orchestrator.open(store=url, session_id=session_id) as orch:
+            orch.session.refresh()
+
+    return timed(once, runs, warmup=2).__dict__
+
+
+def op_latency(url: str, session_id: str, runs: int) -> dict[str, Any]:
+    """Time one `worker.model.set` + await on a session (its p99 shows snapshot cost)."""
+    with Orchestrator.open(store=url, session_id=session_id) as orch:
+
+        def once() -> None:
+            handle = orch.task_start(
+                kind="op", op="worker.model.set", worker={"worker_id": "coder", "model": "auto"}
+            )
+            orch.task_await(handle.task_id)
+
+        return timed(once, runs).__dict__

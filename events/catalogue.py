@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,7 @@ RejectReason = Literal[
     "draining",
     "other_host",
 ]
+StreamKind = Literal["session", "registry", "memory", "models", "config"]
 StopReason = Literal["requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy"]
 
 
@@ -46,16 +47,51 @@ class Event(BaseModel):
     task_id: str | None = None
     timestamp: datetime = Field(default_factory=utcnow)
 
+    # Which stream the event belongs to: declared once, by the family it derives from.
+    stream_kind: ClassVar[StreamKind]
+    # Does the event end a task? (The first such event of a task wins.)
+    ends_task: ClassVar[bool] = False
+
     @classmethod
     def type_name(cls) -> str:
         """The event's stable type name, used as the stored topic."""
         return cls.__name__
 
 
+class SessionEvent(Event):
+    """Lives on the stream `session:<session_id>`: overrides and tasks."""
+
+    stream_kind: ClassVar[StreamKind] = "session"
+
+
+class RegistryEvent(Event):
+    """Lives on the stream `registry`: worker processes and spawn claims."""
+
+    stream_kind: ClassVar[StreamKind] = "registry"
+
+
+class MemoryEvent(Event):
+    """Lives on the stream `memory`: the notes store."""
+
+    stream_kind: ClassVar[StreamKind] = "memory"
+
+
+class ModelsEvent(Event):
+    """Lives on the stream `models`: cooldowns shared by every session."""
+
+    stream_kind: ClassVar[StreamKind] = "models"
+
+
+class ConfigEvent(Event):
+    """Lives on the stream `config`: the configurations decisions were made under."""
+
+    stream_kind: ClassVar[StreamKind] = "config"
+
+
 # --- session stream: model overrides -------------------------------------------------------
 
 
-class SessionOpened(Event):
+class SessionOpened(SessionEvent):
     """An orchestrator opened (or resumed) a session."""
 
     resumed: bool
@@ -63,7 +99,7 @@ class SessionOpened(Event):
     pid: int
 
 
-class WorkerModelSet(Event):
+class WorkerModelSet(SessionEvent):
     """A session pinned (sticky) or tagged (dynamic) a worker's model."""
 
     version: int = 2
@@ -73,7 +109,16 @@ class WorkerModelSet(Event):
     reason: str
 
 
-class WorkerModelReset(Event):
+class SessionForked(SessionEvent):
+    """The session began as a fork of another one: its overrides as of a log position.
+    The source session is not touched."""
+
+    from_session_id: str
+    position: int
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class WorkerModelReset(SessionEvent):
     """A session dropped its override: the profile's configured model applies again."""
 
     previous_model_ref: str | None = None
@@ -82,7 +127,7 @@ class WorkerModelReset(Event):
 # --- session stream: tasks -----------------------------------------------------------------
 
 
-class TaskStarted(Event):
+class TaskStarted(SessionEvent):
     """A task was accepted. `args` is the validated request, without secrets. The owner
     (host, pid, start time) is the orchestrator process doing the work: when it is gone,
     whoever reads the task next ends it failed."""
@@ -95,14 +140,14 @@ class TaskStarted(Event):
     pid_started_at: float | None = None
 
 
-class TaskQueued(Event):
+class TaskQueued(SessionEvent):
     """A worker task waits for one of the orchestrator's `max_concurrency` slots."""
 
     slots: int
     ahead: int
 
 
-class ModelResolved(Event):
+class ModelResolved(SessionEvent):
     """Which model will serve a worker task, and which rule chose it."""
 
     model_ref: str
@@ -111,10 +156,13 @@ class ModelResolved(Event):
     source: ModelSource
     reason: str
     fingerprint: str | None = None
+    config_digest: str | None = None
 
 
-class TaskCompleted(Event):
+class TaskCompleted(SessionEvent):
     """A task finished. Worker tasks carry the model and process that served them."""
+
+    ends_task: ClassVar[bool] = True
 
     model: str | None = None
     response: str | None = None
@@ -126,7 +174,7 @@ class TaskCompleted(Event):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ModelAttemptFailed(Event):
+class ModelAttemptFailed(SessionEvent):
     """One model failed to serve a worker task; `retryable` failures move on to the next
     fallback model, others end the task."""
 
@@ -135,7 +183,7 @@ class ModelAttemptFailed(Event):
     retryable: bool
 
 
-class ModelCooledDown(Event):
+class ModelCooledDown(ModelsEvent):
     """A model failed retryably too often: tags and fallbacks skip it until `until`."""
 
     model: str
@@ -143,20 +191,37 @@ class ModelCooledDown(Event):
     reason: str
 
 
-class TaskFailed(Event):
+class TaskFailed(SessionEvent):
     """A well-formed task could not be done; `error` says what to do about it."""
+
+    ends_task: ClassVar[bool] = True
 
     error: str
 
 
-class TaskCancelled(Event):
+class TaskCancelled(SessionEvent):
     """The caller cancelled a running task."""
+
+    ends_task: ClassVar[bool] = True
+
+
+# --- config stream -----------------------------------------------------------------------------
+
+
+class ConfigRecorded(ConfigEvent):
+    """The configuration decisions are made under from here on (secrets never included):
+    appended when an orchestrator first writes with a digest unlike the last recorded."""
+
+    config_digest: str
+    config: dict[str, Any]
+    # Which providers had their key when it was recorded: tags resolve among those only.
+    usable_providers: list[str] = Field(default_factory=list)
 
 
 # --- memory stream ----------------------------------------------------------------------------
 
 
-class MemoryPut(Event):
+class MemoryPut(MemoryEvent):
     """A note was written to the memory store."""
 
     key: str
@@ -164,7 +229,7 @@ class MemoryPut(Event):
     tags: list[str] = Field(default_factory=list)
 
 
-class MemoryLinked(Event):
+class MemoryLinked(MemoryEvent):
     """Two notes were linked."""
 
     from_key: str
@@ -172,7 +237,7 @@ class MemoryLinked(Event):
     link_type: str
 
 
-class MemoryDone(Event):
+class MemoryDone(MemoryEvent):
     """A task was summarised as done in the memory store."""
 
     done_task_id: str
@@ -182,7 +247,7 @@ class MemoryDone(Event):
 # --- registry stream: worker processes ---------------------------------------------------------
 
 
-class WorkerSpawnRequested(Event):
+class WorkerSpawnRequested(RegistryEvent):
     """A claim to spawn one process for (worker, fingerprint, host); others wait for it."""
 
     claim_id: str
@@ -195,7 +260,7 @@ class WorkerSpawnRequested(Event):
     force_new: bool = False
 
 
-class WorkerSpawned(Event):
+class WorkerSpawned(RegistryEvent):
     """A worker process was started (not yet known to answer)."""
 
     claim_id: str | None = None
@@ -212,27 +277,27 @@ class WorkerSpawned(Event):
     idle_timeout: float | None = None
 
 
-class WorkerReady(Event):
+class WorkerReady(RegistryEvent):
     """The worker process printed READY and answers on its url."""
 
     instance_id: str
 
 
-class WorkerSpawnFailed(Event):
+class WorkerSpawnFailed(RegistryEvent):
     """A spawn claim ended without a working process."""
 
     claim_id: str
     error: str
 
 
-class WorkerReused(Event):
+class WorkerReused(RegistryEvent):
     """An existing worker process was taken for a request."""
 
     instance_id: str
     fingerprint: str
 
 
-class WorkerReuseRejected(Event):
+class WorkerReuseRejected(RegistryEvent):
     """A registry candidate was not reused, and why."""
 
     instance_id: str
@@ -242,7 +307,7 @@ class WorkerReuseRejected(Event):
     requested_fingerprint: str = ""
 
 
-class WorkerDraining(Event):
+class WorkerDraining(RegistryEvent):
     """A process takes no new tasks, finishes those it runs, then stops."""
 
     instance_id: str
@@ -250,7 +315,7 @@ class WorkerDraining(Event):
     detail: str = ""
 
 
-class WorkerStopped(Event):
+class WorkerStopped(RegistryEvent):
     """A worker process stopped on purpose (asked to, idle, evicted, drained) and is gone."""
 
     version: int = 2
@@ -259,7 +324,7 @@ class WorkerStopped(Event):
     detail: str = ""
 
 
-class WorkerExited(Event):
+class WorkerExited(RegistryEvent):
     """A worker process was found dead (or not the one recorded)."""
 
     instance_id: str
@@ -270,6 +335,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.type_name(): cls
     for cls in (
         SessionOpened,
+        SessionForked,
+        ConfigRecorded,
         WorkerModelSet,
         WorkerModelReset,
         TaskStarted,
@@ -295,7 +362,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
     )
 }
 
-TERMINAL_TASK_EVENTS = frozenset({"TaskCompleted", "TaskFailed", "TaskCancelled"})
+
+def types_of(stream_kind: StreamKind) -> frozenset[str]:
+    """The type names of every event that lives on streams of one kind."""
+    return frozenset(n for n, cls in EVENT_TYPES.items() if cls.stream_kind == stream_kind)
+
+
+TERMINAL_TASK_EVENTS = frozenset(n for n, cls in EVENT_TYPES.items() if cls.ends_task)
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

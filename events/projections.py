@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from events.catalogue import ModelPolicy
+from events.catalogue import ModelPolicy, types_of
 
 TaskStatus = Literal["running", "completed", "failed", "cancelled"]
 WorkerStatus = Literal["starting", "ready", "draining", "stopped", "exited"]
@@ -59,13 +59,24 @@ class Owner(BaseModel):
     pid_started_at: float
 
 
+RECENT_TASKS = 64
+
+
 class SessionState(BaseModel):
-    """Everything one session decided: overrides and tasks, and who runs the running ones."""
+    """What one session's next decision needs: its overrides, its running tasks and who
+    runs them, and the last `RECENT_TASKS` finished ones (so a caller awaiting its own task
+    needs no read). Older finished tasks live only in the log, read by task id through the
+    index: opening a session costs the same after ten tasks or ten thousand."""
 
     session_id: str
     overrides: dict[str, Override] = Field(default_factory=dict)
-    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+    running: dict[str, TaskRecord] = Field(default_factory=dict)
+    recent: dict[str, TaskRecord] = Field(default_factory=dict)
     owners: dict[str, Owner] = Field(default_factory=dict)
+
+    def task(self, task_id: str) -> TaskRecord | None:
+        """A running or recently finished task of this session."""
+        return self.running.get(task_id) or self.recent.get(task_id)
 
 
 class RegistryEntry(BaseModel):
@@ -156,7 +167,6 @@ def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> Sess
     """Fold one session-stream event."""
     worker_id = data.get("worker_id")
     task_id = data.get("task_id")
-    ts = _ts(data)
     if type_ == "WorkerModelSet" and worker_id:
         state.overrides[worker_id] = Override(
             worker_id=worker_id,
@@ -164,36 +174,47 @@ def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> Sess
             resolved_model=data["resolved_model"],
             model_policy=data["model_policy"],
             reason=data["reason"],
-            set_at=ts,
+            set_at=_ts(data),
             set_by_task=task_id,
         )
     elif type_ == "WorkerModelReset" and worker_id:
         state.overrides.pop(worker_id, None)
+    elif type_ == "SessionForked":
+        state.overrides = {w: Override.model_validate(o) for w, o in data["overrides"].items()}
     elif type_ == "TaskStarted" and task_id:
-        state.tasks[task_id] = TaskRecord(
-            task_id=task_id,
-            kind=data["kind"],
-            op=data.get("op"),
-            worker_id=worker_id,
-            started_at=ts,
-            session_id=state.session_id,
-        )
+        state.running[task_id] = apply_task(None, type_, data)  # type: ignore[assignment]
         if data.get("pid") is not None:
             state.owners[task_id] = Owner(
                 host=data["host"], pid=data["pid"], pid_started_at=data["pid_started_at"]
             )
-    elif type_ == "ModelAttemptFailed" and task_id in state.tasks:
-        state.tasks[task_id].attempts.append({"model": data["model"], "error": data["error"]})
-    elif task_id in state.tasks:
-        _finish_task(state.tasks[task_id], type_, data)
-        if state.tasks[task_id].status != "running":
+    elif task_id in state.running:
+        task = apply_task(state.running[task_id], type_, data)
+        if task is not None and task.status != "running":
+            del state.running[task_id]
             state.owners.pop(task_id, None)
+            state.recent[task_id] = task
+            if len(state.recent) > RECENT_TASKS:
+                del state.recent[next(iter(state.recent))]
     return state
 
 
-def _finish_task(task: TaskRecord, type_: str, data: dict[str, Any]) -> None:
-    if task.status != "running":
-        return  # the first terminal event wins; a late completion after cancel changes nothing
+def apply_task(task: TaskRecord | None, type_: str, data: dict[str, Any]) -> TaskRecord | None:
+    """Fold one event into one task's record (None until its `TaskStarted`). Events that do
+    not change a record (decisions about its model and process) leave it as it is."""
+    if type_ == "TaskStarted":
+        return TaskRecord(
+            task_id=data["task_id"],
+            kind=data["kind"],
+            op=data.get("op"),
+            worker_id=data.get("worker_id"),
+            started_at=_ts(data),
+            session_id=data["session_id"],
+        )
+    if task is None or task.status != "running":
+        return task  # the first terminal event wins; a late completion after cancel is moot
+    if type_ == "ModelAttemptFailed":
+        task.attempts.append({"model": data["model"], "error": data["error"]})
+        return task
     if type_ == "TaskCompleted":
         task.status = "completed"
         task.model = data.get("model")
@@ -207,16 +228,24 @@ def _finish_task(task: TaskRecord, type_: str, data: dict[str, Any]) -> None:
     elif type_ == "TaskCancelled":
         task.status = "cancelled"
     else:
-        return
+        return task
     task.finished_at = _ts(data)
+    return task
 
 
 def _ts(data: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(data["timestamp"])
 
 
-def apply_registry(state: RegistryState, type_: str, data: dict[str, Any]) -> RegistryState:
-    """Fold one registry-stream event."""
+def apply_registry(
+    state: RegistryState,
+    type_: str,
+    data: dict[str, Any],
+    retired: dict[str, RegistryEntry] | None = None,
+) -> RegistryState:
+    """Fold one registry-stream event. A stopped process leaves `state` (nothing brings it
+    back, and the registry must not grow with every process ever run); it moves to
+    `retired` when the caller keeps one (the `registry` and `replay` views do)."""
     ts = _ts(data)
     if type_ == "WorkerSpawnRequested":
         state.claims[data["claim_id"]] = Claim(
@@ -270,6 +299,10 @@ def apply_registry(state: RegistryState, type_: str, data: dict[str, Any]) -> Re
         if status is not None and status in _NEXT_STATUS[entry.status]:
             entry.status = status
         entry.updated_at = ts
+        if entry.status == "stopped":
+            del state.entries[entry.instance_id]
+            if retired is not None:
+                retired[entry.instance_id] = entry
     return state
 
 
@@ -314,21 +347,8 @@ def apply_memory(state: MemoryState, type_: str, data: dict[str, Any]) -> Memory
     return state
 
 
-SESSION_TYPES = frozenset(
-    {
-        "SessionOpened",
-        "WorkerModelSet",
-        "WorkerModelReset",
-        "TaskStarted",
-        "TaskQueued",
-        "ModelResolved",
-        "TaskCompleted",
-        "ModelAttemptFailed",
-        "TaskFailed",
-        "TaskCancelled",
-    }
-)
-MEMORY_TYPES = frozenset({"MemoryPut", "MemoryLinked", "MemoryDone"})
+SESSION_TYPES = types_of("session")
+MEMORY_TYPES = types_of("memory")
 
 
 class ModelsState(BaseModel):
@@ -344,15 +364,20 @@ def apply_models(state: ModelsState, type_: str, data: dict[str, Any]) -> Models
     return state
 
 
-MODELS_TYPES = frozenset({"ModelCooledDown"})
+MODELS_TYPES = types_of("models")
+REGISTRY_TYPES = types_of("registry")
 
 
 class LogState(BaseModel):
-    """The whole log folded: what `events.replay` returns."""
+    """The whole log folded: what `events.replay` returns. `sessions` and `registry` are
+    exactly the live states; `tasks` (every task) and `retired` (stopped processes) are
+    what they leave out to stay light, kept here for the `replay` view."""
 
     position: int = 0
     registry: RegistryState = Field(default_factory=RegistryState)
+    retired: dict[str, RegistryEntry] = Field(default_factory=dict)
     sessions: dict[str, SessionState] = Field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
     memory: MemoryState = Field(default_factory=MemoryState)
     models: ModelsState = Field(default_factory=ModelsState)
 
@@ -363,11 +388,16 @@ def apply(state: LogState, position: int, type_: str, data: dict[str, Any]) -> L
         sid = data["session_id"]
         session = state.sessions.get(sid) or SessionState(session_id=sid)
         state.sessions[sid] = apply_session(session, type_, data)
+        task_id = data.get("task_id")
+        if task_id is not None:
+            task = apply_task(state.tasks.get(task_id), type_, data)
+            if task is not None:
+                state.tasks[task_id] = task
     elif type_ in MEMORY_TYPES:
         apply_memory(state.memory, type_, data)
     elif type_ in MODELS_TYPES:
         apply_models(state.models, type_, data)
-    else:
-        apply_registry(state.registry, type_, data)
+    elif type_ in REGISTRY_TYPES:
+        apply_registry(state.registry, type_, data, state.retired)
     state.position = position
     return state

@@ -1,10 +1,14 @@
 """The one event log, stored through the `eventsourcing` library's recorders.
 
-Streams are named (`session:<id>`, `registry`, `memory`). Appending to a stream at an expected
-version is the only write; a concurrent writer that got there first makes it raise
-`StreamConflict`, which is how decisions across threads, processes and hosts are serialised.
-Every appended event also gets a position in one total order (the notification log), which is
-what `events`, `replay` and `explain` read.
+Streams are named (`session:<id>`, `registry`, `memory`, `models`, `config`). Appending to a
+stream at an expected version is the only write; a concurrent writer that got there first
+makes it raise `StreamConflict`, which is how decisions across threads, processes and hosts
+are serialised. Every appended event also gets a position in one total order (the
+notification log), which is what `events`, `replay` and `explain` read.
+
+Each event also gets a row in an index (`event_index`: position, stream, type, session,
+worker, task) written in the same transaction, so a filtered read (one task, one worker,
+one type) costs what it returns, not the log's length (ADR-0007).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,15 +28,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import orjson
 import psycopg
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
+    Notification,
     PersistenceError,
     StoredEvent,
 )
+from eventsourcing.popo import POPOApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
 from eventsourcing.utils import Environment
 from pydantic import BaseModel
 
@@ -54,8 +64,12 @@ class StreamConflict(RuntimeError):
 _STORE_FAILURES = (PersistenceError, OSError, sqlite3.Error, psycopg.Error)
 MARKER_TABLE = "orchestrator_store"
 STORE_FORMAT = 1
-OUR_STREAMS = ("session:", "registry", "memory", "models")
+OUR_STREAMS = ("session:", "registry", "memory", "models", "config")
+INDEX_TABLE = "event_index"
+# (stream, type, session_id, worker_id, task_id) of one event: its index row, less position
+IndexRow = tuple[str, str, str | None, str | None, str | None]
 DEFAULT_TIMEOUT = 30
+POLL_EVERY = 0.3  # seconds between looks at a store that cannot push (events --follow)
 
 
 @contextmanager
@@ -110,8 +124,7 @@ def _encode(event: Event) -> bytes:
 
 
 def _decode(topic: str, state: bytes) -> dict[str, Any]:
-    # We always write UTF-8: decoding first skips json's per-call encoding detection.
-    data: dict[str, Any] = json.loads(state.decode())
+    data: dict[str, Any] = orjson.loads(state)
     return upcast(topic, data)
 
 
@@ -140,13 +153,20 @@ class EventLog:
         self.kind, env = _environment(self.url)
         self._env = env
         self._leases: dict[str, psycopg.Connection[Any]] = {}
+        self._listener: psycopg.Connection[Any] | None = None
         try:
             with _schema_lock(env):
                 _check_marker(self.url, env)
                 self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
-                self._recorder: ApplicationRecorder = self._factory.application_recorder()
+                self._recorder: ApplicationRecorder = (
+                    _IndexedPOPORecorder()
+                    if self.kind == "memory"
+                    else self._factory.application_recorder()
+                )
                 self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
                 _write_marker(env)  # DDL too: under the same lock
+                self._index = _index_of(self._recorder)
+                self._index.backfill()  # a store written before the index existed
             self._recorder.max_notification_id()  # fail now, not at the first real read
         except _STORE_FAILURES as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
@@ -172,9 +192,14 @@ class EventLog:
             for stream, events, expected_version in batches
             for i, event in enumerate(events)
         ]
+        index: list[IndexRow] = [
+            (stream, event.type_name(), event.session_id, event.worker_id, event.task_id)
+            for stream, events, _ in batches
+            for event in events
+        ]
         try:
             with _guarded(self.url, "writing"):
-                positions = self._recorder.insert_events(stored)
+                positions = self._recorder.insert_events(stored, index=index)
         except IntegrityError as exc:
             streams = ", ".join(b[0] for b in batches)
             raise StreamConflict(f"another writer appended to {streams} first") from exc
@@ -192,6 +217,12 @@ class EventLog:
         with _guarded(self.url, "reading"):
             rows = self._recorder.select_events(stream, gt=after or None)
         return [StreamEvent(s.originator_version, s.topic, _decode(s.topic, s.state)) for s in rows]
+
+    def stream_version(self, stream: str) -> int:
+        """The newest version of a stream (0 when it has no events)."""
+        with _guarded(self.url, "reading"):
+            rows = self._recorder.select_events(stream, desc=True, limit=1)
+        return rows[0].originator_version if rows else 0
 
     def read_log(
         self,
@@ -219,10 +250,68 @@ class EventLog:
         """The public `EventRecord`s of `read_log`."""
         return [record_from(p, t, d) for p, t, d in self.read_log(after, until, types)]
 
+    def select(
+        self,
+        where: Filter | None = None,
+        after: int = 0,
+        until: int | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+        page: int = 500,
+    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """(position, type, data) of the events that match `where`, through the index: the
+        store does the filtering and rows stream in pages, so the cost is what matches."""
+        where = where or Filter()
+        left = limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            with _guarded(self.url, "reading"):
+                batch = self._index.select(where, after, until, size, newest_first)
+            for position, topic, state in batch:
+                yield position, topic, _decode(topic, state)
+            if len(batch) < size:
+                return
+            if left is not None:
+                left -= len(batch)
+            if newest_first:
+                until = batch[-1][0] - 1
+            else:
+                after = batch[-1][0]
+
+    def task_events(self, task_id: str) -> list[tuple[int, str, dict[str, Any]]]:
+        """Every event about one task (its session's and the registry's), in log order."""
+        return list(self.select(Filter(task_id=task_id)))
+
     def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""
         with _guarded(self.url, "reading"):
             return self._recorder.max_notification_id() or 0
+
+    def wait_for_events(self, after: int, timeout: float) -> bool:
+        """Block until an event lands after position `after`, or `timeout` seconds pass;
+        True if one did. PostgreSQL pushes (LISTEN/NOTIFY on the channel its recorder
+        notifies on every insert); SQLite files and the memory store are polled."""
+        if self.head() > after:
+            return True
+        if not isinstance(self._recorder, IndexedPostgresRecorder):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                time.sleep(min(POLL_EVERY, max(0.0, deadline - time.monotonic())))
+                if self.head() > after:
+                    return True
+            return False
+        with _guarded(self.url, "listening"):
+            if self._listener is None:
+                from psycopg import sql
+
+                self._listener = _connect(self._env)
+                channel = sql.Identifier(self._recorder.channel_name)
+                self._listener.execute(sql.SQL("LISTEN {}").format(channel))
+                if self.head() > after:  # landed before we listened
+                    return True
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                break
+        return self.head() > after
 
     # --- snapshots -------------------------------------------------------------------------
 
@@ -288,7 +377,227 @@ class EventLog:
         for conn in self._leases.values():
             conn.close()
         self._leases.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self._factory.close()
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What an indexed read selects; every given field must match (None: any)."""
+
+    session_id: str | None = None
+    worker_id: str | None = None
+    task_id: str | None = None
+    stream: str | None = None
+    types: tuple[str, ...] = ()
+
+    def matches(self, row: IndexRow) -> bool:
+        """Does an index row pass this filter? (The memory store's way; SQL elsewhere.)"""
+        stream, topic, session_id, worker_id, task_id = row
+        return (
+            self.session_id in (None, session_id)
+            and self.worker_id in (None, worker_id)
+            and self.task_id in (None, task_id)
+            and self.stream in (None, stream)
+            and (not self.types or topic in self.types)
+        )
+
+
+Selected = list[tuple[int, str, bytes]]
+
+
+class _Index:
+    """The event index of one store: written with the events, read by `EventLog.select`."""
+
+    def select(
+        self, where: Filter, after: int, until: int | None, limit: int, newest_first: bool
+    ) -> Selected:
+        raise NotImplementedError
+
+    def backfill(self) -> None:
+        """Index events written before the index existed (a no-op once caught up)."""
+
+
+def _index_row(n: Notification) -> IndexRow:
+    data = orjson.loads(n.state)
+    return (
+        str(n.originator_id),
+        n.topic,
+        data.get("session_id"),
+        data.get("worker_id"),
+        data.get("task_id"),
+    )
+
+
+class _SQLIndex(_Index):
+    """The index table of SQLite and PostgreSQL; `mark` is the driver's placeholder."""
+
+    def __init__(self, recorder: ApplicationRecorder, prefix: str, mark: str) -> None:
+        self.recorder = recorder
+        self.prefix = prefix
+        self.mark = mark
+        self.rowid = "rowid" if mark == "?" else "notification_id"
+        self.events = str(recorder.events_table_name)  # type: ignore[attr-defined]
+
+    def _transaction(self, commit: bool) -> Any:
+        datastore: SQLiteDatastore | PostgresDatastore = self.recorder.datastore  # type: ignore[attr-defined]
+        return datastore.transaction(commit=commit)
+
+    def select(
+        self, where: Filter, after: int, until: int | None, limit: int, newest_first: bool
+    ) -> Selected:
+        m, clauses = self.mark, [f"i.position > {self.mark}"]
+        params: list[Any] = [after]
+        if until is not None:
+            clauses.append(f"i.position <= {m}")
+            params.append(until)
+        for column in ("session_id", "worker_id", "task_id", "stream"):
+            value = getattr(where, column)
+            if value is not None:
+                clauses.append(f"i.{column} = {m}")
+                params.append(value)
+        if where.types:
+            clauses.append(f"i.topic IN ({', '.join(m for _ in where.types)})")
+            params.extend(where.types)
+        order = "DESC" if newest_first else "ASC"
+        sql = (
+            f"SELECT e.{self.rowid} AS position, e.topic AS topic, e.state AS state "
+            f"FROM {self.prefix}{INDEX_TABLE} i JOIN {self.prefix}{self.events} e "
+            f"ON e.{self.rowid} = i.position WHERE {' AND '.join(clauses)} "
+            f"ORDER BY i.position {order} LIMIT {m}"
+        )
+        with self._transaction(commit=False) as c:
+            c.execute(sql, [*params, limit])
+            return [(r["position"], r["topic"], bytes(r["state"])) for r in c.fetchall()]
+
+    def backfill(self) -> None:
+        with self._transaction(commit=False) as c:
+            c.execute(
+                f"SELECT (SELECT max({self.rowid}) FROM {self.prefix}{self.events}) AS events, "
+                f"(SELECT max(position) FROM {self.prefix}{INDEX_TABLE}) AS indexed"
+            )
+            row = c.fetchone()
+        start, head = row["indexed"] or 0, row["events"] or 0
+        while start < head:
+            batch = self.recorder.select_notifications(start, 1000, inclusive_of_start=False)
+            if not batch:
+                return
+            with self._transaction(commit=True) as c:
+                c.executemany(
+                    _insert_index_sql(self.prefix, self.mark, ignore=True),
+                    [(n.id, *_index_row(n)) for n in batch],
+                )
+            start = batch[-1].id
+
+
+def _insert_index_sql(prefix: str, mark: str, ignore: bool = False) -> str:
+    marks = ", ".join(mark for _ in range(6))
+    sql = f"INSERT INTO {prefix}{INDEX_TABLE} VALUES ({marks})"
+    if ignore:
+        sql += " ON CONFLICT (position) DO NOTHING"
+    return sql
+
+
+def _index_ddl(prefix: str, position_type: str) -> list[str]:
+    table = f"{prefix}{INDEX_TABLE}"
+    ddl = [
+        f"CREATE TABLE IF NOT EXISTS {table} (position {position_type} PRIMARY KEY, "
+        "stream TEXT NOT NULL, topic TEXT NOT NULL, session_id TEXT, worker_id TEXT, "
+        "task_id TEXT)"
+    ]
+    for column in ("session_id", "worker_id", "task_id", "stream", "topic"):
+        ddl.append(
+            f"CREATE INDEX IF NOT EXISTS {INDEX_TABLE}_{column} ON {table} ({column}, position)"
+        )
+    return ddl
+
+
+def _index_rows(positions: Sequence[int] | None, kwargs: dict[str, Any]) -> list[tuple[Any, ...]]:
+    rows: list[IndexRow] = kwargs.get("index") or []
+    return [(p, *row) for p, row in zip(positions or [], rows, strict=True)]
+
+
+class IndexedSQLiteRecorder(SQLiteApplicationRecorder):
+    """SQLite's recorder, writing each event's index row in the events' transaction."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        """The events table, then the index table and its indexes."""
+        return [*super().construct_create_table_statements(), *_index_ddl("", "INTEGER")]
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        positions = super()._insert_events(c, stored_events, **kwargs)
+        c.executemany(_insert_index_sql("", "?"), _index_rows(positions, kwargs))
+        return positions
+
+
+class IndexedPostgresRecorder(PostgresApplicationRecorder):
+    """PostgreSQL's recorder, writing each event's index row in the events' transaction."""
+
+    def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        from psycopg.sql import SQL
+
+        self._prefix = f'"{datastore.schema}".' if datastore.schema else ""
+        for statement in _index_ddl(self._prefix, "BIGINT"):
+            self.sql_create_statements.append(SQL(statement))  # type: ignore[arg-type]
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        positions = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+        curs.executemany(_insert_index_sql(self._prefix, "%s"), _index_rows(positions, kwargs))
+        return positions
+
+
+class _IndexedPOPORecorder(POPOApplicationRecorder):
+    """The memory store's recorder, keeping its index rows in a list beside the events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index_rows: list[IndexRow] = []
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        with self._database_lock:  # reentrant: the events and their rows land together
+            positions = super().insert_events(stored_events, **kwargs)
+            self.index_rows.extend(kwargs.get("index") or [])
+        return positions
+
+
+class _MemoryIndex(_Index):
+    def __init__(self, recorder: _IndexedPOPORecorder) -> None:
+        self.recorder = recorder
+
+    def select(
+        self, where: Filter, after: int, until: int | None, limit: int, newest_first: bool
+    ) -> Selected:
+        r = self.recorder
+        with r._database_lock:
+            last = len(r.index_rows) if until is None else min(until, len(r.index_rows))
+            span = range(last, after, -1) if newest_first else range(after + 1, last + 1)
+            found: Selected = []
+            for position in span:
+                if where.matches(r.index_rows[position - 1]):
+                    s = r._stored_events[position - 1]
+                    found.append((position, s.topic, s.state))
+                    if len(found) == limit:
+                        break
+            return found
+
+
+def _index_of(recorder: ApplicationRecorder) -> _Index:
+    if isinstance(recorder, _IndexedPOPORecorder):
+        return _MemoryIndex(recorder)
+    if isinstance(recorder, IndexedSQLiteRecorder):
+        return _SQLIndex(recorder, "", "?")
+    if isinstance(recorder, IndexedPostgresRecorder):
+        return _SQLIndex(recorder, recorder._prefix, "%s")
+    raise TypeError(f"no event index for {type(recorder).__name__}")
 
 
 def _log_fields(event: Event) -> dict[str, Any]:
@@ -334,6 +643,7 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
             "SQLITE_LOCK_TIMEOUT": str(timeout),
             "ORIGINATOR_ID_TYPE": "text",
             "CREATE_TABLE": "y",
+            "APPLICATION_RECORDER_TOPIC": "events.store:IndexedSQLiteRecorder",
         }
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql", _postgres_env(url)
@@ -483,6 +793,7 @@ def _postgres_env(url: str) -> dict[str, str]:
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(_timeout(url, query)),
         "ORIGINATOR_ID_TYPE": "text",
         "CREATE_TABLE": "y",
+        "APPLICATION_RECORDER_TOPIC": "events.store:IndexedPostgresRecorder",
     }
     if "schema" in query:
         env["POSTGRES_SCHEMA"] = query["schema"][0]

@@ -18,9 +18,21 @@ Op = Literal[
     "worker.model.reset",
     "worker.spawn",
     "worker.stop",
+    "session.fork",
 ]
 View = Literal[
-    "tasks", "workers", "registry", "models", "profiles", "memory", "events", "replay", "explain"
+    "tasks",
+    "workers",
+    "registry",
+    "models",
+    "profiles",
+    "memory",
+    "events",
+    "replay",
+    "explain",
+    "usage",
+    "whatif",
+    "diff",
 ]
 
 
@@ -98,14 +110,27 @@ class WorkerPayload(_Args):
     force_new: bool = Field(False, description="worker.spawn: never reuse a running process.")
 
 
+class SessionPayload(_Args):
+    """The payload of `session.fork`."""
+
+    from_session_id: str = Field(
+        pattern=ID_PATTERN, description="session.fork (required): the session to fork from."
+    )
+    position: int = Field(
+        ge=0,
+        description="session.fork (required): the log position whose overrides the new "
+        "session starts with (see task_list(view='events')).",
+    )
+
+
 class TaskStartArgs(_Args):
     """Start a task on the LLM worker orchestrator.
 
     `kind="worker"` sends `task` (a prompt) to the worker `worker_id` and needs both; the
     reply is read with task_await. `kind="op"` runs an operation named by `op` with its
     payload: `memory` for memory.put/link/done, `worker` for worker.model.set/reset,
-    worker.spawn and worker.stop. Keys may be snake_case or camelCase. The call returns at
-    once with a task id; await it for the result.
+    worker.spawn and worker.stop, `session` for session.fork. Keys may be snake_case or
+    camelCase. The call returns at once with a task id; await it for the result.
     """
 
     model_config = ConfigDict(
@@ -159,6 +184,10 @@ class TaskStartArgs(_Args):
     worker: WorkerPayload | None = Field(
         None, description="kind=op, op=worker.*: which worker and what to do with it."
     )
+    session: SessionPayload | None = Field(
+        None,
+        description="kind=op, op=session.fork: the session and log position to fork from.",
+    )
 
 
 _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -169,10 +198,11 @@ _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker.model.reset": ("worker", ("worker_id",)),
     "worker.spawn": ("worker", ("worker_id",)),
     "worker.stop": ("worker", ("worker_id",)),
+    "session.fork": ("session", ("from_session_id", "position")),
 }
 _KIND_FIELDS = {
     "worker": ("worker_id", "task", "model", "auto_spawn", "force_new", "attachments", "tools"),
-    "op": ("op", "memory", "worker"),
+    "op": ("op", "memory", "worker", "session"),
 }
 
 
@@ -214,9 +244,11 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
                 for f in fields
                 if getattr(payload_obj, f) is None
             ]
-        unused = "worker" if group == "memory" else "memory"
-        if unused in args.model_fields_set:
-            problems.append(f'{unused}: does not belong to op "{args.op}" (use {group})')
+        problems += [
+            f'{unused}: does not belong to op "{args.op}" (use {group})'
+            for unused in ("memory", "worker", "session")
+            if unused != group and unused in args.model_fields_set
+        ]
     if problems:
         raise InvalidTaskArgs(_paragraph(problems))
     return args
@@ -229,7 +261,7 @@ def _both_spellings(payload: dict[str, Any], prefix: str = "") -> list[str]:
         camel = to_camel(key)
         if camel != key and camel in payload:
             problems.append(f"{prefix}{key}: given twice, as {key} and {camel}; give one")
-        if isinstance(value, dict) and key in ("memory", "worker"):
+        if isinstance(value, dict) and key in ("memory", "worker", "session"):
             problems += _both_spellings(value, f"{key}.")
     return problems
 

@@ -10,10 +10,10 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -167,6 +167,7 @@ _QUIET = {
     "response",
     "result",
     "identity",
+    "config",
 }
 
 
@@ -345,18 +346,25 @@ def events_cmd(
     session_filter: Annotated[
         str | None, typer.Option("--session", metavar="ID", help="Only this session.")
     ] = None,
+    task: Annotated[str | None, typer.Option(metavar="ID", help="Only this task.")] = None,
     since: Annotated[
         int, typer.Option(metavar="N", min=0, help="Only events after this position.")
     ] = 0,
+    until: Annotated[
+        int | None, typer.Option(metavar="N", min=0, help="Only events up to this position.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(metavar="N", min=1, help="At most N events (oldest first).")
+    ] = None,
     follow: Annotated[
         bool, typer.Option("--follow", metavar="", help="Keep printing new events.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The event log, filtered."""
-    filters = {"worker_id": worker, "type": type_, "session_id": session_filter}
+    """The event log, filtered in the store."""
+    filters = {"worker_id": worker, "type": type_, "session_id": session_filter, "task_id": task}
     with session(ctx) as orch:
-        rows = orch.task_list(view="events", since=since, **filters)
+        rows = orch.task_list(view="events", since=since, until=until, limit=limit, **filters)
         if not follow:
             emit(rows, as_json, EVENT_COLUMNS)
             return
@@ -365,13 +373,12 @@ def events_cmd(
         typer.echo(f"following events after position {last} (Ctrl-C to stop)", err=True)
         try:
             while True:
-                time.sleep(0.3)
-                head = orch.log.head()
-                if head <= last:
+                if not orch.log.wait_for_events(last, timeout=5.0):
                     continue
-                rows = orch.task_list(view="events", since=last, **filters)
+                head = orch.log.head()
                 # Events appended after `head` was read come again next time: print up to it.
-                _print_stream([r for r in rows if r.position <= head], as_json)
+                rows = orch.task_list(view="events", since=last, until=head, **filters)
+                _print_stream(rows, as_json)
                 last = head
         except KeyboardInterrupt:
             return
@@ -394,12 +401,26 @@ def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
 def replay(
     ctx: typer.Context,
     until: Annotated[
-        int,
+        int | None,
         typer.Option(metavar="N", min=0, help="Log position to replay up to (inclusive)."),
-    ],
+    ] = None,
+    check_: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            metavar="",
+            help="Re-run every recorded model decision on its recorded configuration.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Registry, session overrides and tasks as of log position N."""
+    """Registry, session overrides and tasks as of log position N; or, with --check,
+    whether every recorded model decision still comes out the same (exit 1 if not)."""
+    if check_:
+        _replay_check(ctx, as_json)
+        return
+    if until is None:
+        raise fail("replay needs --until N (a log position) or --check")
     view = one_row(ctx, as_json, "replay", until=until)
     if view is None:
         return
@@ -422,6 +443,113 @@ def replay(
         ["task_id", "session_id", "kind", "op", "worker_id", "status", "model"],
         title="tasks",
     )
+
+
+def _replay_check(ctx: typer.Context, as_json: bool) -> None:
+    from orchestrator import history
+
+    with session(ctx) as orch:
+        report = history.check(orch.log)
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        for d in report.differences:
+            out.print(
+                f"position {d.position} task {d.task_id} ({d.session_id}/{d.worker_id}): "
+                f"{printable(d.detail)}",
+                markup=False,
+            )
+        skipped = f" ({report.unchecked} recorded without a configuration, not checked)"
+        tail = skipped if report.unchecked else ""
+        if report.ok:
+            out.print(f"ok: {report.reproduced} decisions reproduced{tail}", markup=False)
+        else:
+            out.print(
+                f"{len(report.differences)} of {report.checked} decisions came out "
+                f"differently{tail}",
+                markup=False,
+            )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def whatif(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path, typer.Option("--config", metavar="FILE", help="The configuration to try.")
+    ],
+    session_filter: Annotated[
+        str | None, typer.Option("--session", metavar="ID", help="Only this session's tasks.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which model each recorded worker task would get under another configuration."""
+    with session(ctx) as orch:
+        rows = orch.task_list(view="whatif", config=config_file, session_id=session_filter)
+    emit(
+        rows,
+        as_json,
+        ["task_id", "worker_id", "served_model", "whatif_model", "changed", "reason"],
+    )
+
+
+@app.command()
+def fork(
+    ctx: typer.Context,
+    from_session: Annotated[str, typer.Argument(metavar="SESSION", help="A session id.")],
+    at: Annotated[
+        int, typer.Option("--at", metavar="N", min=0, help="The log position to fork at.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a new session with SESSION's overrides as of position N; prints its id."""
+    with session(ctx) as orch:
+        handle = orch.task_start(
+            kind="op", op="session.fork", session={"from_session_id": from_session, "position": at}
+        )
+        rec = orch.task_await(handle.task_id, timeout=30)
+    if rec.status != "completed" or rec.result is None:
+        typer.echo(printable(rec.error or f"fork {rec.status}"), err=True)
+        raise typer.Exit(1)
+    if as_json:
+        out.print_json(json.dumps(rec.result))
+    else:
+        out.print(rec.result["session_id"], markup=False)
+
+
+@app.command("diff")
+def diff_cmd(
+    ctx: typer.Context,
+    since: Annotated[int, typer.Argument(metavar="N", min=0, help="From this position.")],
+    until: Annotated[
+        int | None, typer.Argument(metavar="M", min=0, help="To this position (default: now).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What changed (overrides, registry processes, tasks) between positions N and M."""
+    with session(ctx) as orch:
+        rows = orch.task_list(view="diff", since=since, until=until)
+    if as_json:
+        emit(rows, True, [])
+        return
+    for row in rows:
+        out.print(f"{row.change:<8} {row.scope:<9} {row.key}  {_changed(row)}", markup=False)
+    if not rows:
+        out.print(f"nothing changed between positions {since} and {until or 'now'}")
+
+
+def _changed(row: Any) -> str:
+    """The fields that differ, `field: before -> after` (whole rows only when added or
+    removed, where the key says enough)."""
+    if row.before is None or row.after is None:
+        return ""
+    parts = [
+        f"{k}: {_cell(row.before.get(k))} -> {_cell(row.after.get(k))}"
+        for k in sorted(row.before.keys() | row.after.keys())
+        if row.before.get(k) != row.after.get(k)
+    ]
+    return printable("; ".join(parts))
 
 
 def one_row(ctx: typer.Context, as_json: bool, view: str, **filters: Any) -> Any:

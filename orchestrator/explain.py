@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from events.catalogue import TERMINAL_TASK_EVENTS, types_of
 from events.projections import LogState, Override, RegistryEntry, TaskRecord
 from events.store import EventRecord
 
@@ -104,11 +105,10 @@ def replay_view(state: LogState) -> ReplayView:
         for sid, session in sorted(state.sessions.items())
         for o in session.overrides.values()
     ]
-    tasks = sorted(
-        (t for s in state.sessions.values() for t in s.tasks.values()),
-        key=lambda t: t.started_at,
+    tasks = sorted(state.tasks.values(), key=lambda t: t.started_at)
+    registry = sorted(
+        [*state.registry.entries.values(), *state.retired.values()], key=lambda e: e.started_at
     )
-    registry = sorted(state.registry.entries.values(), key=lambda e: e.started_at)
     return ReplayView(position=state.position, registry=registry, overrides=overrides, tasks=tasks)
 
 
@@ -118,48 +118,44 @@ def _override_fields(o: Override) -> dict[str, Any]:
     )
 
 
-def override_in_force(
-    records: list[EventRecord], session_id: str, worker_id: str, before: int
-) -> OverrideCause | None:
-    """The session's last `WorkerModelSet` for the worker before `before`, unless reset."""
-    cause = None
-    for r in records:
-        if r.position >= before:
-            break
-        if r.session_id != session_id or r.worker_id != worker_id:
-            continue
-        if r.type == "WorkerModelSet":
-            cause = OverrideCause(
-                position=r.position,
-                timestamp=r.timestamp,
-                session_id=session_id,
-                model_ref=r.data["model_ref"],
-                resolved_model=r.data["resolved_model"],
-                model_policy=r.data["model_policy"],
-                reason=r.data["reason"],
-            )
-        elif r.type == "WorkerModelReset":
-            cause = None
-    return cause
+def override_cause(record: EventRecord | None, worker_id: str) -> OverrideCause | None:
+    """The override a session's newest override event (of `OVERRIDE_TYPES`) left in force."""
+    if record is None:
+        return None
+    data = record.data
+    if record.type == "SessionForked":
+        data = data["overrides"].get(worker_id)
+        if data is None:
+            return None
+    elif record.type != "WorkerModelSet":
+        return None
+    return OverrideCause(
+        position=record.position,
+        timestamp=record.timestamp,
+        session_id=str(record.session_id),
+        model_ref=data["model_ref"],
+        resolved_model=data["resolved_model"],
+        model_policy=data["model_policy"],
+        reason=data["reason"],
+    )
 
 
-def explain_task(records: list[EventRecord], task_id: str) -> TaskExplanation | None:
-    """Explain a task from the whole log; None if no such task was started."""
-    chain = [r for r in records if r.task_id == task_id]
+def explain_task(
+    chain: list[EventRecord], override: EventRecord | None = None
+) -> TaskExplanation | None:
+    """Explain a task from its own events (`chain`, in log order) and, when its model came
+    from the session, the override event in force when it was resolved; None if no such
+    task was started."""
     started = next((r for r in chain if r.type == "TaskStarted"), None)
     if started is None:
         return None
     resolved = next((r for r in chain if r.type == "ModelResolved"), None)
-    end = next(
-        (r for r in chain if r.type in ("TaskCompleted", "TaskFailed", "TaskCancelled")), None
-    )
-    override = None
+    end = next((r for r in chain if r.type in TERMINAL_TASK_EVENTS), None)
+    cause = None
     if resolved is not None and resolved.data["source"] == "session":
-        override = override_in_force(
-            records, str(started.session_id), str(started.worker_id), resolved.position
-        )
-        if override is not None:
-            chain = sorted([*chain, *_at(records, override.position)], key=lambda r: r.position)
+        cause = override_cause(override, str(started.worker_id))
+        if cause is not None and override is not None:
+            chain = sorted([*chain, override], key=lambda r: r.position)
     rejections = [
         Rejection(
             instance_id=r.data["instance_id"],
@@ -176,7 +172,7 @@ def explain_task(records: list[EventRecord], task_id: str) -> TaskExplanation | 
         "TaskCancelled": "cancelled",
     }.get(end.type if end else "", "running")
     expl = TaskExplanation(
-        task_id=task_id,
+        task_id=str(started.task_id),
         session_id=started.session_id,
         worker_id=started.worker_id,
         status=status,
@@ -185,7 +181,7 @@ def explain_task(records: list[EventRecord], task_id: str) -> TaskExplanation | 
         model_ref=resolved.data["model_ref"] if resolved else None,
         model_policy=resolved.data["model_policy"] if resolved else None,
         resolver_reason=resolved.data["reason"] if resolved else None,
-        override=override,
+        override=cause,
         process=process,
         rejections=rejections,
         error=end.data.get("error") if end else None,
@@ -194,10 +190,6 @@ def explain_task(records: list[EventRecord], task_id: str) -> TaskExplanation | 
     )
     expl.summary = _task_summary(expl, started)
     return expl
-
-
-def _at(records: list[EventRecord], position: int) -> list[EventRecord]:
-    return [r for r in records if r.position == position]
 
 
 def _process_cause(chain: list[EventRecord], end: EventRecord | None) -> ProcessCause:
@@ -270,16 +262,5 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
     return lines
 
 
-def worker_history(records: list[EventRecord], worker_id: str) -> list[EventRecord]:
-    """Registry lifecycle events of a worker's processes, oldest first."""
-    kinds = {
-        "WorkerSpawnRequested",
-        "WorkerSpawned",
-        "WorkerReady",
-        "WorkerSpawnFailed",
-        "WorkerReused",
-        "WorkerReuseRejected",
-        "WorkerStopped",
-        "WorkerExited",
-    }
-    return [r for r in records if r.worker_id == worker_id and r.type in kinds]
+# The registry events of a worker's process history (`explain worker`).
+HISTORY_TYPES = tuple(sorted(types_of("registry") - {"WorkerDraining"}))

@@ -17,11 +17,12 @@ from events.catalogue import (
     MemoryDone,
     MemoryLinked,
     MemoryPut,
+    SessionForked,
     WorkerModelReset,
     WorkerModelSet,
 )
 from events.projections import Override
-from orchestrator.api import MemoryPayload, TaskStartArgs, WorkerPayload
+from orchestrator.api import MemoryPayload, SessionPayload, TaskStartArgs, WorkerPayload
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.resolver import CatalogueModel, ModelDecision, decide_model, resolve
 
@@ -70,6 +71,18 @@ class OpContext(Protocol):
         """Is a process of the worker running?"""
         ...
 
+    def overrides_at(self, session_id: str, position: int) -> dict[str, Override] | None:
+        """A session's overrides as of a log position; None if it had no events by then."""
+        ...
+
+    def head(self) -> int:
+        """The newest log position."""
+        ...
+
+
+class OpError(RuntimeError):
+    """A well-formed op that cannot be done; the message says why (its task ends failed)."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -80,6 +93,8 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     memory: list[Event] = field(default_factory=list)
     act: Callable[[Workers], Result] | None = None
+    # Events for other sessions' streams (a fork's first event), by session id.
+    elsewhere: dict[str, list[Event]] = field(default_factory=dict)
 
 
 def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
@@ -88,6 +103,9 @@ def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
     if args.op.startswith("memory."):
         assert args.memory is not None
         return _MEMORY_OPS[args.op](ctx, task_id, args.memory)
+    if args.op == "session.fork":
+        assert args.session is not None
+        return fork(ctx, task_id, args.session)
     assert args.worker is not None
     return _WORKER_OPS[args.op](ctx, task_id, args.worker)
 
@@ -187,6 +205,44 @@ def _with_respawn(
         return {**result, "running": workers.running(w.worker_id), "respawned": respawned}
 
     return Decision(events=[event], act=respawn)
+
+
+# --- session fork ---------------------------------------------------------------------------
+
+
+def fork(ctx: OpContext, task_id: str, s: SessionPayload) -> Decision:
+    """Start a new session whose overrides are those of another as of a log position."""
+    head = ctx.head()
+    if s.position > head:
+        raise OpError(
+            f"session.fork: position {s.position} is past the end of the log (the newest "
+            f"position is {head})."
+        )
+    overrides = ctx.overrides_at(s.from_session_id, s.position)
+    if overrides is None:
+        raise OpError(
+            f'session.fork: session "{s.from_session_id}" has no events at or before position '
+            f"{s.position}; see task_list(view='events', session_id=...) for its positions."
+        )
+    new_id = f"fork-{task_id.removeprefix('t-')}"  # unique as the task id, and replayable
+    dumped = {w: o.model_dump(mode="json") for w, o in sorted(overrides.items())}
+    forked = SessionForked(
+        session_id=new_id,
+        task_id=task_id,
+        from_session_id=s.from_session_id,
+        position=s.position,
+        overrides=dumped,
+    )
+    result = {
+        "session_id": new_id,
+        "from_session_id": s.from_session_id,
+        "position": s.position,
+        "overrides": {
+            w: {k: o[k] for k in ("model_ref", "resolved_model", "model_policy")}
+            for w, o in dumped.items()
+        },
+    }
+    return Decision(result, elsewhere={new_id: [forked]})
 
 
 # --- spawn / stop ---------------------------------------------------------------------------

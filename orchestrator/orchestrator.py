@@ -6,7 +6,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from events.catalogue import (
+    ConfigRecorded,
     Event,
     ModelAttemptFailed,
     ModelCooledDown,
@@ -29,19 +30,18 @@ from events.catalogue import (
 )
 from events.logs import get_logger
 from events.projections import (
-    MemoryState,
     ModelsState,
     Override,
     Owner,
-    SessionState,
     TaskRecord,
-    apply_memory,
     apply_models,
 )
-from events.store import EventLog
+from events.reads import CONFIG_STREAM, last_config, overrides_at
+from events.store import EventLog, Filter, record_from
 from events.streams import (
     MEMORY_STREAM,
     MODELS_STREAM,
+    StreamTail,
     StreamView,
     append_together,
     session_view,
@@ -67,6 +67,7 @@ from orchestrator.backends.server import DRAINING_RETRIES, Draining, ServerBacke
 from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
 from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
+from orchestrator.history import recorded_config
 from orchestrator.pool import SpawnError, WorkerPool, WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
 from orchestrator.providers import Completion, ProviderError
@@ -103,7 +104,7 @@ class Orchestrator:
         self._owns_log = owns_log
         self.host = host_id()
         self.session = session_view(log, session_id)
-        self.memory = StreamView(log, MEMORY_STREAM, MemoryState, apply_memory)
+        self.memory = StreamTail(log, MEMORY_STREAM)  # written to, never folded here
         self.pool = WorkerPool(log, log.private_dir("workers"))
         log.hold_host_lease(self.host)
         self.agent = AgentBackend(config, lambda: os.environ)
@@ -124,6 +125,9 @@ class Orchestrator:
         self._traced: dict[str, tuple[int, Override | None]] = {}
         self._closed = False
         self._opened_recorded = False
+        self._config_stream = StreamTail(log, CONFIG_STREAM)
+        self._configs: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
+        self._recorded_digest: str | None = None  # the newest ConfigRecorded, once read
 
     @classmethod
     def open(
@@ -174,13 +178,23 @@ class Orchestrator:
     # --- the log ---------------------------------------------------------------------------
 
     def record(
-        self, *events: Event, memory: Sequence[Event] = (), registry: Sequence[Event] = ()
+        self,
+        *events: Event,
+        memory: Sequence[Event] = (),
+        registry: Sequence[Event] = (),
+        elsewhere: Mapping[str, Sequence[Event]] | None = None,
     ) -> list[int]:
-        """Append facts to this session's stream (and the memory and registry streams) in one
-        transaction, retrying past other writers. The first write of this orchestrator also
-        records `SessionOpened`, so merely looking (views, CLI inspection) leaves the log
-        unchanged."""
+        """Append facts to this session's stream (and the memory, registry and other
+        sessions' streams) in one transaction, retrying past other writers. The first write
+        of this orchestrator also records `SessionOpened`, so merely looking (views, CLI
+        inspection) leaves the log unchanged; a decision made under a configuration the log
+        has not recorded last brings its `ConfigRecorded`."""
         batch = list(events)
+        configs = self._config_events(batch)
+        others = [
+            (StreamTail(self.log, f"session:{sid}"), list(evs))
+            for sid, evs in (elsewhere or {}).items()
+        ]
         with self.session.lock:
             if not self._opened_recorded:
                 self.session.refresh()
@@ -192,11 +206,45 @@ class Orchestrator:
                 )
                 batch.insert(0, opened)
                 self._opened_recorded = True
-            return append_together(
+            positions = append_together(
                 (self.session, batch),
                 (self.memory, list(memory)),
                 (self.pool.registry, list(registry)),
+                (self._config_stream, configs),
+                *others,
             )
+        self._recorded_digest = next(
+            (e.config_digest for e in reversed(configs) if isinstance(e, ConfigRecorded)),
+            self._recorded_digest,
+        )
+        return positions
+
+    def config_digest(self, catalogue: list[CatalogueModel]) -> str:
+        """The digest of this configuration as a decision with `catalogue` sees it."""
+        return self._config_record(catalogue)[0]
+
+    def _config_record(self, catalogue: list[CatalogueModel]) -> tuple[str, dict[str, Any]]:
+        usable = tuple(sorted({row.provider for row in catalogue if row.usable}))
+        found = self._configs.get(usable)
+        if found is None:
+            found = self._configs[usable] = recorded_config(self.config, catalogue)
+        return found
+
+    def _config_events(self, batch: Sequence[Event]) -> list[Event]:
+        """`ConfigRecorded` for the configuration of the decisions in `batch`, unless it is
+        the one the log recorded last (read from the store once per orchestrator)."""
+        digest = next(
+            (e.config_digest for e in batch if isinstance(e, ModelResolved) and e.config_digest),
+            None,
+        )
+        if digest is None or digest == self._recorded_digest:
+            return []
+        if self._recorded_digest is None:
+            self._recorded_digest = last_config(self.log)
+            if digest == self._recorded_digest:
+                return []
+        payload = next(p for d, p in self._configs.values() if d == digest)
+        return [ConfigRecorded(session_id=self.session_id, config_digest=digest, **payload)]
 
     def catalogue(self) -> list[CatalogueModel]:
         """The model catalogue, with usability read from the environment now."""
@@ -236,34 +284,33 @@ class Orchestrator:
         else:
             self._start_worker_task(task_id, args, started)
         # Our own appends are folded already: no read needed for the status.
-        return TaskHandle(task_id=task_id, status=self.session.state.tasks[task_id].status)
+        task = self.session.state.task(task_id)
+        return TaskHandle(task_id=task_id, status=task.status if task else "completed")
 
     def task_peek(self, task_id: str) -> TaskRecord:
-        """The task's record now; never blocks. A task left running by an orchestrator
-        process that is gone is ended `failed` here, naming that process."""
+        """The task's record now, whatever session started it; never blocks. A task left
+        running by an orchestrator process that is gone is ended `failed` here, naming that
+        process."""
         state = self.session.refresh()
-        task = state.tasks.get(task_id)
+        task = state.task(task_id)
         if task is None:
             return views.foreign_task(self, task_id)
-        if task.status == "running" and task_id in state.owners:
-            self.settle(state, task_id)
-            task = self.session.refresh().tasks[task_id]
+        owner = state.owners.get(task_id)
+        if task.status == "running" and self.settle(self.session_id, task_id, owner):
+            return self.task_peek(task_id)
         return task.model_copy()
 
-    def settle(self, state: SessionState, task_id: str) -> None:
-        """End a running task of `state` whose owning orchestrator process is gone."""
-        owner = state.owners.get(task_id)
+    def settle(self, session_id: str, task_id: str, owner: Owner | None) -> bool:
+        """End a running task whose owning orchestrator process is gone; True if it did."""
         if owner is None or self._owner_alive(owner):
-            return
+            return False
         error = (
             f"The orchestrator process that ran this task (pid {owner.pid} on host "
             f"{owner.host}) is gone; the task was ended failed by pid {os.getpid()}. "
             "Start it again."
         )
-        self._record_in(
-            state.session_id,
-            TaskFailed(session_id=state.session_id, task_id=task_id, error=error),
-        )
+        self._record_in(session_id, TaskFailed(session_id=session_id, task_id=task_id, error=error))
+        return True
 
     def _owner_alive(self, owner: Owner) -> bool:
         if (owner.pid, owner.pid_started_at) == own_identity() and owner.host == self.host:
@@ -344,6 +391,14 @@ class Orchestrator:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
         return self._backend(worker_id).running(worker_id)
+
+    def overrides_at(self, session_id: str, position: int) -> dict[str, Override] | None:
+        """A session's overrides as of a log position; None if it had no events by then."""
+        return overrides_at(self.log, session_id, position)
+
+    def head(self) -> int:
+        """The newest log position."""
+        return self.log.head()
 
     def session_decision(self, worker_id: str) -> ModelDecision:
         """The model this session's worker uses when a task names none."""
@@ -455,7 +510,12 @@ class Orchestrator:
             self.record(started, TaskFailed(**ids, error=str(exc)))
             self._wake(task_id)
             return
-        resolved = ModelResolved(**ids, **decision.model_dump(), fingerprint=spec.fingerprint)
+        resolved = ModelResolved(
+            **ids,
+            **decision.model_dump(),
+            fingerprint=spec.fingerprint,
+            config_digest=self.config_digest(catalogue),
+        )
         queued = self._take_slot()
         extra: list[Event] = []
         if queued is not None:
@@ -662,7 +722,7 @@ class Orchestrator:
     def _emit_span(self, task_id: str, since: int, override: Override | None) -> None:
         """The task's span, built from its events in the log since it started (the same
         builder `export-otel` uses, so live and exported spans agree)."""
-        chain = [r for r in self.log.records(after=since - 1) if r.task_id == task_id]
+        chain = [record_from(*e) for e in self.log.select(Filter(task_id=task_id), after=since - 1)]
         cause = None
         if override is not None:
             cause = OverrideCause(
@@ -685,7 +745,7 @@ class Orchestrator:
         try:
             try:
                 decision = ops.decide(self, task_id, args)
-            except (ResolutionError, RuntimeError) as exc:
+            except (ResolutionError, ops.OpError) as exc:
                 self.record(started, TaskFailed(**ids, error=str(exc)))
                 return
             if decision.act is None:  # a pure decision: one atomic append says it all
@@ -694,6 +754,7 @@ class Orchestrator:
                     *decision.events,
                     TaskCompleted(**ids, result=decision.result),
                     memory=decision.memory,
+                    elsewhere=decision.elsewhere,
                 )
                 return
             # Side effects (processes) follow the decision, so the log shows it first.
@@ -715,7 +776,7 @@ class Orchestrator:
         if session_id == self.session_id:
             self.record(event)
             return
-        session_view(self.log, session_id).append([event])
+        append_together((StreamTail(self.log, f"session:{session_id}"), [event]))
 
 
 def _op_worker(args: TaskStartArgs) -> str | None:

@@ -15,8 +15,9 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
+from events.reads import OVERRIDE_TYPES
 from events.store import EventRecord
-from orchestrator.explain import OverrideCause, override_in_force
+from orchestrator.explain import OverrideCause, override_cause
 
 TRACER = "orchestrator"
 
@@ -133,17 +134,22 @@ def task_span(chain: list[EventRecord], override: OverrideCause | None) -> SpanD
 def spans_of_log(records: list[EventRecord], session_id: str | None = None) -> list[SpanData]:
     """The spans of every finished worker task in a recorded log (optionally one session)."""
     chains: dict[str, list[EventRecord]] = {}
+    in_force: dict[tuple[str | None, str | None], EventRecord] = {}  # (session, worker)
+    causes: dict[str, OverrideCause | None] = {}
     for r in records:
+        if r.type in OVERRIDE_TYPES[:2]:
+            in_force[(r.session_id, r.worker_id)] = r
+        elif r.type == "SessionForked":
+            for worker_id in r.data["overrides"]:
+                in_force[(r.session_id, worker_id)] = r
         if r.task_id and (session_id is None or r.session_id == session_id):
             chains.setdefault(r.task_id, []).append(r)
+            if r.type == "ModelResolved":
+                found = in_force.get((r.session_id, r.worker_id))
+                causes[r.task_id] = override_cause(found, str(r.worker_id))
     spans = []
-    for chain in chains.values():
-        started = chain[0]
-        resolved = next((r for r in chain if r.type == "ModelResolved"), chain[-1])
-        override = override_in_force(
-            records, str(started.session_id), str(started.worker_id), resolved.position
-        )
-        span = task_span(chain, override)
+    for task_id, chain in chains.items():
+        span = task_span(chain, causes.get(task_id))
         if span is not None:
             spans.append(span)
     return spans

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from events.catalogue import EVENT_TYPES
 from events.projections import RegistryEntry, TaskRecord
+from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
 from events.replay import replay as replay_log
-from events.store import EventRecord
-from events.streams import session_view
+from events.store import EventLog, EventRecord, Filter, record_from
+from events.streams import memory_view
+from orchestrator import history
 from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
+from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.explain import (
+    HISTORY_TYPES,
     ReplayView,
     TaskExplanation,
     WorkerExplanation,
     explain_task,
-    override_in_force,
+    override_cause,
     replay_view,
-    worker_history,
 )
+from orchestrator.history import DiffRow, WhatIfRow
 from orchestrator.resolver import CatalogueModel, ResolutionError, did_you_mean
 
 if TYPE_CHECKING:
@@ -29,10 +35,10 @@ if TYPE_CHECKING:
 
 def tasks(orch: Orchestrator) -> list[TaskRecord]:
     """This session's tasks, oldest first (those of a dead orchestrator are ended first)."""
-    for task_id in list(orch.session.refresh().owners):
-        orch.settle(orch.session.state, task_id)
     state = orch.session.refresh()
-    return sorted((t.model_copy() for t in state.tasks.values()), key=lambda t: t.started_at)
+    for task_id, owner in list(state.owners.items()):
+        orch.settle(orch.session_id, task_id, owner)
+    return sorted(session_tasks(orch.log, orch.session_id), key=lambda t: t.started_at)
 
 
 def workers(orch: Orchestrator) -> list[WorkerView]:
@@ -82,9 +88,10 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
 
 
 def registry(orch: Orchestrator) -> list[RegistryEntry]:
-    """Every worker process the device registry knows, on every host, oldest first."""
-    state = orch.pool.registry.refresh()
-    return sorted((e.model_copy() for e in state.entries.values()), key=lambda e: e.started_at)
+    """Every worker process the device registry knows, on every host, oldest first (the
+    stopped ones too: they are read from the registry's history, not the live state)."""
+    state, retired = registry_history(orch.log)
+    return sorted([*state.entries.values(), *retired.values()], key=lambda e: e.started_at)
 
 
 def models(orch: Orchestrator) -> list[CatalogueModel]:
@@ -109,7 +116,7 @@ def profiles(orch: Orchestrator) -> list[ProfileView]:
 
 def memory(orch: Orchestrator) -> list[MemoryItem]:
     """Notes, links and done summaries of the memory store."""
-    state = orch.memory.refresh()
+    state = memory_view(orch.log).refresh()
     rows = [
         MemoryItem(kind="note", key=n.key, value=n.value, tags=n.tags, session_id=n.session_id)
         for n in state.notes.values()
@@ -132,22 +139,44 @@ def events(
     since: int = 0,
     session_id: str | None = None,
     task_id: str | None = None,
+    until: int | None = None,
+    limit: int | None = None,
 ) -> list[EventRecord]:
-    """The log, filtered: `since` is exclusive (events after that position)."""
+    """The log, filtered in the store: `since` is exclusive (events after that position),
+    `until` inclusive, `limit` the most rows returned (oldest first)."""
+    return [
+        record_from(*e)
+        for e in select_events(orch.log, worker_id, type, since, session_id, task_id, until, limit)
+    ]
+
+
+def select_events(
+    log: EventLog,
+    worker_id: str | None = None,
+    type: str | None = None,
+    since: int = 0,
+    session_id: str | None = None,
+    task_id: str | None = None,
+    until: int | None = None,
+    limit: int | None = None,
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """The `events` view's rows as they stream from the store (`events --follow` pages)."""
     if type is not None and type not in EVENT_TYPES:
         raise InvalidTaskArgs(
             f'Invalid task_list arguments: type: no event type "{type}".'
             + did_you_mean(type, EVENT_TYPES)
         )
     _check_position("since", since)
-    rows = orch.log.records(after=since, types=[type] if type else ())
-    return [
-        r
-        for r in rows
-        if worker_id in (None, r.worker_id)
-        and session_id in (None, r.session_id)
-        and task_id in (None, r.task_id)
-    ]
+    if until is not None:
+        _check_position("until", until)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InvalidTaskArgs(
+            f"Invalid task_list arguments: limit: a number of rows >= 1, got {limit!r}."
+        )
+    where = Filter(
+        session_id=session_id, worker_id=worker_id, task_id=task_id, types=(type,) if type else ()
+    )
+    return log.select(where, after=since, until=until, limit=limit)
 
 
 _THIS_SESSION: Any = object()
@@ -190,6 +219,34 @@ def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
     return [replay_view(replay_log(orch.log, until=until))]
 
 
+def whatif(
+    orch: Orchestrator,
+    config: OrchestratorConfig | dict[str, Any] | str | Path | None = None,
+    session_id: str | None = None,
+) -> list[WhatIfRow]:
+    """Every recorded worker task (of `session_id`, or all) with the model `config` (a dict,
+    a TOML file or an OrchestratorConfig) would have chosen under the same overrides."""
+    if config is None:
+        raise InvalidTaskArgs(
+            "Invalid task_list arguments: config: the whatif view needs config= (a dict, a "
+            "TOML file or an OrchestratorConfig)."
+        )
+    return history.whatif(orch.log, load_config(config), os.environ, session_id)
+
+
+def diff(orch: Orchestrator, since: int = 0, until: int | None = None) -> list[DiffRow]:
+    """What changed (overrides, registry processes, tasks) from position `since` to
+    position `until` (default: now)."""
+    _check_position("since", since)
+    if until is not None:
+        _check_position("until", until)
+        if until < since:
+            raise InvalidTaskArgs(
+                f"Invalid task_list arguments: until: {until} is before since ({since})."
+            )
+    return history.diff(orch.log, since, until)
+
+
 def _check_position(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 0:
         raise InvalidTaskArgs(
@@ -210,21 +267,46 @@ def explain(
 
 
 def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
-    records = orch.log.records()
-    found = explain_task(records, task_id)
+    chain = [record_from(*e) for e in orch.log.select(Filter(task_id=task_id))]
+    started = next((r for r in chain if r.type == "TaskStarted"), None)
+    resolved = next((r for r in chain if r.type == "ModelResolved"), None)
+    override = None
+    if started is not None and resolved is not None and resolved.data["source"] == "session":
+        override = _override_record(
+            orch.log, str(started.session_id), str(started.worker_id), resolved.position
+        )
+    found = explain_task(chain, override)
     if found is None:
-        known = {r.task_id for r in records if r.type == "TaskStarted" and r.task_id}
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
     return found
 
 
+def _override_record(
+    log: EventLog, session_id: str, worker_id: str, before: int
+) -> EventRecord | None:
+    """The session's newest override event for a worker before a position (one row)."""
+    for_worker = Filter(session_id=session_id, worker_id=worker_id, types=OVERRIDE_TYPES[:2])
+    forked = Filter(stream=f"session:{session_id}", types=("SessionForked",))
+    found = [
+        record_from(*e)
+        for where in (for_worker, forked)
+        for e in log.select(where, until=before - 1, limit=1, newest_first=True)
+    ]
+    return max(found, key=lambda r: r.position, default=None)
+
+
+def _known_tasks(orch: Orchestrator, task_id: str) -> str:
+    """ "Did you mean" among this session's tasks (the likely typo's neighbourhood)."""
+    return did_you_mean(task_id, [t.task_id for t in session_tasks(orch.log, orch.session_id)])
+
+
 def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
-    try:  # a bad worker id is answered before the whole log is read
+    try:  # a bad worker id is answered before anything is read
         decision = orch.session_decision(worker_id)
     except ResolutionError as exc:
         raise InvalidTaskArgs(str(exc)) from None
-    records = orch.log.records()
-    head = records[-1].position + 1 if records else 1
+    override = _override_record(orch.log, orch.session_id, worker_id, orch.log.head() + 1)
+    history = orch.log.select(Filter(worker_id=worker_id, stream="registry", types=HISTORY_TYPES))
     return WorkerExplanation(
         worker_id=worker_id,
         session_id=orch.session_id,
@@ -232,25 +314,24 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
         model_ref=decision.model_ref,
         model_policy=decision.model_policy,
         reason=decision.reason,
-        override=override_in_force(records, orch.session_id, worker_id, head),
+        override=override_cause(override, worker_id),
         processes=[e for e in registry(orch) if e.worker_id == worker_id],
-        history=worker_history(records, worker_id),
+        history=[record_from(*e) for e in history],
     )
 
 
 def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
-    """A task of another session, found through its TaskStarted event."""
-    for _, _, data in orch.log.read_log(types=["TaskStarted"]):
-        if data.get("task_id") == task_id:
-            view = session_view(orch.log, data["session_id"])
-            task = view.refresh().tasks.get(task_id)
-            if task is not None and task.status == "running":
-                orch.settle(view.state, task_id)
-                task = view.refresh().tasks[task_id]
-            if task is not None:
-                return task
-    known = orch.session.refresh().tasks
-    raise InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
+    """A task of another session (or an old one of this session), read through the index;
+    one left running by a dead orchestrator is ended first."""
+    found = read_task(orch.log, task_id)
+    if found is None:
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+    task, owner = found
+    if owner is not None and orch.settle(task.session_id, task_id, owner):
+        found = read_task(orch.log, task_id)
+        assert found is not None
+        task = found[0]
+    return task
 
 
 def filters_of(view: Callable[..., list[Any]]) -> list[str]:
@@ -270,4 +351,6 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "replay": replay,
     "explain": explain,
     "usage": usage,
+    "whatif": whatif,
+    "diff": diff,
 }

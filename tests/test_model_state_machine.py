@@ -19,6 +19,7 @@ import events.streams
 from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
 from orchestrator.config import ModelInfo, OrchestratorConfig
+from orchestrator.history import apply_diff, flatten
 from tests.conftest import postgres_schema
 from tests.helpers import assert_replay_view_matches, config_with, reset_model, run, set_model
 
@@ -136,6 +137,50 @@ class ModelSelection(RuleBasedStateMachine):
         assert rec.status == "completed", rec.error
         assert rec.response == f"[{want}] {text}"
         assert rec.model == want
+
+    @rule(source=st.sampled_from(SESSIONS), by=st.sampled_from(SESSIONS), data=st.data())
+    def fork(self, source: str, by: str, data: st.DataObject) -> None:
+        """A fork at p starts with exactly the overrides replay gives the source at p."""
+        position = data.draw(st.integers(min_value=0, max_value=self.log.head()))
+        orch = self.orchs[by]
+        handle = orch.task_start(
+            kind="op", op="session.fork", session={"fromSessionId": source, "position": position}
+        )
+        rec = orch.task_await(handle.task_id, timeout=30)
+        at_p = replay(self.log, until=position).sessions.get(source)
+        if at_p is None:
+            assert rec.status == "failed" and "no events" in str(rec.error)
+            return
+        assert rec.status == "completed", rec.error
+        assert rec.result is not None
+        want = {
+            w: {
+                "model_ref": o.model_ref,
+                "resolved_model": o.resolved_model,
+                "model_policy": o.model_policy,
+            }
+            for w, o in at_p.overrides.items()
+        }
+        assert rec.result["overrides"] == want
+        forked = Orchestrator.open(
+            config=make_config(self.small_model),
+            store=self.log,
+            session_id=rec.result["session_id"],
+        )
+        try:
+            assert forked.session.refresh().overrides == at_p.overrides
+        finally:
+            forked.close()
+
+    @rule(data=st.data())
+    def diff(self, data: st.DataObject) -> None:
+        """diff(p, q) applied to the state at p gives the state at q."""
+        head = self.log.head()
+        p = data.draw(st.integers(min_value=0, max_value=head))
+        q = data.draw(st.integers(min_value=p, max_value=head))
+        rows = self.orchs["s1"].task_list(view="diff", since=p, until=q)
+        before = flatten(replay(self.log, until=p))
+        assert apply_diff(before, rows) == flatten(replay(self.log, until=q))
 
     @rule(small=st.sampled_from(["local/echo-small", "local/echo-tiny"]))
     def change_config_and_resume(self, small: str) -> None:

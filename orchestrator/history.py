@@ -1,0 +1,315 @@
+"""Questions about the log across time: the configuration decisions were made under,
+`replay --check` (do recorded decisions still reproduce?), `whatif` (what would another
+configuration have chosen?) and `diff` (what changed between two positions?).
+
+Everything here re-runs the pure deciders (`resolver.decide_model`) and folds
+(`events.projections.apply`) on recorded history; nothing here writes to the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+from pydantic import BaseModel
+
+from events.projections import LogState, apply
+from events.reads import recorded_configs
+from events.store import EventLog
+from orchestrator.config import OrchestratorConfig
+from orchestrator.resolver import (
+    CatalogueModel,
+    ModelDecision,
+    ResolutionError,
+    build_catalogue,
+    decide_model,
+)
+
+# --- the configuration in the log ------------------------------------------------------------
+
+
+def recorded_config(
+    config: OrchestratorConfig, catalogue: Iterable[CatalogueModel]
+) -> tuple[str, dict[str, Any]]:
+    """(digest, `ConfigRecorded` payload) of a configuration as decisions see it: its
+    settings (credentials in URLs removed; keys are only ever named by `api_key_env`) and
+    which providers were usable, since a tag resolves among usable models only."""
+    dumped = config.model_dump(mode="json")
+    for provider in dumped.get("providers", {}).values():
+        if provider.get("base_url"):
+            provider["base_url"] = _without_userinfo(provider["base_url"])
+    usable = sorted({row.provider for row in catalogue if row.usable})
+    payload = {"config": dumped, "usable_providers": usable}
+    digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"sha256:{digest[:16]}", payload
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def config_of(record: Mapping[str, Any]) -> tuple[OrchestratorConfig, list[CatalogueModel]]:
+    """The configuration and catalogue a `ConfigRecorded` describes."""
+    config = OrchestratorConfig.model_validate(record["config"])
+    usable = set(record.get("usable_providers", []))
+    # Usability is all the resolver reads of the environment: stand in for the keys.
+    environ = {
+        p.api_key_env: "recorded"
+        for pid, p in config.providers.items()
+        if pid in usable and p.api_key_env
+    }
+    return config, build_catalogue(config, environ)
+
+
+# --- replay --check and whatif ---------------------------------------------------------------
+
+
+class Decided(BaseModel):
+    """One recorded model decision (`ModelResolved`) with what went into it."""
+
+    position: int
+    task_id: str
+    session_id: str
+    worker_id: str
+    config_digest: str | None
+    recorded: ModelDecision
+    served_model: str | None
+    task_model: str | None
+
+
+def recorded_decisions(
+    log: EventLog, session_id: str | None = None
+) -> Iterable[tuple[Decided, LogState]]:
+    """Every recorded `ModelResolved` in log order, with the state just before it (the
+    session overrides it was decided on). The state is the live fold, so do not keep it."""
+    state = LogState()
+    task_models: dict[str, str | None] = {}
+    pending: dict[str, Decided] = {}
+    for position, type_, data in log.read_log():
+        if type_ == "TaskStarted" and data.get("kind") == "worker":
+            task_models[data["task_id"]] = data.get("args", {}).get("model")
+        elif type_ == "ModelResolved" and session_id in (None, data["session_id"]):
+            decided = Decided(
+                position=position,
+                task_id=data["task_id"],
+                session_id=data["session_id"],
+                worker_id=data["worker_id"],
+                config_digest=data.get("config_digest"),
+                recorded=ModelDecision.model_validate(data, from_attributes=False),
+                served_model=None,
+                task_model=task_models.pop(data["task_id"], None),
+            )
+            pending[decided.task_id] = decided
+            yield decided, state
+        elif type_ == "TaskCompleted" and data.get("task_id") in pending:
+            pending.pop(data["task_id"]).served_model = data.get("model")
+        apply(state, position, type_, data)
+
+
+def redecide(
+    d: Decided, state: LogState, config: OrchestratorConfig, catalogue: list[CatalogueModel]
+) -> ModelDecision:
+    """Run the resolver and precedence again for a recorded decision (may raise
+    `ResolutionError`)."""
+    session = state.sessions.get(d.session_id)
+    override = session.overrides.get(d.worker_id) if session else None
+    return decide_model(d.worker_id, d.task_model, override, config, catalogue)
+
+
+class CheckedDecision(BaseModel):
+    """A recorded decision that came out differently when re-run (`replay --check`)."""
+
+    position: int
+    task_id: str
+    session_id: str
+    worker_id: str
+    config_digest: str | None
+    recorded_model: str
+    recorded_source: str
+    now_model: str | None
+    now_source: str | None
+    detail: str
+
+
+class CheckReport(BaseModel):
+    """What `replay --check` found: how many decisions reproduced, and those that did not."""
+
+    checked: int
+    reproduced: int
+    unchecked: int
+    differences: list[CheckedDecision]
+
+    @property
+    def ok(self) -> bool:
+        """Did every checked decision come out the same?"""
+        return not self.differences
+
+
+def check(log: EventLog) -> CheckReport:
+    """Re-run every recorded model decision on the configuration recorded for it."""
+    configs = {digest: config_of(record) for digest, record in recorded_configs(log).items()}
+    checked = reproduced = unchecked = 0
+    differences = []
+    for d, state in recorded_decisions(log):
+        if d.config_digest is None or d.config_digest not in configs:
+            unchecked += 1  # decided before configurations were recorded
+            continue
+        checked += 1
+        config, catalogue = configs[d.config_digest]
+        try:
+            now: ModelDecision | None = redecide(d, state, config, catalogue)
+            detail = ""
+        except ResolutionError as exc:
+            now, detail = None, f"now fails: {exc}"
+        same = now is not None and (now.resolved_model, now.source, now.model_policy) == (
+            d.recorded.resolved_model,
+            d.recorded.source,
+            d.recorded.model_policy,
+        )
+        if same:
+            reproduced += 1
+            continue
+        if now is not None:
+            detail = (
+                f"recorded {d.recorded.resolved_model} ({d.recorded.source}, "
+                f"{d.recorded.model_policy}); now {now.resolved_model} ({now.source}, "
+                f"{now.model_policy}): {now.reason}"
+            )
+        differences.append(
+            CheckedDecision(
+                position=d.position,
+                task_id=d.task_id,
+                session_id=d.session_id,
+                worker_id=d.worker_id,
+                config_digest=d.config_digest,
+                recorded_model=d.recorded.resolved_model,
+                recorded_source=d.recorded.source,
+                now_model=now.resolved_model if now else None,
+                now_source=now.source if now else None,
+                detail=detail,
+            )
+        )
+    return CheckReport(
+        checked=checked, reproduced=reproduced, unchecked=unchecked, differences=differences
+    )
+
+
+class WhatIfRow(BaseModel):
+    """One recorded worker task and the model another configuration would have chosen."""
+
+    task_id: str
+    session_id: str
+    worker_id: str
+    served_model: str | None
+    recorded_model: str
+    whatif_model: str | None
+    changed: bool
+    reason: str
+
+
+def whatif(
+    log: EventLog,
+    config: OrchestratorConfig,
+    environ: Mapping[str, str],
+    session_id: str | None = None,
+) -> list[WhatIfRow]:
+    """For every recorded worker task (of one session, or all), the model `config` would
+    have chosen with the same task model and session overrides. `changed` compares with
+    the model recorded as chosen (`served_model` may differ after a fallback)."""
+    catalogue = build_catalogue(config, environ)
+    found: list[tuple[Decided, str | None, str]] = []
+    for d, state in recorded_decisions(log, session_id):
+        try:
+            now = redecide(d, state, config, catalogue)
+            found.append((d, now.resolved_model, now.reason))
+        except ResolutionError as exc:
+            found.append((d, None, f"would fail: {exc}"))
+    # Built at the end: a task's served model is learnt further down the log.
+    return [
+        WhatIfRow(
+            task_id=d.task_id,
+            session_id=d.session_id,
+            worker_id=d.worker_id,
+            served_model=d.served_model,
+            recorded_model=d.recorded.resolved_model,
+            whatif_model=model,
+            changed=model != d.recorded.resolved_model,
+            reason=reason,
+        )
+        for d, model, reason in found
+    ]
+
+
+# --- diff ------------------------------------------------------------------------------------
+
+Scope = Literal["override", "registry", "task"]
+
+
+class DiffRow(BaseModel):
+    """One thing that changed between two log positions."""
+
+    scope: Scope
+    key: str
+    change: Literal["added", "changed", "removed"]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+Flat = dict[tuple[str, str], dict[str, Any]]
+
+
+def flatten(state: LogState) -> Flat:
+    """A state's overrides, registry processes and tasks, keyed by (scope, key)."""
+    flat: Flat = {}
+    for sid, session in state.sessions.items():
+        for worker_id, override in session.overrides.items():
+            flat[("override", f"{sid}/{worker_id}")] = override.model_dump(mode="json")
+    for iid, entry in [*state.registry.entries.items(), *state.retired.items()]:
+        flat[("registry", iid)] = entry.model_dump(mode="json")
+    for task_id, task in state.tasks.items():
+        flat[("task", task_id)] = task.model_dump(mode="json")
+    return flat
+
+
+def diff_states(before: Flat, after: Flat) -> list[DiffRow]:
+    """The rows that turn `before` into `after`."""
+    rows = []
+    for key in sorted(before.keys() | after.keys()):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        change: Literal["added", "changed", "removed"] = (
+            "added" if old is None else "removed" if new is None else "changed"
+        )
+        scope: Scope = key[0]  # type: ignore[assignment]
+        rows.append(DiffRow(scope=scope, key=key[1], change=change, before=old, after=new))
+    return rows
+
+
+def apply_diff(flat: Flat, rows: Iterable[DiffRow]) -> Flat:
+    """`flat` with the rows applied (diff(p, q) applied to the state at p is the state at q)."""
+    out = dict(flat)
+    for row in rows:
+        if row.after is None:
+            out.pop((row.scope, row.key), None)
+        else:
+            out[(row.scope, row.key)] = row.after
+    return out
+
+
+def diff(log: EventLog, since: int, until: int | None = None) -> list[DiffRow]:
+    """What changed from the state at `since` to the state at `until` (default: now), in
+    one pass over the log up to `until`."""
+    state = LogState()
+    before: Flat | None = None
+    for position, type_, data in log.read_log(until=until):
+        if before is None and position > since:
+            before = flatten(state)
+        apply(state, position, type_, data)
+    return diff_states(flatten(state) if before is None else before, flatten(state))
