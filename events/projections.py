@@ -1,7 +1,9 @@
-"""Projections: state as folds over events, with no I/O.
+"""Projections: state as folds over typed events, with no I/O.
 
-Each fold takes the state it owns, an event's type and (upcast) data, and returns the state.
-Folds update the state they are given in place rather than copying it: replaying a million
+Each fold takes the state it owns and an event (the pydantic class it was written as, read
+back as that class) and returns the state; one mutator per event class, chosen by
+`functools.singledispatch`, so an event no fold registers for changes nothing. Folds
+update the state they are given in place rather than copying it: replaying a million
 events must not copy a growing dict a million times (ADR-0001). They are deterministic and
 touch nothing else, so the same fold serves live streams, snapshots and `replay`.
 """
@@ -9,11 +11,36 @@ touch nothing else, so the same fold serves live streams, snapshots and `replay`
 from __future__ import annotations
 
 from datetime import datetime
+from functools import singledispatch
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from events.catalogue import ModelPolicy, types_of
+from events.catalogue import (
+    Event,
+    MemoryDone,
+    MemoryLinked,
+    MemoryPut,
+    ModelAttemptFailed,
+    ModelCooledDown,
+    ModelPolicy,
+    SessionForked,
+    TaskCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskStarted,
+    WorkerDraining,
+    WorkerExited,
+    WorkerModelReset,
+    WorkerModelSet,
+    WorkerReady,
+    WorkerReused,
+    WorkerReuseRejected,
+    WorkerSpawned,
+    WorkerSpawnFailed,
+    WorkerSpawnRequested,
+    WorkerStopped,
+)
 
 TaskStatus = Literal["running", "completed", "failed", "cancelled"]
 WorkerStatus = Literal["starting", "ready", "draining", "stopped", "exited"]
@@ -163,156 +190,244 @@ class MemoryState(BaseModel):
     done: list[Done] = Field(default_factory=list)
 
 
-def apply_session(state: SessionState, type_: str, data: dict[str, Any]) -> SessionState:
+def _set(target: BaseModel, **values: Any) -> None:
+    """Assign fields of a state model the fold owns. Values come from validated events, so
+    this skips pydantic's per-attribute `__setattr__`, the largest cost of a replay."""
+    target.__dict__.update(values)
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+def apply_session(state: SessionState, event: Event) -> SessionState:
     """Fold one session-stream event."""
-    worker_id = data.get("worker_id")
-    task_id = data.get("task_id")
-    if type_ == "WorkerModelSet" and worker_id:
-        state.overrides[worker_id] = Override(
-            worker_id=worker_id,
-            model_ref=data["model_ref"],
-            resolved_model=data["resolved_model"],
-            model_policy=data["model_policy"],
-            reason=data["reason"],
-            set_at=_ts(data),
-            set_by_task=task_id,
-        )
-    elif type_ == "WorkerModelReset" and worker_id:
-        state.overrides.pop(worker_id, None)
-    elif type_ == "SessionForked":
-        state.overrides = {w: Override.model_validate(o) for w, o in data["overrides"].items()}
-    elif type_ == "TaskStarted" and task_id:
-        state.running[task_id] = apply_task(None, type_, data)  # type: ignore[assignment]
-        if data.get("pid") is not None:
-            state.owners[task_id] = Owner(
-                host=data["host"], pid=data["pid"], pid_started_at=data["pid_started_at"]
-            )
-    elif task_id in state.running:
-        task = apply_task(state.running[task_id], type_, data)
-        if task is not None and task.status != "running":
-            del state.running[task_id]
-            state.owners.pop(task_id, None)
-            state.recent[task_id] = task
-            if len(state.recent) > RECENT_TASKS:
-                del state.recent[next(iter(state.recent))]
+    _on_session(event, state)
     return state
 
 
-def apply_task(task: TaskRecord | None, type_: str, data: dict[str, Any]) -> TaskRecord | None:
-    """Fold one event into one task's record (None until its `TaskStarted`). Events that do
-    not change a record (decisions about its model and process) leave it as it is."""
-    if type_ == "TaskStarted":
-        return TaskRecord(
-            task_id=data["task_id"],
-            kind=data["kind"],
-            op=data.get("op"),
-            worker_id=data.get("worker_id"),
-            started_at=_ts(data),
-            session_id=data["session_id"],
+@singledispatch
+def _on_session(event: Event, state: SessionState) -> None:
+    """Session events no fold registers for (opened, resolved, queued) change nothing."""
+
+
+@_on_session.register
+def _(event: WorkerModelSet, state: SessionState) -> None:
+    state.overrides[str(event.worker_id)] = Override(
+        worker_id=str(event.worker_id),
+        model_ref=event.model_ref,
+        resolved_model=event.resolved_model,
+        model_policy=event.model_policy,
+        reason=event.reason,
+        set_at=event.timestamp,
+        set_by_task=event.task_id,
+    )
+
+
+@_on_session.register
+def _(event: WorkerModelReset, state: SessionState) -> None:
+    state.overrides.pop(str(event.worker_id), None)
+
+
+@_on_session.register
+def _(event: SessionForked, state: SessionState) -> None:
+    state.overrides = {w: Override.model_validate(o) for w, o in event.overrides.items()}
+
+
+@_on_session.register
+def _(event: TaskStarted, state: SessionState) -> None:
+    task_id = str(event.task_id)
+    state.running[task_id] = new_task(event)
+    if event.pid is not None:
+        state.owners[task_id] = Owner(
+            host=str(event.host), pid=event.pid, pid_started_at=float(event.pid_started_at or 0)
         )
-    if task is None or task.status != "running":
-        return task  # the first terminal event wins; a late completion after cancel is moot
-    if type_ == "ModelAttemptFailed":
-        task.attempts.append({"model": data["model"], "error": data["error"]})
-        return task
-    if type_ == "TaskCompleted":
-        task.status = "completed"
-        task.model = data.get("model")
-        task.response = data.get("response")
-        task.result = data.get("result")
-        task.usage = data.get("usage")
-        task.tool_calls = data.get("tool_calls")
-    elif type_ == "TaskFailed":
-        task.status = "failed"
-        task.error = data["error"]
-    elif type_ == "TaskCancelled":
-        task.status = "cancelled"
-    else:
-        return task
-    task.finished_at = _ts(data)
+
+
+def _task_changed(event: Event, state: SessionState) -> None:
+    task_id = str(event.task_id)
+    task = state.running.get(task_id)
+    if task is None:
+        return  # finished already (the first terminal event wins) or never started
+    apply_task(task, event)
+    if task.status != "running":
+        del state.running[task_id]
+        state.owners.pop(task_id, None)
+        state.recent[task_id] = task
+        if len(state.recent) > RECENT_TASKS:
+            del state.recent[next(iter(state.recent))]
+
+
+for _cls in (ModelAttemptFailed, TaskCompleted, TaskFailed, TaskCancelled):
+    _on_session.register(_cls, _task_changed)
+
+
+# --- one task's record --------------------------------------------------------------------------
+
+
+def new_task(event: TaskStarted) -> TaskRecord:
+    """The record a `TaskStarted` begins."""
+    return TaskRecord(
+        task_id=str(event.task_id),
+        kind=event.kind,
+        op=event.op,
+        worker_id=event.worker_id,
+        started_at=event.timestamp,
+        session_id=event.session_id,
+    )
+
+
+def apply_task(task: TaskRecord | None, event: Event) -> TaskRecord | None:
+    """Fold one event into one task's record (None until its `TaskStarted`). Events that do
+    not change a record (decisions about its model and process) leave it as it is, and the
+    first terminal event wins: a late completion after a cancel changes nothing."""
+    if isinstance(event, TaskStarted):
+        return new_task(event)
+    if task is not None and task.status == "running":
+        _on_task(event, task)
     return task
 
 
-def _ts(data: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(data["timestamp"])
+@singledispatch
+def _on_task(event: Event, task: TaskRecord) -> None:
+    """Events about a task that do not change its record."""
+
+
+@_on_task.register
+def _(event: ModelAttemptFailed, task: TaskRecord) -> None:
+    task.attempts.append({"model": event.model, "error": event.error})
+
+
+@_on_task.register
+def _(event: TaskCompleted, task: TaskRecord) -> None:
+    _set(
+        task,
+        status="completed",
+        model=event.model,
+        response=event.response,
+        result=event.result,
+        usage=event.usage,
+        tool_calls=event.tool_calls,
+        finished_at=event.timestamp,
+    )
+
+
+@_on_task.register
+def _(event: TaskFailed, task: TaskRecord) -> None:
+    _set(task, status="failed", error=event.error, finished_at=event.timestamp)
+
+
+@_on_task.register
+def _(event: TaskCancelled, task: TaskRecord) -> None:
+    _set(task, status="cancelled", finished_at=event.timestamp)
+
+
+# --- the registry -------------------------------------------------------------------------------
 
 
 def apply_registry(
-    state: RegistryState,
-    type_: str,
-    data: dict[str, Any],
-    retired: dict[str, RegistryEntry] | None = None,
+    state: RegistryState, event: Event, retired: dict[str, RegistryEntry] | None = None
 ) -> RegistryState:
     """Fold one registry-stream event. A stopped process leaves `state` (nothing brings it
     back, and the registry must not grow with every process ever run); it moves to
     `retired` when the caller keeps one (the `registry` and `replay` views do)."""
-    ts = _ts(data)
-    if type_ == "WorkerSpawnRequested":
-        state.claims[data["claim_id"]] = Claim(
-            claim_id=data["claim_id"],
-            worker_id=data["worker_id"],
-            fingerprint=data["fingerprint"],
-            host=data["host"],
-            claimant_pid=data["claimant_pid"],
-            claimant_started_at=data["claimant_started_at"],
-            claimed_at=ts,
-            force_new=data.get("force_new", False),
-            session_id=data["session_id"],
-        )
-    elif type_ == "WorkerSpawnFailed":
-        state.claims.pop(data["claim_id"], None)
-    elif type_ == "WorkerSpawned":
-        if data.get("claim_id"):
-            state.claims.pop(data["claim_id"], None)
-        state.entries[data["instance_id"]] = RegistryEntry(
-            worker_id=data["worker_id"],
-            instance_id=data["instance_id"],
-            backend=data["backend"],
-            host=data["host"],
-            pid=data["pid"],
-            pid_started_at=data["pid_started_at"],
-            url=data.get("url"),
-            fingerprint=data["fingerprint"],
-            model=data["model"],
-            model_policy=data["model_policy"],
-            session_id=data["session_id"],
-            started_at=ts,
-            updated_at=ts,
-            identity=data.get("identity") or {},
-            idle_timeout=data.get("idle_timeout"),
-            sessions=[data["session_id"]],
-            last_used_at=ts,
-        )
-    elif type_ == "WorkerReuseRejected" and data.get("instance_id") in state.entries:
-        # Remembered so a long-lived mismatch is recorded once, not on every task.
-        entry = state.entries[data["instance_id"]]
-        wanted = data.get("requested_fingerprint")
-        if wanted and wanted not in entry.rejected_for and data.get("reason") != "force_new":
-            entry.rejected_for.append(wanted)
-    elif type_ in _REGISTRY_STATUS and data.get("instance_id") in state.entries:
-        entry = state.entries[data["instance_id"]]
-        status = _REGISTRY_STATUS[type_]
-        if type_ == "WorkerReused":
-            entry.last_used_at = ts
-            if data["session_id"] not in entry.sessions:
-                entry.sessions.append(data["session_id"])
-        if status is not None and status in _NEXT_STATUS[entry.status]:
-            entry.status = status
-        entry.updated_at = ts
-        if entry.status == "stopped":
-            del state.entries[entry.instance_id]
-            if retired is not None:
-                retired[entry.instance_id] = entry
+    _on_registry(event, state)
+    instance_id = getattr(event, "instance_id", None)
+    entry = state.entries.get(instance_id) if isinstance(instance_id, str) else None
+    if entry is not None and entry.status == "stopped":
+        del state.entries[entry.instance_id]
+        if retired is not None:
+            retired[entry.instance_id] = entry
     return state
 
 
-_REGISTRY_STATUS: dict[str, WorkerStatus | None] = {
-    "WorkerReady": "ready",
-    "WorkerReused": None,
-    "WorkerDraining": "draining",
-    "WorkerStopped": "stopped",
-    "WorkerExited": "exited",
-}
+@singledispatch
+def _on_registry(event: Event, state: RegistryState) -> None:
+    """Registry events no fold registers for change nothing."""
+
+
+@_on_registry.register
+def _(event: WorkerSpawnRequested, state: RegistryState) -> None:
+    state.claims[event.claim_id] = Claim(
+        claim_id=event.claim_id,
+        worker_id=str(event.worker_id),
+        fingerprint=event.fingerprint,
+        host=event.host,
+        claimant_pid=event.claimant_pid,
+        claimant_started_at=event.claimant_started_at,
+        claimed_at=event.timestamp,
+        force_new=event.force_new,
+        session_id=event.session_id,
+    )
+
+
+@_on_registry.register
+def _(event: WorkerSpawnFailed, state: RegistryState) -> None:
+    state.claims.pop(event.claim_id, None)
+
+
+@_on_registry.register
+def _(event: WorkerSpawned, state: RegistryState) -> None:
+    if event.claim_id:
+        state.claims.pop(event.claim_id, None)
+    state.entries[event.instance_id] = RegistryEntry(
+        worker_id=str(event.worker_id),
+        instance_id=event.instance_id,
+        backend=event.backend,
+        host=event.host,
+        pid=event.pid,
+        pid_started_at=event.pid_started_at,
+        url=event.url,
+        fingerprint=event.fingerprint,
+        model=event.model,
+        model_policy=event.model_policy,
+        session_id=event.session_id,
+        started_at=event.timestamp,
+        updated_at=event.timestamp,
+        identity=event.identity,
+        idle_timeout=event.idle_timeout,
+        sessions=[event.session_id],
+        last_used_at=event.timestamp,
+    )
+
+
+@_on_registry.register
+def _(event: WorkerReuseRejected, state: RegistryState) -> None:
+    # Remembered so a long-lived mismatch is recorded once, not on every task.
+    entry = state.entries.get(event.instance_id)
+    wanted = event.requested_fingerprint
+    known = entry is None or wanted in entry.rejected_for
+    if entry is not None and wanted and not known and event.reason != "force_new":
+        entry.rejected_for.append(wanted)
+
+
+@_on_registry.register
+def _(event: WorkerReused, state: RegistryState) -> None:
+    entry = state.entries.get(event.instance_id)
+    if entry is not None:
+        if event.session_id not in entry.sessions:
+            entry.sessions.append(event.session_id)
+        _set(entry, last_used_at=event.timestamp, updated_at=event.timestamp)
+
+
+def _status(status: WorkerStatus) -> Any:
+    def move(
+        event: WorkerReady | WorkerDraining | WorkerStopped | WorkerExited, state: RegistryState
+    ) -> None:
+        entry = state.entries.get(event.instance_id)
+        if entry is None:
+            return
+        if status in _NEXT_STATUS[entry.status]:
+            _set(entry, status=status)
+        _set(entry, updated_at=event.timestamp)
+
+    return move
+
+
+_on_registry.register(WorkerReady, _status("ready"))
+_on_registry.register(WorkerDraining, _status("draining"))
+_on_registry.register(WorkerStopped, _status("stopped"))
+_on_registry.register(WorkerExited, _status("exited"))
+
 # Which status may follow which. A process recorded exited that is later found alive and
 # stopped (`stop --all`) ends stopped; nothing brings a stopped one back.
 _NEXT_STATUS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
@@ -324,31 +439,26 @@ _NEXT_STATUS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
 }
 
 
-def apply_memory(state: MemoryState, type_: str, data: dict[str, Any]) -> MemoryState:
+# --- memory and models --------------------------------------------------------------------------
+
+
+def apply_memory(state: MemoryState, event: Event) -> MemoryState:
     """Fold one memory-stream event."""
-    if type_ == "MemoryPut":
-        state.notes[data["key"]] = Note(
-            key=data["key"],
-            value=data["value"],
-            tags=data.get("tags", []),
-            session_id=data["session_id"],
-            updated_at=_ts(data),
+    if isinstance(event, MemoryPut):
+        state.notes[event.key] = Note(
+            key=event.key,
+            value=event.value,
+            tags=event.tags,
+            session_id=event.session_id,
+            updated_at=event.timestamp,
         )
-    elif type_ == "MemoryLinked":
-        state.links.append(
-            Link(from_key=data["from_key"], to_key=data["to_key"], type=data["link_type"])
-        )
-    elif type_ == "MemoryDone":
+    elif isinstance(event, MemoryLinked):
+        state.links.append(Link(from_key=event.from_key, to_key=event.to_key, type=event.link_type))
+    elif isinstance(event, MemoryDone):
         state.done.append(
-            Done(
-                task_id=data["done_task_id"], summary=data["summary"], session_id=data["session_id"]
-            )
+            Done(task_id=event.done_task_id, summary=event.summary, session_id=event.session_id)
         )
     return state
-
-
-SESSION_TYPES = types_of("session")
-MEMORY_TYPES = types_of("memory")
 
 
 class ModelsState(BaseModel):
@@ -357,15 +467,14 @@ class ModelsState(BaseModel):
     cooled: dict[str, datetime] = Field(default_factory=dict)
 
 
-def apply_models(state: ModelsState, type_: str, data: dict[str, Any]) -> ModelsState:
+def apply_models(state: ModelsState, event: Event) -> ModelsState:
     """Fold one models-stream event."""
-    if type_ == "ModelCooledDown":
-        state.cooled[data["model"]] = datetime.fromisoformat(data["until"])
+    if isinstance(event, ModelCooledDown):
+        state.cooled[event.model] = event.until
     return state
 
 
-MODELS_TYPES = types_of("models")
-REGISTRY_TYPES = types_of("registry")
+# --- the whole log ------------------------------------------------------------------------------
 
 
 class LogState(BaseModel):
@@ -382,22 +491,23 @@ class LogState(BaseModel):
     models: ModelsState = Field(default_factory=ModelsState)
 
 
-def apply(state: LogState, position: int, type_: str, data: dict[str, Any]) -> LogState:
-    """Fold one event of the global log into the whole state."""
-    if type_ in SESSION_TYPES:
-        sid = data["session_id"]
-        session = state.sessions.get(sid) or SessionState(session_id=sid)
-        state.sessions[sid] = apply_session(session, type_, data)
-        task_id = data.get("task_id")
-        if task_id is not None:
-            task = apply_task(state.tasks.get(task_id), type_, data)
-            if task is not None:
-                state.tasks[task_id] = task
-    elif type_ in MEMORY_TYPES:
-        apply_memory(state.memory, type_, data)
-    elif type_ in MODELS_TYPES:
-        apply_models(state.models, type_, data)
-    elif type_ in REGISTRY_TYPES:
-        apply_registry(state.registry, type_, data, state.retired)
+def apply(state: LogState, position: int, event: Event) -> LogState:
+    """Fold one event of the global log into the whole state (each stream's own fold)."""
+    kind = event.stream_kind
+    if kind == "session":
+        sid = event.session_id
+        session = state.sessions.get(sid)
+        if session is None:
+            session = state.sessions[sid] = SessionState(session_id=sid)
+        _on_session(event, session)
+        if isinstance(event, TaskStarted):
+            # One record, shared: the session's fold finishes it, so `tasks` sees that too.
+            state.tasks[str(event.task_id)] = session.running[str(event.task_id)]
+    elif kind == "registry":
+        apply_registry(state.registry, event, state.retired)
+    elif kind == "memory":
+        apply_memory(state.memory, event)
+    elif kind == "models":
+        apply_models(state.models, event)
     state.position = position
     return state

@@ -3,9 +3,7 @@ through its index at the cost of what it holds (ADR-0007)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from events.catalogue import TERMINAL_TASK_EVENTS
+from events.catalogue import TERMINAL_TASK_EVENTS, ConfigRecorded, TaskStarted
 from events.projections import (
     Override,
     Owner,
@@ -30,10 +28,12 @@ def read_task(log: EventLog, task_id: str) -> tuple[TaskRecord, Owner | None] | 
     """Any task of the store by id, and its owner while it runs; None if never started."""
     task: TaskRecord | None = None
     owner = None
-    for _, type_, data in log.select(Filter(task_id=task_id, types=TASK_RECORD_TYPES)):
-        task = apply_task(task, type_, data)
-        if type_ == "TaskStarted" and data.get("pid") is not None:
-            owner = Owner(host=data["host"], pid=data["pid"], pid_started_at=data["pid_started_at"])
+    for _, event in log.select(Filter(task_id=task_id, types=TASK_RECORD_TYPES)):
+        task = apply_task(task, event)
+        if isinstance(event, TaskStarted) and event.pid is not None:
+            owner = Owner(
+                host=str(event.host), pid=event.pid, pid_started_at=float(event.pid_started_at or 0)
+            )
     if task is None:
         return None
     return task, owner if task.status == "running" else None
@@ -43,8 +43,8 @@ def session_tasks(log: EventLog, session_id: str) -> list[TaskRecord]:
     """Every task of one session, oldest first."""
     tasks: dict[str, TaskRecord] = {}
     where = Filter(session_id=session_id, stream=f"session:{session_id}", types=TASK_RECORD_TYPES)
-    for _, type_, data in log.select(where):
-        task = apply_task(tasks.get(data["task_id"]), type_, data)
+    for _, event in log.select(where):
+        task = apply_task(tasks.get(str(event.task_id)), event)
         if task is not None:
             tasks[task.task_id] = task
     return list(tasks.values())
@@ -53,8 +53,8 @@ def session_tasks(log: EventLog, session_id: str) -> list[TaskRecord]:
 def registry_history(log: EventLog) -> tuple[RegistryState, dict[str, RegistryEntry]]:
     """The registry folded from its first event: the live state and every stopped process."""
     state, retired = RegistryState(), dict[str, RegistryEntry]()
-    for _, type_, data in log.select(Filter(stream=REGISTRY_STREAM)):
-        apply_registry(state, type_, data, retired)
+    for _, event in log.select(Filter(stream=REGISTRY_STREAM)):
+        apply_registry(state, event, retired)
     return state, retired
 
 
@@ -65,18 +65,23 @@ def overrides_at(log: EventLog, session_id: str, position: int) -> dict[str, Ove
     if not any(True for _ in log.select(Filter(stream=stream), until=position, limit=1)):
         return None
     state = SessionState(session_id=session_id)
-    for _, type_, data in log.select(Filter(stream=stream, types=OVERRIDE_TYPES), until=position):
-        apply_session(state, type_, data)
+    for _, event in log.select(Filter(stream=stream, types=OVERRIDE_TYPES), until=position):
+        apply_session(state, event)
     return state.overrides
 
 
 def last_config(log: EventLog) -> str | None:
     """The digest of the newest `ConfigRecorded`, if any."""
-    for _, _, data in log.select(Filter(stream=CONFIG_STREAM), newest_first=True, limit=1):
-        return str(data["config_digest"])
+    for _, event in log.select(Filter(stream=CONFIG_STREAM), newest_first=True, limit=1):
+        assert isinstance(event, ConfigRecorded)
+        return event.config_digest
     return None
 
 
-def recorded_configs(log: EventLog) -> dict[str, dict[str, Any]]:
-    """Every recorded configuration by digest (`ConfigRecorded` data)."""
-    return {d["config_digest"]: d for _, _, d in log.select(Filter(stream=CONFIG_STREAM))}
+def recorded_configs(log: EventLog) -> dict[str, ConfigRecorded]:
+    """Every recorded configuration by digest."""
+    found = {}
+    for _, event in log.select(Filter(stream=CONFIG_STREAM)):
+        assert isinstance(event, ConfigRecorded)
+        found[event.config_digest] = event
+    return found

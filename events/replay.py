@@ -11,8 +11,8 @@ def replay(store: EventLog | str, until: int | None = None) -> LogState:
     log = store if isinstance(store, EventLog) else EventLog(store)
     try:
         state = LogState()
-        for position, type_, data in log.read_log(until=until):
-            state = apply(state, position, type_, data)
+        for position, event in log.read_log(until=until):
+            state = apply(state, position, event)
         return state
     finally:
         if log is not store:

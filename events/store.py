@@ -35,7 +35,6 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
-    Notification,
     PersistenceError,
     StoredEvent,
 )
@@ -45,7 +44,7 @@ from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLite
 from eventsourcing.utils import Environment
 from pydantic import BaseModel
 
-from events.catalogue import Event, upcast
+from events.catalogue import Event, event_from_json
 from events.logs import get_logger
 
 _log = get_logger("orchestrator.events")
@@ -96,11 +95,10 @@ class EventRecord(BaseModel):
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """An event read back from one stream: its version there and its upcast data."""
+    """An event read back from one stream: its version there and the event."""
 
     version: int
-    type: str
-    data: dict[str, Any]
+    event: Event
 
 
 def default_store_url() -> str:
@@ -123,25 +121,29 @@ def _encode(event: Event) -> bytes:
     return event.model_dump_json().encode()
 
 
-def _decode(topic: str, state: bytes) -> dict[str, Any]:
-    data: dict[str, Any] = orjson.loads(state)
-    return upcast(topic, data)
+def _decode(topic: str, state: bytes, where: int | str) -> Event:
+    try:
+        return event_from_json(topic, state)
+    except KeyError:
+        raise StoreError(
+            f"the event at {where} has type {topic!r}, which this version does not know "
+            "(was it written by a newer orchestrator?)"
+        ) from None
 
 
-def record_from(position: int, topic: str, data: dict[str, Any]) -> EventRecord:
-    """Build the public record of a stored event."""
+_IDS = frozenset({"session_id", "worker_id", "task_id", "timestamp"})
+
+
+def record_from(position: int, event: Event) -> EventRecord:
+    """Build the public record (the `events` view's row) of a stored event."""
     return EventRecord(
         position=position,
-        type=topic,
-        timestamp=data["timestamp"],
-        session_id=data.get("session_id"),
-        worker_id=data.get("worker_id"),
-        task_id=data.get("task_id"),
-        data={
-            k: v
-            for k, v in data.items()
-            if k not in ("session_id", "worker_id", "task_id", "timestamp")
-        },
+        type=event.type_name(),
+        timestamp=event.timestamp,
+        session_id=event.session_id,
+        worker_id=event.worker_id,
+        task_id=event.task_id,
+        data=event.model_dump(mode="json", exclude=set(_IDS)),
     )
 
 
@@ -216,7 +218,11 @@ class EventLog:
         """Events of one stream with versions greater than `after`, oldest first."""
         with _guarded(self.url, "reading"):
             rows = self._recorder.select_events(stream, gt=after or None)
-        return [StreamEvent(s.originator_version, s.topic, _decode(s.topic, s.state)) for s in rows]
+        return [
+            StreamEvent(v, _decode(s.topic, s.state, f"{stream} version {v}"))
+            for s in rows
+            for v in (s.originator_version,)
+        ]
 
     def stream_version(self, stream: str) -> int:
         """The newest version of a stream (0 when it has no events)."""
@@ -230,25 +236,15 @@ class EventLog:
         until: int | None = None,
         types: Sequence[str] = (),
         page: int = 1000,
-    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        """(position, type, data) of every event after `after` up to `until`, in log order."""
-        start = after
-        while True:
-            with _guarded(self.url, "reading"):
-                batch = self._recorder.select_notifications(
-                    start, page, stop=until, topics=types, inclusive_of_start=False
-                )
-            for n in batch:
-                yield n.id, n.topic, _decode(n.topic, n.state)
-            if len(batch) < page:
-                return
-            start = batch[-1].id
+    ) -> Iterator[tuple[int, Event]]:
+        """(position, event) of every event after `after` up to `until`, in log order."""
+        return self.select(Filter(types=tuple(types)), after, until, page=page)
 
     def records(
         self, after: int = 0, until: int | None = None, types: Sequence[str] = ()
     ) -> list[EventRecord]:
         """The public `EventRecord`s of `read_log`."""
-        return [record_from(p, t, d) for p, t, d in self.read_log(after, until, types)]
+        return [record_from(p, e) for p, e in self.read_log(after, until, types)]
 
     def select(
         self,
@@ -258,9 +254,9 @@ class EventLog:
         limit: int | None = None,
         newest_first: bool = False,
         page: int = 500,
-    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        """(position, type, data) of the events that match `where`, through the index: the
-        store does the filtering and rows stream in pages, so the cost is what matches."""
+    ) -> Iterator[tuple[int, Event]]:
+        """(position, event) of the events that match `where`, through the index: the store
+        does the filtering and rows stream in pages, so the cost is what matches."""
         where = where or Filter()
         left = limit
         while left is None or left > 0:
@@ -268,7 +264,7 @@ class EventLog:
             with _guarded(self.url, "reading"):
                 batch = self._index.select(where, after, until, size, newest_first)
             for position, topic, state in batch:
-                yield position, topic, _decode(topic, state)
+                yield position, _decode(topic, state, f"position {position}")
             if len(batch) < size:
                 return
             if left is not None:
@@ -278,7 +274,7 @@ class EventLog:
             else:
                 after = batch[-1][0]
 
-    def task_events(self, task_id: str) -> list[tuple[int, str, dict[str, Any]]]:
+    def task_events(self, task_id: str) -> list[tuple[int, Event]]:
         """Every event about one task (its session's and the registry's), in log order."""
         return list(self.select(Filter(task_id=task_id)))
 
@@ -420,17 +416,6 @@ class _Index:
         """Index events written before the index existed (a no-op once caught up)."""
 
 
-def _index_row(n: Notification) -> IndexRow:
-    data = orjson.loads(n.state)
-    return (
-        str(n.originator_id),
-        n.topic,
-        data.get("session_id"),
-        data.get("worker_id"),
-        data.get("task_id"),
-    )
-
-
 class _SQLIndex(_Index):
     """The index table of SQLite and PostgreSQL; `mark` is the driver's placeholder."""
 
@@ -462,12 +447,25 @@ class _SQLIndex(_Index):
             clauses.append(f"i.topic IN ({', '.join(m for _ in where.types)})")
             params.extend(where.types)
         order = "DESC" if newest_first else "ASC"
-        sql = (
-            f"SELECT e.{self.rowid} AS position, e.topic AS topic, e.state AS state "
-            f"FROM {self.prefix}{INDEX_TABLE} i JOIN {self.prefix}{self.events} e "
-            f"ON e.{self.rowid} = i.position WHERE {' AND '.join(clauses)} "
-            f"ORDER BY i.position {order} LIMIT {m}"
-        )
+        ids = (where.stream, where.session_id, where.worker_id, where.task_id)
+        if all(value is None for value in ids):
+            # No id or stream filter: the events table alone, in position order.
+            found = " AND ".join(clauses).replace("i.position", self.rowid)
+            sql = (
+                f"SELECT {self.rowid} AS position, topic, state FROM {self.prefix}{self.events} "
+                f"WHERE {found.replace('i.topic', 'topic')} ORDER BY {self.rowid} {order} "
+                f"LIMIT {m}"
+            )
+        else:
+            # `+i.position` keeps SQLite off the position index for the range: the id or
+            # stream index, paired with the position, gives both the filter and the order.
+            ranged = " AND ".join(clauses).replace("i.position", "+i.position")
+            sql = (
+                f"SELECT e.{self.rowid} AS position, e.topic AS topic, e.state AS state "
+                f"FROM {self.prefix}{INDEX_TABLE} i JOIN {self.prefix}{self.events} e "
+                f"ON e.{self.rowid} = i.position WHERE {ranged} "
+                f"ORDER BY i.position {order} LIMIT {m}"
+            )
         with self._transaction(commit=False) as c:
             c.execute(sql, [*params, limit])
             return [(r["position"], r["topic"], bytes(r["state"])) for r in c.fetchall()]
@@ -487,7 +485,7 @@ class _SQLIndex(_Index):
             with self._transaction(commit=True) as c:
                 c.executemany(
                     _insert_index_sql(self.prefix, self.mark, ignore=True),
-                    [(n.id, *_index_row(n)) for n in batch],
+                    [(n.id, *_row_of(n)) for n in batch],
                 )
             start = batch[-1].id
 
@@ -514,9 +512,19 @@ def _index_ddl(prefix: str, position_type: str) -> list[str]:
     return ddl
 
 
-def _index_rows(positions: Sequence[int] | None, kwargs: dict[str, Any]) -> list[tuple[Any, ...]]:
-    rows: list[IndexRow] = kwargs.get("index") or []
+def _index_rows(
+    stored: Sequence[StoredEvent], positions: Sequence[int] | None, kwargs: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """The index rows of events being inserted: given by `EventLog.append_batches`, else
+    (a writer that is not us, an old test) read from the events themselves."""
+    rows: list[IndexRow] = kwargs.get("index") or [_row_of(s) for s in stored]
     return [(p, *row) for p, row in zip(positions or [], rows, strict=True)]
+
+
+def _row_of(s: StoredEvent) -> IndexRow:
+    data = orjson.loads(s.state)
+    ids = (data.get("session_id"), data.get("worker_id"), data.get("task_id"))
+    return (str(s.originator_id), s.topic, *ids)
 
 
 class IndexedSQLiteRecorder(SQLiteApplicationRecorder):
@@ -530,7 +538,8 @@ class IndexedSQLiteRecorder(SQLiteApplicationRecorder):
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         positions = super()._insert_events(c, stored_events, **kwargs)
-        c.executemany(_insert_index_sql("", "?"), _index_rows(positions, kwargs))
+        rows = _index_rows(stored_events, positions, kwargs)
+        c.executemany(_insert_index_sql("", "?"), rows)
         return positions
 
 
@@ -549,7 +558,8 @@ class IndexedPostgresRecorder(PostgresApplicationRecorder):
         self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         positions = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
-        curs.executemany(_insert_index_sql(self._prefix, "%s"), _index_rows(positions, kwargs))
+        rows = _index_rows(stored_events, positions, kwargs)
+        curs.executemany(_insert_index_sql(self._prefix, "%s"), rows)
         return positions
 
 
@@ -565,7 +575,7 @@ class _IndexedPOPORecorder(POPOApplicationRecorder):
     ) -> Sequence[int] | None:
         with self._database_lock:  # reentrant: the events and their rows land together
             positions = super().insert_events(stored_events, **kwargs)
-            self.index_rows.extend(kwargs.get("index") or [])
+            self.index_rows.extend(r[1:] for r in _index_rows(stored_events, positions, kwargs))
         return positions
 
 

@@ -30,7 +30,7 @@ class StreamView(Generic[S]):
         log: EventLog,
         stream: str,
         initial: Callable[[], S],
-        fold: Callable[[S, str, dict[str, Any]], S],
+        fold: Callable[[S, Event], S],
     ) -> None:
         self.log = log
         self.stream = stream
@@ -55,7 +55,7 @@ class StreamView(Generic[S]):
         """Fold events appended since the last look (by anyone) and return the state."""
         with self._lock:
             for event in self.log.read_stream(self.stream, after=self.version):
-                self.state = self._fold(self.state, event.type, event.data)
+                self.state = self._fold(self.state, event.event)
                 self.version = event.version
             if self.version - self._snapshot_version >= SNAPSHOT_EVERY:
                 self.log.save_snapshot(
@@ -73,9 +73,10 @@ class StreamView(Generic[S]):
         append_together((self, events))
 
     def fold_appended(self, events: list[Event]) -> None:
-        """Fold events this process just appended at `version + 1...` (no read needed)."""
+        """Fold events this process just appended at `version + 1...` (no read needed: they
+        are the same typed events a read would give)."""
         for event in events:
-            self.state = self._fold(self.state, event.type_name(), event.model_dump(mode="json"))
+            self.state = self._fold(self.state, event)
             self.version += 1
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import BaseModel
 
+from events.catalogue import ConfigRecorded, ModelResolved, TaskCompleted, TaskStarted
 from events.projections import LogState, apply
 from events.reads import recorded_configs
 from events.store import EventLog
@@ -54,10 +55,10 @@ def _without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def config_of(record: Mapping[str, Any]) -> tuple[OrchestratorConfig, list[CatalogueModel]]:
+def config_of(record: ConfigRecorded) -> tuple[OrchestratorConfig, list[CatalogueModel]]:
     """The configuration and catalogue a `ConfigRecorded` describes."""
-    config = OrchestratorConfig.model_validate(record["config"])
-    usable = set(record.get("usable_providers", []))
+    config = OrchestratorConfig.model_validate(record.config)
+    usable = set(record.usable_providers)
     # Usability is all the resolver reads of the environment: stand in for the keys.
     environ = {
         p.api_key_env: "recorded"
@@ -91,25 +92,26 @@ def recorded_decisions(
     state = LogState()
     task_models: dict[str, str | None] = {}
     pending: dict[str, Decided] = {}
-    for position, type_, data in log.read_log():
-        if type_ == "TaskStarted" and data.get("kind") == "worker":
-            task_models[data["task_id"]] = data.get("args", {}).get("model")
-        elif type_ == "ModelResolved" and session_id in (None, data["session_id"]):
+    for position, event in log.read_log():
+        if isinstance(event, TaskStarted) and event.kind == "worker":
+            task_models[str(event.task_id)] = event.args.get("model")
+        elif isinstance(event, ModelResolved) and session_id in (None, event.session_id):
+            task_id = str(event.task_id)
             decided = Decided(
                 position=position,
-                task_id=data["task_id"],
-                session_id=data["session_id"],
-                worker_id=data["worker_id"],
-                config_digest=data.get("config_digest"),
-                recorded=ModelDecision.model_validate(data, from_attributes=False),
+                task_id=task_id,
+                session_id=event.session_id,
+                worker_id=str(event.worker_id),
+                config_digest=event.config_digest,
+                recorded=ModelDecision.model_validate(event, from_attributes=True),
                 served_model=None,
-                task_model=task_models.pop(data["task_id"], None),
+                task_model=task_models.pop(task_id, None),
             )
-            pending[decided.task_id] = decided
+            pending[task_id] = decided
             yield decided, state
-        elif type_ == "TaskCompleted" and data.get("task_id") in pending:
-            pending.pop(data["task_id"]).served_model = data.get("model")
-        apply(state, position, type_, data)
+        elif isinstance(event, TaskCompleted) and event.task_id in pending:
+            pending.pop(str(event.task_id)).served_model = event.model
+        apply(state, position, event)
 
 
 def redecide(
@@ -308,8 +310,8 @@ def diff(log: EventLog, since: int, until: int | None = None) -> list[DiffRow]:
     one pass over the log up to `until`."""
     state = LogState()
     before: Flat | None = None
-    for position, type_, data in log.read_log(until=until):
+    for position, event in log.read_log(until=until):
         if before is None and position > since:
             before = flatten(state)
-        apply(state, position, type_, data)
+        apply(state, position, event)
     return diff_states(flatten(state) if before is None else before, flatten(state))

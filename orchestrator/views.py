@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from events.catalogue import EVENT_TYPES
+from events.catalogue import EVENT_TYPES, Event, TaskCompleted
 from events.projections import RegistryEntry, TaskRecord
 from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
 from events.replay import replay as replay_log
@@ -159,7 +159,7 @@ def select_events(
     task_id: str | None = None,
     until: int | None = None,
     limit: int | None = None,
-) -> Iterator[tuple[int, str, dict[str, Any]]]:
+) -> Iterator[tuple[int, Event]]:
     """The `events` view's rows as they stream from the store (`events --follow` pages)."""
     if type is not None and type not in EVENT_TYPES:
         raise InvalidTaskArgs(
@@ -189,11 +189,12 @@ def usage(
     by default, every session's with `session_id=None`, only after position `since`."""
     wanted = orch.session_id if session_id is _THIS_SESSION else session_id
     rows: dict[tuple[str, str, str], UsageRow] = {}
-    for _, _, data in orch.log.read_log(after=since, types=["TaskCompleted"]):
-        used = data.get("usage")
-        if not used or wanted not in (None, data.get("session_id")):
+    for _, event in orch.log.read_log(after=since, types=["TaskCompleted"]):
+        assert isinstance(event, TaskCompleted)
+        used = event.usage
+        if not used or wanted not in (None, event.session_id):
             continue
-        key = (data["session_id"], str(data.get("worker_id")), str(data.get("model")))
+        key = (event.session_id, str(event.worker_id), str(event.model))
         row = rows.get(key) or UsageRow(
             session_id=key[0],
             worker_id=key[1],

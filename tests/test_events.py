@@ -46,4 +46,4 @@ def test_appends_to_several_streams_land_together_or_not_at_all() -> None:
         # The session stream is at 1 already: the memory half must not land either.
         log.append_batches([("memory", [note], 0), ("session:a", [opened], 0)])
     assert log.read_stream("memory") == []
-    assert [p for p, _, _ in log.read_log()] == [1]
+    assert [p for p, _ in log.read_log()] == [1]

@@ -122,12 +122,12 @@ def test_every_filtered_read_equals_filtering_the_whole_log(
         newest_first = data.draw(st.booleans())
         f = Filter(**where)
         every = [
-            (p, t, d)
-            for p, t, d in log.read_log(after=after, until=until)
-            if f.session_id in (None, d["session_id"])
-            and f.worker_id in (None, d.get("worker_id"))
-            and f.task_id in (None, d.get("task_id"))
-            and (not f.types or t in f.types)
+            (p, e)
+            for p, e in log.read_log(after=after, until=until)
+            if f.session_id in (None, e.session_id)
+            and f.worker_id in (None, e.worker_id)
+            and f.task_id in (None, e.task_id)
+            and (not f.types or e.type_name() in f.types)
         ]
         if newest_first:
             every.reverse()
@@ -170,7 +170,7 @@ def test_a_store_written_before_the_index_is_indexed_when_opened(tmp_path: Path)
         conn.execute("DELETE FROM event_index")  # as a store from before the index was
     log = EventLog(url)
     try:
-        assert [p for p, _, _ in log.select(Filter(task_id="t2"))] == [2]
+        assert [p for p, _ in log.select(Filter(task_id="t2"))] == [2]
     finally:
         log.close()
 
