@@ -156,7 +156,7 @@ def debug_reads(url: str, runs: int) -> dict[str, Any]:
             "explain": lambda: orch.task_list(view="explain", task_id=task_id),
             "peek": lambda: orch.task_peek(task_id),
             "session_page": lambda: orch.task_list(view="events", session_id=session_id, limit=100),
-            "worker_page": lambda: orch.task_list(view="events", worker_id="docs", limit=100),
+            "worker_page": lambda: orch.task_list(view="events", worker_id="coder", limit=100),
         }
         return {name: timed(read, runs, warmup=2).__dict__ for name, read in reads.items()}
 

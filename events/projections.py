@@ -86,7 +86,7 @@ class Owner(BaseModel):
     pid_started_at: float
 
 
-RECENT_TASKS = 64
+RECENT_TASKS = 16
 
 
 class SessionState(BaseModel):
@@ -509,5 +509,5 @@ def apply(state: LogState, position: int, event: Event) -> LogState:
         apply_memory(state.memory, event)
     elif kind == "models":
         apply_models(state.models, event)
-    state.position = position
+    _set(state, position=position)
     return state

@@ -539,11 +539,15 @@ def diff_cmd(
         out.print(f"nothing changed between positions {since} and {until or 'now'}")
 
 
+_SUMMARY = ("status", "model", "model_ref", "resolved_model", "model_policy")
+
+
 def _changed(row: Any) -> str:
-    """The fields that differ, `field: before -> after` (whole rows only when added or
-    removed, where the key says enough)."""
+    """The fields that differ, `field: before -> after`; for a row added or removed, the
+    few fields that say what it is."""
     if row.before is None or row.after is None:
-        return ""
+        whole = row.after if row.before is None else row.before
+        return printable(" ".join(f"{k}={_cell(whole[k])}" for k in _SUMMARY if whole.get(k)))
     parts = [
         f"{k}: {_cell(row.before.get(k))} -> {_cell(row.after.get(k))}"
         for k in sorted(row.before.keys() | row.after.keys())

@@ -36,7 +36,8 @@ class ReplayView(BaseModel):
 
 
 class OverrideCause(BaseModel):
-    """The `WorkerModelSet` event a session-level decision rested on."""
+    """The event a session-level decision rested on: a `WorkerModelSet`, or the
+    `SessionForked` that brought the override from another session."""
 
     position: int
     timestamp: datetime
@@ -45,6 +46,8 @@ class OverrideCause(BaseModel):
     resolved_model: str
     model_policy: str
     reason: str
+    forked_from: str | None = None
+    forked_at: int | None = None
 
 
 class Rejection(BaseModel):
@@ -122,8 +125,9 @@ def override_cause(record: EventRecord | None, worker_id: str) -> OverrideCause 
     """The override a session's newest override event (of `OVERRIDE_TYPES`) left in force."""
     if record is None:
         return None
-    data = record.data
+    data, forked = record.data, {}
     if record.type == "SessionForked":
+        forked = {"forked_from": data["from_session_id"], "forked_at": data["position"]}
         data = data["overrides"].get(worker_id)
         if data is None:
             return None
@@ -137,6 +141,7 @@ def override_cause(record: EventRecord | None, worker_id: str) -> OverrideCause 
         resolved_model=data["resolved_model"],
         model_policy=data["model_policy"],
         reason=data["reason"],
+        **forked,
     )
 
 
@@ -225,6 +230,13 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
     ]
     if e.source == "task":
         lines.append(f"model {e.model_ref} was given with the task itself")
+    elif e.source == "session" and e.override is not None and e.override.forked_from:
+        o = e.override
+        lines.append(
+            f"session override forked at position {o.position} from session {o.forked_from}"
+            f" as of position {o.forked_at}, with policy {o.model_policy}: {o.model_ref} -> "
+            f"{o.resolved_model}"
+        )
     elif e.source == "session" and e.override is not None:
         o = e.override
         lines.append(

@@ -402,7 +402,10 @@ def test_fork_takes_the_overrides_as_of_a_position(open_orch: OpenOrch) -> None:
     assert at_p3["from_session_id"] == "src" and at_p3["position"] == p3
     # The new session serves with those overrides; the source is untouched.
     forked = open_orch(config=config_with("agent"), session_id=at_p3["session_id"])
-    assert run(forked, "docs", "x").model == "local/echo-small"
+    served = run(forked, "docs", "x")
+    assert served.model == "local/echo-small"
+    (why,) = forked.task_list(view="explain", task_id=served.task_id)
+    assert f"from session src as of position {p3}" in why.summary[1]
     assert set(src.session.refresh().overrides) == {"docs"}
     forked_again = fork(p1)
     assert forked_again["session_id"] != at_p3["session_id"]
