@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -205,14 +208,69 @@ def _bare_server_ready() -> None:
     assert line.startswith(b"READY"), line
 
 
+def _opencode_binary(tmp: Path) -> Path | str:
+    """The `opencode` binary of the `opencode-ai` npm package, installed offline into `tmp`
+    (npm may skip the postinstall that links it, so take the platform package's binary), or
+    the one-line reason it cannot run here."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed"
+    where = tmp / "opencode-peer"
+    where.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(where), "opencode-ai"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"npm install opencode-ai failed: {done.stderr.strip().splitlines()[-1:]}"
+    machine = {"x86_64": "x64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    binary = where / "node_modules" / f"opencode-linux-{machine}" / "bin" / "opencode"
+    return binary if binary.exists() else f"no opencode binary for linux-{machine}"
+
+
+def _opencode_listening(binary: Path, home: Path) -> None:
+    """Start `opencode serve` on a free loopback port and wait for its "listening" line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"HOME": str(home), "PATH": os.environ.get("PATH", ""), "XDG_DATA_HOME": str(home)}
+    proc = subprocess.Popen(
+        [str(binary), "serve", "--hostname", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line or b"listening" in line:
+                break
+        assert b"listening" in line, line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def cold_spawn(tmp: Path, runs: int) -> list[Row]:
     """Scenario 4: worker.spawn with force_new until the worker printed READY, interleaved
-    with its floor (a bare http.server reaching READY) so both see the same machine."""
+    with its floor (a bare http.server reaching READY) and, where npm can install it, the
+    upstream peer `opencode serve` reaching "listening", so all see the same machine."""
     url = f"sqlite:///{tmp / 'spawn.db'}"
     spawns: list[float] = []
     floors: list[float] = []
+    peers: list[float] = []
+    peer = _opencode_binary(tmp)
+    home = tmp / "opencode-home"
+    home.mkdir(exist_ok=True)
     with Orchestrator.open(config=_config("server"), store=url, session_id="bench") as orch:
         _op(orch, "worker.spawn", force_new=True)  # warm-up
+        if isinstance(peer, Path):
+            _opencode_listening(peer, home)  # warm-up: its first start writes its state
         for _ in range(runs):
             began = time.perf_counter()
             _bare_server_ready()
@@ -220,8 +278,12 @@ def cold_spawn(tmp: Path, runs: int) -> list[Row]:
             began = time.perf_counter()
             _op(orch, "worker.spawn", force_new=True)
             spawns.append(time.perf_counter() - began)
+            if isinstance(peer, Path):
+                began = time.perf_counter()
+                _opencode_listening(peer, home)
+                peers.append(time.perf_counter() - began)
         _op(orch, "worker.stop")
-    return [
+    rows = [
         Row(
             "4 cold spawn to READY",
             "worker.spawn force_new",
@@ -231,6 +293,19 @@ def cold_spawn(tmp: Path, runs: int) -> list[Row]:
             target="<= 1.3x",
         )
     ]
+    if peers:
+        rows.append(
+            Row(
+                "4 cold spawn to READY",
+                "upstream peer: `opencode serve` to listening (opencode-ai on npm)",
+                Stats.of(peers),
+                "our worker.spawn force_new, same loop",
+                Stats.of(spawns),
+            )
+        )
+    else:
+        print(f"  skipped the opencode peer: {peer}", file=sys.stderr)
+    return rows
 
 
 LOG_CHILD = """
@@ -396,6 +471,72 @@ def contention(tmp: Path, runs: int) -> list[Row]:
     return rows
 
 
+def _wall(argv: list[str], env: dict[str, str]) -> float:
+    began = time.perf_counter()
+    subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60)
+    return time.perf_counter() - began
+
+
+def import_costs(env: dict[str, str]) -> dict[str, float]:
+    """Milliseconds of import time per top-level package when `orchestrator workers` runs
+    (the sum of each module's own time, from `python -X importtime`)."""
+    script = (
+        "import sys; sys.argv = ['orchestrator', 'workers']\n"
+        "from orchestrator.cli import main\n"
+        "main()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    costs: dict[str, float] = {}
+    for line in out.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        own, _, name = line[len("import time:") :].split("|")
+        top = name.strip().split(".")[0]
+        costs[top] = costs.get(top, 0.0) + int(own) / 1000
+    return dict(sorted(costs.items(), key=lambda kv: -kv[1]))
+
+
+def cli_startup(tmp: Path, runs: int) -> list[Row]:
+    """Scenario 8: `orchestrator --help` and `orchestrator workers` on a warm SQLite store,
+    interleaved with `python -c pass`, and where the import time of a command goes."""
+    exe = str(Path(sys.executable).with_name("orchestrator"))
+    env = {**os.environ, "ORCHESTRATOR_STORE": f"sqlite:///{tmp / 'cli.db'}"}
+    subprocess.run([exe, "workers"], env=env, capture_output=True, check=True, timeout=60)
+    floor, help_, workers = [], [], []
+    for _ in range(runs):
+        floor.append(_wall([sys.executable, "-c", "pass"], env))
+        help_.append(_wall([exe, "--help"], env))
+        workers.append(_wall([exe, "workers"], env))
+    costs = import_costs(env)
+    top = {name: round(ms, 1) for name, ms in list(costs.items())[:12]}
+    return [
+        Row(
+            "8 CLI start-up",
+            "orchestrator --help",
+            Stats.of(help_),
+            "python -c pass",
+            Stats.of(floor),
+            target="<= 100 ms",
+        ),
+        Row(
+            "8 CLI start-up",
+            "orchestrator workers, warm SQLite store",
+            Stats.of(workers),
+            "python -c pass",
+            Stats.of(floor),
+            target="<= 150 ms",
+            extra={"import_ms_by_package": top, "import_ms_total": round(sum(costs.values()), 1)},
+        ),
+    ]
+
+
 def all_scenarios(quick: bool) -> list[Row]:
     """Every scenario, in order; `quick` uses fewer runs and smaller logs."""
     runs = 30 if quick else 200
@@ -413,6 +554,7 @@ def all_scenarios(quick: bool) -> list[Row]:
             lambda: log_scaling(tmp, sizes),
             lambda: session_size(tmp, 10_000),
             lambda: contention(tmp, 3),
+            lambda: cli_startup(tmp, proc_runs),
         ):
             new = step()
             rows += new

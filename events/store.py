@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 import orjson
-import psycopg
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
@@ -39,8 +39,7 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 from eventsourcing.popo import POPOApplicationRecorder
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor, SQLiteDatastore
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from eventsourcing.utils import Environment
 from pydantic import BaseModel
 
@@ -59,8 +58,16 @@ class StreamConflict(RuntimeError):
     """Another writer appended to the stream first: reload and decide again."""
 
 
-# What a store may raise below us; each becomes one `StoreError` line.
-_STORE_FAILURES = (PersistenceError, OSError, sqlite3.Error, psycopg.Error)
+# What a store may raise below us; each becomes one `StoreError` line. psycopg's errors join
+# once psycopg is loaded (only a PostgreSQL store loads it, and only it can raise them).
+_BASE_FAILURES: tuple[type[BaseException], ...] = (PersistenceError, OSError, sqlite3.Error)
+
+
+def _store_failures() -> tuple[type[BaseException], ...]:
+    psycopg = sys.modules.get("psycopg")
+    return _BASE_FAILURES if psycopg is None else (*_BASE_FAILURES, psycopg.Error)
+
+
 MARKER_TABLE = "orchestrator_store"
 STORE_FORMAT = 1
 OUR_STREAMS = ("session:", "registry", "memory", "models", "config")
@@ -77,7 +84,7 @@ def _guarded(url: str, doing: str) -> Iterator[None]:
         yield
     except IntegrityError:
         raise
-    except _STORE_FAILURES as exc:
+    except _store_failures() as exc:
         raise StoreError(f"store {_redact(url)}: {doing} failed: {_first_line(exc)}") from None
 
 
@@ -154,8 +161,8 @@ class EventLog:
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
         self._env = env
-        self._leases: dict[str, psycopg.Connection[Any]] = {}
-        self._listener: psycopg.Connection[Any] | None = None
+        self._leases: dict[str, Any] = {}  # host -> psycopg connection holding its lease
+        self._listener: Any = None  # the psycopg connection LISTENing, once needed
         try:
             with _schema_lock(env):
                 _check_marker(self.url, env)
@@ -170,7 +177,7 @@ class EventLog:
                 self._index = _index_of(self._recorder)
                 self._index.backfill()  # a store written before the index existed
             self._recorder.max_notification_id()  # fail now, not at the first real read
-        except _STORE_FAILURES as exc:
+        except _store_failures() as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
 
     # --- writing ---------------------------------------------------------------------------
@@ -289,7 +296,7 @@ class EventLog:
         notifies on every insert); SQLite files and the memory store are polled."""
         if self.head() > after:
             return True
-        if not isinstance(self._recorder, IndexedPostgresRecorder):
+        if self.kind != "postgresql":
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 time.sleep(min(POLL_EVERY, max(0.0, deadline - time.monotonic())))
@@ -301,7 +308,7 @@ class EventLog:
                 from psycopg import sql
 
                 self._listener = _connect(self._env)
-                channel = sql.Identifier(self._recorder.channel_name)
+                channel = sql.Identifier(self._recorder.channel_name)  # type: ignore[attr-defined]
                 self._listener.execute(sql.SQL("LISTEN {}").format(channel))
                 if self.head() > after:  # landed before we listened
                     return True
@@ -427,8 +434,7 @@ class _SQLIndex(_Index):
         self.events = str(recorder.events_table_name)  # type: ignore[attr-defined]
 
     def _transaction(self, commit: bool) -> Any:
-        datastore: SQLiteDatastore | PostgresDatastore = self.recorder.datastore  # type: ignore[attr-defined]
-        return datastore.transaction(commit=commit)
+        return self.recorder.datastore.transaction(commit=commit)  # type: ignore[attr-defined]
 
     def select(
         self, where: Filter, after: int, until: int | None, limit: int, newest_first: bool
@@ -543,32 +549,32 @@ class IndexedSQLiteRecorder(SQLiteApplicationRecorder):
         return positions
 
 
-class IndexedPostgresRecorder(PostgresApplicationRecorder):
-    """PostgreSQL's recorder, writing each event's index row in the events' transaction."""
-
-    def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
-        super().__init__(datastore, **kwargs)
-        from psycopg.sql import SQL
-
-        self._prefix = f'"{datastore.schema}".' if datastore.schema else ""
-        for statement in _index_ddl(self._prefix, "BIGINT"):
-            self.sql_create_statements.append(SQL(statement))  # type: ignore[arg-type]
-
-    def _fetch_ids_after_insert_events(
-        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
-    ) -> Sequence[int] | None:
-        positions = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
-        rows = _index_rows(stored_events, positions, kwargs)
-        curs.executemany(_insert_index_sql(self._prefix, "%s"), rows)
-        return positions
-
-
 class _IndexedPOPORecorder(POPOApplicationRecorder):
     """The memory store's recorder, keeping its index rows in a list beside the events."""
 
     def __init__(self) -> None:
         super().__init__()
         self.index_rows: list[IndexRow] = []
+
+    def select_events(
+        self,
+        originator_id: Any,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        """A stream's events by version, costing what it returns: versions are contiguous
+        from 1, so the range is known (the library's version walks the whole stream, which
+        made every op slower the longer its session)."""
+        with self._database_lock:
+            index = self._stored_events_index[str(originator_id)]
+            low, high = (gt or 0) + 1, min(len(index), lte if lte is not None else len(index))
+            versions = range(high, low - 1, -1) if desc else range(low, high + 1)
+            if limit is not None:
+                versions = versions[:limit]
+            return [self._stored_events[index[v]] for v in versions]
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -605,8 +611,9 @@ def _index_of(recorder: ApplicationRecorder) -> _Index:
         return _MemoryIndex(recorder)
     if isinstance(recorder, IndexedSQLiteRecorder):
         return _SQLIndex(recorder, "", "?")
-    if isinstance(recorder, IndexedPostgresRecorder):
-        return _SQLIndex(recorder, recorder._prefix, "%s")
+    prefix = getattr(recorder, "index_prefix", None)  # events.pg.IndexedPostgresRecorder
+    if prefix is not None:
+        return _SQLIndex(recorder, prefix, "%s")
     raise TypeError(f"no event index for {type(recorder).__name__}")
 
 
@@ -765,7 +772,9 @@ def _write_marker(env: dict[str, str]) -> None:
             conn.execute(ddl.format(f'"{schema}".'))
 
 
-def _connect(env: dict[str, str]) -> psycopg.Connection[Any]:
+def _connect(env: dict[str, str]) -> Any:
+    import psycopg
+
     return psycopg.connect(
         dbname=env["POSTGRES_DBNAME"],
         host=env["POSTGRES_HOST"],
@@ -803,7 +812,7 @@ def _postgres_env(url: str) -> dict[str, str]:
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(_timeout(url, query)),
         "ORIGINATOR_ID_TYPE": "text",
         "CREATE_TABLE": "y",
-        "APPLICATION_RECORDER_TOPIC": "events.store:IndexedPostgresRecorder",
+        "APPLICATION_RECORDER_TOPIC": "events.pg:IndexedPostgresRecorder",
     }
     if "schema" in query:
         env["POSTGRES_SCHEMA"] = query["schema"][0]

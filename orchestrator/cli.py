@@ -85,6 +85,9 @@ def main_options(
 ) -> None:
     """Global options."""
     if verbose:
+        from events.logs import configure_json_lines
+
+        configure_json_lines()
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # Only our JSON event lines: the HTTP clients' own request lines stay quiet.
         for noisy in ("httpx", "httpcore", "mcp"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from eventsourcing.persistence import StoredEvent
@@ -47,3 +48,71 @@ def test_appends_to_several_streams_land_together_or_not_at_all() -> None:
         log.append_batches([("memory", [note], 0), ("session:a", [opened], 0)])
     assert log.read_stream("memory") == []
     assert [p for p, _ in log.read_log()] == [1]
+
+
+def test_event_lines_are_structlog_lines_when_logging_is_on() -> None:
+    import logging
+
+    from structlog.testing import capture_logs
+
+    events_logger = logging.getLogger("orchestrator.events")
+    before = events_logger.level
+    events_logger.setLevel(logging.INFO)
+    try:
+        with (
+            capture_logs() as lines,
+            Orchestrator.open(config=config_with(), store="memory", session_id="logged") as orch,
+        ):
+            orch.task_start(
+                kind="op", op="worker.model.set", worker={"worker_id": "coder", "model": "auto"}
+            )
+    finally:
+        events_logger.setLevel(before)
+    assert [(x["event"], x["position"], x["stream"]) for x in lines[:3]] == [
+        ("SessionOpened", 1, "session:logged"),
+        ("TaskStarted", 2, "session:logged"),
+        ("WorkerModelSet", 3, "session:logged"),
+    ]
+    assert lines[1]["args"] == "..." and lines[1]["log_level"] == "info"
+    assert lines[2]["resolved_model"] == "local/echo-large"
+
+
+def test_without_logging_no_line_is_built_and_structlog_is_not_imported() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from orchestrator import Orchestrator\n"
+        "with Orchestrator.open(store='memory') as o:\n"
+        "    o.task_start(kind='op', op='memory.put', memory={'key': 'k', 'value': 'v'})\n"
+        "print('structlog' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_verbose_prints_one_json_line_per_event(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("orchestrator"))
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    out = subprocess.run(
+        [exe, "-v", "--store", url, "set-model", "coder", "local/echo-small"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert [x["event"] for x in lines] == [
+        "SessionOpened",
+        "TaskStarted",
+        "WorkerModelSet",
+        "TaskCompleted",
+    ]
+    assert all(x["timestamp"].endswith("Z") and x["stream"] == "session:cli" for x in lines)
+    assert [x["position"] for x in lines] == [1, 2, 3, 4]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import ssl
 from functools import cache
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.processes import worker_token
+
+if TYPE_CHECKING:  # httpx loads with the first call: commands that call no worker skip it
+    import httpx
 
 
 class WorkerUnreachable(RuntimeError):
@@ -60,6 +62,8 @@ def _client() -> httpx.Client:
     # (~40 ms per client) and refuses any TLS peer; trust_env=False keeps proxy variables from
     # routing loopback traffic elsewhere; Nagle off, or keep-alive requests wait ~40 ms on
     # delayed ACKs. One client per process, shared by threads.
+    import httpx
+
     transport = httpx.HTTPTransport(
         verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -103,6 +107,8 @@ class WorkerClient:
     def _call(
         self, method: Literal["GET", "POST"], path: str, body: dict[str, Any] | None, timeout: float
     ) -> dict[str, Any]:
+        import httpx
+
         where = f"{self.url}{path}"
         try:
             resp = _client().request(
