@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from events.catalogue import EVENT_TYPES, Event, TaskCompleted
+from events.catalogue import EVENT_TYPES, TaskCompleted
 from events.projections import RegistryEntry, TaskRecord
 from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
 from events.replay import replay as replay_log
@@ -144,23 +144,6 @@ def events(
 ) -> list[EventRecord]:
     """The log, filtered in the store: `since` is exclusive (events after that position),
     `until` inclusive, `limit` the most rows returned (oldest first)."""
-    return [
-        record_from(*e)
-        for e in select_events(orch.log, worker_id, type, since, session_id, task_id, until, limit)
-    ]
-
-
-def select_events(
-    log: EventLog,
-    worker_id: str | None = None,
-    type: str | None = None,
-    since: int = 0,
-    session_id: str | None = None,
-    task_id: str | None = None,
-    until: int | None = None,
-    limit: int | None = None,
-) -> Iterator[tuple[int, Event]]:
-    """The `events` view's rows as they stream from the store (`events --follow` pages)."""
     if type is not None and type not in EVENT_TYPES:
         raise InvalidTaskArgs(
             f'Invalid task_list arguments: type: no event type "{type}".'
@@ -176,7 +159,7 @@ def select_events(
     where = Filter(
         session_id=session_id, worker_id=worker_id, task_id=task_id, types=(type,) if type else ()
     )
-    return log.select(where, after=since, until=until, limit=limit)
+    return [record_from(*e) for e in orch.log.select(where, after=since, until=until, limit=limit)]
 
 
 _THIS_SESSION: Any = object()

@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from events import EventLog, SessionState, replay
 from orchestrator import Orchestrator
+from orchestrator.history import apply_diff, flatten
 from tests.helpers import (
     assert_replay_view_matches,
     config_with,
@@ -191,6 +192,18 @@ class PoolMachine(RuleBasedStateMachine):
             orch.pool.reap_children()  # our own child: collect it so it is not a zombie
         with contextlib.suppress(psutil.NoSuchProcess):
             psutil.Process(pid).wait(timeout=10)
+
+    @rule(data=st.data())
+    def diff(self, data: st.DataObject) -> None:
+        """diff(p, q) applied to the state at p (processes, claims' outcomes, tasks) gives
+        the state at q."""
+        head = self.log.head()
+        p = data.draw(st.integers(min_value=0, max_value=head))
+        q = data.draw(st.integers(min_value=p, max_value=head))
+        rows = self.orchs["s1"].task_list(view="diff", since=p, until=q)
+        assert apply_diff(flatten(replay(self.log, until=p)), rows) == flatten(
+            replay(self.log, until=q)
+        )
 
     @invariant()
     def replay_equals_live(self) -> None:
