@@ -1,4 +1,4 @@
-"""Configuration: providers, their models, and worker profiles (SPEC section 4)."""
+"""Configuration: providers, their models, and worker profiles (docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class ProfileConfig(BaseModel):
 
 
 class PoolConfig(BaseModel):
-    """Limits of the worker pool (SPEC section 4, `[pool]`)."""
+    """Limits of the worker pool (`[pool]` in docs/configuration.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,7 +76,7 @@ class PoolConfig(BaseModel):
     max_processes: int = Field(default=8, ge=1, le=256)
     max_concurrency: int = Field(default=8, ge=1, le=256)
     # A model failing retryably `cooldown_after` times within `cooldown_window` seconds is
-    # skipped by tags and fallbacks for `cooldown_for` seconds (SPEC section 10: 3, 60, 60).
+    # skipped by tags and fallbacks for `cooldown_for` seconds (defaults 3, 60, 60).
     cooldown_after: int = Field(default=3, ge=1, le=100)
     cooldown_window: float = Field(default=60.0, gt=0, le=3600)
     cooldown_for: float = Field(default=60.0, gt=0, le=3600)

@@ -460,7 +460,7 @@ class Orchestrator:
 
     def respawn(self, worker_id: str, task_id: str) -> bool:
         """Start now the process the session's (new) model asks for, then retire the process
-        this session used before, unless another session has used it (SPEC section 6)."""
+        this session used before, unless another session has used it (ADR-0003, "Respawn")."""
         spec = self.worker_spec(worker_id, self.session_decision(worker_id))
         ids = self._ids(task_id, worker_id)
         if self.profile(worker_id).backend == "agent":

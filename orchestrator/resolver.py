@@ -1,4 +1,5 @@
-"""The one model resolver (SPEC section 5) and the precedence rule (SPEC section 6).
+"""The one model resolver and the precedence rule (docs/task-api.md, "Which model serves a
+worker task").
 
 Everything here is pure: the catalogue is built from the config and an environment mapping
 passed in, so tests (and hypothesis) can call it with anything.

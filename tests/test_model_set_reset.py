@@ -1,4 +1,4 @@
-"""Session-scoped worker model set/reset (SPEC section 6), seen through the echo replies."""
+"""Session-scoped worker model set/reset, seen through the echo replies."""
 
 from __future__ import annotations
 

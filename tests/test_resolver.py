@@ -1,4 +1,4 @@
-"""The one model resolver (SPEC section 5): tags, aliases, usability, suggestions."""
+"""The one model resolver: tags, aliases, usability, suggestions."""
 
 from __future__ import annotations
 
