@@ -25,6 +25,7 @@ from events.catalogue import (
     WorkerReady,
     WorkerReused,
     WorkerSpawned,
+    event_from_json,
 )
 from events.replay import replay
 from events.store import EventLog, Filter
@@ -169,6 +170,18 @@ def decode_floor(db_path: str) -> float:
         while rows := cursor.fetchmany(1000):
             for _, _, state in rows:
                 orjson.loads(state)
+    return time.perf_counter() - started
+
+
+def typed_decode_floor(db_path: str) -> float:
+    """A second floor: read every row and decode it into its event class (what a typed
+    replay must do before folding anything)."""
+    started = time.perf_counter()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        cursor = conn.execute("SELECT rowid, topic, state FROM stored_events ORDER BY rowid")
+        while rows := cursor.fetchmany(1000):
+            for _, topic, state in rows:
+                event_from_json(topic, state)
     return time.perf_counter() - started
 
 

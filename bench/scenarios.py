@@ -310,14 +310,16 @@ def cold_spawn(tmp: Path, runs: int) -> list[Row]:
 
 LOG_CHILD = """
 import json, resource, sys
-from bench.logbuild import build_log, decode_floor, replay_all
+from bench.logbuild import build_log, decode_floor, replay_all, typed_decode_floor
 url, path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 append = build_log(url, size)
 floor = decode_floor(path)
+typed = typed_decode_floor(path)
 replay_seconds, events = replay_all(url)
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"append_eps": append, "replay_eps": events / replay_seconds,
-                  "floor_eps": events / floor, "replay_seconds": replay_seconds,
+                  "floor_eps": events / floor, "typed_floor_eps": events / typed,
+                  "replay_seconds": replay_seconds,
                   "events": events, "peak_rss": rss}))
 """
 
@@ -364,6 +366,9 @@ def log_scaling(tmp: Path, sizes: list[int]) -> list[Row]:
                     "floor": "read the same rows with sqlite3 and decode them with orjson",
                     "floor_eps": r["floor_eps"],
                     "ratio_to_floor": r["replay_eps"] / r["floor_eps"],
+                    "typed_floor": "read the same rows and decode each into its event class",
+                    "typed_floor_eps": r["typed_floor_eps"],
+                    "ratio_to_typed_floor": r["replay_eps"] / r["typed_floor_eps"],
                     "peak_rss_mb": r["peak_rss"] / 2**20,
                 },
             ),

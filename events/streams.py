@@ -38,6 +38,7 @@ class StreamView(Generic[S]):
         self._fold = fold
         self._lock = threading.RLock()
         self.version = 0
+        self.known = False  # has the stream been read past its snapshot yet?
         self._snapshot_version = 0
         self.state = initial()
         snapshot = log.load_snapshot(stream)
@@ -57,6 +58,7 @@ class StreamView(Generic[S]):
             for event in self.log.read_stream(self.stream, after=self.version):
                 self.state = self._fold(self.state, event.event)
                 self.version = event.version
+            self.known = True
             if self.version - self._snapshot_version >= SNAPSHOT_EVERY:
                 self.log.save_snapshot(
                     self.stream, self.version, self.state.model_dump(mode="json")
@@ -89,11 +91,13 @@ class StreamTail:
         self.stream = stream
         self.lock = threading.RLock()
         self.version = 0
+        self.known = False  # has the stream been read since this tail was made?
 
     def refresh(self) -> None:
         """Learn the stream's newest version (one indexed read, no events decoded)."""
         with self.lock:
             self.version = self.log.stream_version(self.stream)
+            self.known = True
 
     def fold_appended(self, events: list[Event]) -> None:
         """Count events this process just appended."""
@@ -113,15 +117,19 @@ def append_together(*batches: tuple[Appendable, list[Event]]) -> list[int]:
     with contextlib.ExitStack() as held:
         for view in views:  # a fixed order, so two writers never wait on each other
             held.enter_context(view.lock)
+        # Optimistic: append after the versions this process knows (a stream it has never
+        # read is read first); only another writer's append, seen as a conflict, costs a read.
+        stale = [view for view in views if not view.known]
+        log = batches[0][0].log
         while True:
-            for view in views:
+            for view in stale:
                 view.refresh()
-            log = batches[0][0].log
             try:
                 positions = log.append_batches(
                     [(v.stream, events, v.version) for v, events in batches]
                 )
             except StreamConflict:
+                stale = views
                 continue
             for view, events in batches:
                 view.fold_appended(events)

@@ -291,8 +291,12 @@ class Orchestrator:
         """The task's record now, whatever session started it; never blocks. A task left
         running by an orchestrator process that is gone is ended `failed` here, naming that
         process."""
-        state = self.session.refresh()
+        state = self.session.state
         task = state.task(task_id)
+        if task is None or task.status == "running":
+            # Only a running or unknown task can have changed: a finished one never does.
+            state = self.session.refresh()
+            task = state.task(task_id)
         if task is None:
             return views.foreign_task(self, task_id)
         owner = state.owners.get(task_id)
