@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -254,11 +255,17 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
     return args
 
 
+@functools.lru_cache(maxsize=256)
+def _camel(key: str) -> str:
+    # Payload keys repeat on every call; the alias generator is a handful of regexes.
+    return to_camel(key)
+
+
 def _both_spellings(payload: dict[str, Any], prefix: str = "") -> list[str]:
     """Keys given twice, as snake_case and as camelCase: one clear error each."""
     problems = []
     for key, value in payload.items():
-        camel = to_camel(key)
+        camel = _camel(key)
         if camel != key and camel in payload:
             problems.append(f"{prefix}{key}: given twice, as {key} and {camel}; give one")
         if isinstance(value, dict) and key in ("memory", "worker", "session"):

@@ -126,6 +126,7 @@ class Orchestrator:
         self._closed = False
         self._opened_recorded = False
         self._config_stream = StreamTail(log, CONFIG_STREAM)
+        self._catalogues: dict[tuple[bool, ...], list[CatalogueModel]] = {}
         self._configs: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
         self._recorded_digest: str | None = None  # the newest ConfigRecorded, once read
 
@@ -247,8 +248,16 @@ class Orchestrator:
         return [ConfigRecorded(session_id=self.session_id, config_digest=digest, **payload)]
 
     def catalogue(self) -> list[CatalogueModel]:
-        """The model catalogue, with usability read from the environment now."""
-        return build_catalogue(self.config, os.environ)
+        """The model catalogue, with usability read from the environment now (built once
+        per set of providers whose key is present; do not change the rows)."""
+        keys = tuple(
+            bool(p.api_key_env and os.environ.get(p.api_key_env))
+            for p in self.config.providers.values()
+        )
+        found = self._catalogues.get(keys)
+        if found is None:
+            found = self._catalogues[keys] = build_catalogue(self.config, os.environ)
+        return found
 
     # --- Task API --------------------------------------------------------------------------
 

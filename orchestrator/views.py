@@ -96,7 +96,7 @@ def registry(orch: Orchestrator) -> list[RegistryEntry]:
 
 def models(orch: Orchestrator) -> list[CatalogueModel]:
     """The model catalogue."""
-    return orch.catalogue()
+    return [row.model_copy() for row in orch.catalogue()]
 
 
 def profiles(orch: Orchestrator) -> list[ProfileView]:
