@@ -41,7 +41,7 @@ from eventsourcing.persistence import (
 from eventsourcing.popo import POPOApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from eventsourcing.utils import Environment
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from events.catalogue import Event, event_from_json
 from events.logs import get_logger
@@ -135,6 +135,13 @@ def _decode(topic: str, state: bytes, where: int | str) -> Event:
         raise StoreError(
             f"the event at {where} has type {topic!r}, which this version does not know "
             "(was it written by a newer orchestrator?)"
+        ) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise StoreError(
+            f"the event at {where} ({topic}) does not match this version's schema: "
+            f"{field}: {first['msg']} (was it written by a newer orchestrator?)"
         ) from None
 
 
@@ -280,10 +287,6 @@ class EventLog:
                 until = batch[-1][0] - 1
             else:
                 after = batch[-1][0]
-
-    def task_events(self, task_id: str) -> list[tuple[int, Event]]:
-        """Every event about one task (its session's and the registry's), in log order."""
-        return list(self.select(Filter(task_id=task_id)))
 
     def head(self) -> int:
         """The position of the newest event (0 for an empty log)."""

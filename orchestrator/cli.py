@@ -483,8 +483,12 @@ def _replay_check(ctx: typer.Context, as_json: bool) -> None:
                 f"{printable(d.detail)}",
                 markup=False,
             )
-        skipped = f" ({report.unchecked} recorded without a configuration, not checked)"
-        tail = skipped if report.unchecked else ""
+        tail = (
+            f" ({report.unchecked} not checked: recorded without a configuration this "
+            "version can read)"
+            if report.unchecked
+            else ""
+        )
         if report.ok:
             out.print(f"ok: {report.reproduced} decisions reproduced{tail}", markup=False)
         else:

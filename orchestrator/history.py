@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from events.catalogue import ConfigRecorded, ModelResolved, TaskCompleted, TaskStarted
 from events.projections import LogState, apply
@@ -155,12 +155,17 @@ class CheckReport(BaseModel):
 
 def check(log: EventLog) -> CheckReport:
     """Re-run every recorded model decision on the configuration recorded for it."""
-    configs = {digest: config_of(record) for digest, record in recorded_configs(log).items()}
+    configs = {}
+    for digest, record in recorded_configs(log).items():
+        try:
+            configs[digest] = config_of(record)
+        except ValidationError:
+            continue  # recorded by a version with other settings: its decisions go unchecked
     checked = reproduced = unchecked = 0
     differences = []
     for d, state in recorded_decisions(log):
         if d.config_digest is None or d.config_digest not in configs:
-            unchecked += 1  # decided before configurations were recorded
+            unchecked += 1  # decided before configurations were recorded, or unreadable now
             continue
         checked += 1
         config, catalogue = configs[d.config_digest]

@@ -116,3 +116,23 @@ def test_cli_verbose_prints_one_json_line_per_event(tmp_path: Path) -> None:
     ]
     assert all(x["timestamp"].endswith("Z") and x["stream"] == "session:cli" for x in lines)
     assert [x["position"] for x in lines] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("topic", "extra", "says"),
+    [
+        ("WorkerTeleported", {}, "which this version does not know"),
+        ("TaskCancelled", {"flux": 1}, "does not match this version's schema: flux"),
+    ],
+)
+def test_an_event_this_version_cannot_read_is_one_clear_store_error(
+    topic: str, extra: dict[str, object], says: str
+) -> None:
+    from events.store import StoreError
+
+    log = EventLog("memory")
+    data = {"version": 1, "session_id": "s", "timestamp": "2026-01-01T00:00:00Z", **extra}
+    log._recorder.insert_events([StoredEvent("session:s", 1, topic, json.dumps(data).encode())])
+    with pytest.raises(StoreError, match=says):
+        list(log.read_log())
+    log.close()

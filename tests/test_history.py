@@ -515,3 +515,37 @@ def test_waiting_for_events_wakes_when_another_writer_appends(store: EventLog | 
             writer.close()
         if log is not store:
             log.close()
+
+
+def test_replay_check_leaves_unchecked_what_it_cannot_rebuild() -> None:
+    log = EventLog("memory")
+    ids = {"session_id": "u", "worker_id": "coder", "task_id": "t-u"}
+    bad = ConfigRecorded(session_id="u", config_digest="sha256:old", config={"pool": "?"})
+    log.append("config", [bad], 0)
+    log.append(
+        "session:u",
+        [
+            TaskStarted(**ids, kind="worker"),
+            ModelResolved(
+                **ids,
+                model_ref="auto",
+                resolved_model="local/echo-large",
+                model_policy="dynamic",
+                source="profile",
+                reason="profile default",
+                config_digest="sha256:old",
+            ),
+            ModelResolved(  # recorded before configurations were
+                **{**ids, "task_id": "t-v"},
+                model_ref="auto",
+                resolved_model="local/echo-large",
+                model_policy="dynamic",
+                source="profile",
+                reason="profile default",
+            ),
+        ],
+        0,
+    )
+    report = check(log)
+    assert (report.checked, report.unchecked, report.ok) == (0, 2, True)
+    log.close()
