@@ -237,10 +237,9 @@ def _(event: SessionForked, state: SessionState) -> None:
 def _(event: TaskStarted, state: SessionState) -> None:
     task_id = str(event.task_id)
     state.running[task_id] = new_task(event)
-    if event.pid is not None:
-        state.owners[task_id] = Owner(
-            host=str(event.host), pid=event.pid, pid_started_at=float(event.pid_started_at or 0)
-        )
+    owner = owner_of(event)
+    if owner is not None:
+        state.owners[task_id] = owner
 
 
 def _task_changed(event: Event, state: SessionState) -> None:
@@ -262,6 +261,15 @@ for _cls in (ModelAttemptFailed, TaskCompleted, TaskFailed, TaskCancelled):
 
 
 # --- one task's record --------------------------------------------------------------------------
+
+
+def owner_of(event: TaskStarted) -> Owner | None:
+    """The orchestrator process a `TaskStarted` names as the task's owner, if it names one."""
+    if event.pid is None:
+        return None
+    return Owner(
+        host=str(event.host), pid=event.pid, pid_started_at=float(event.pid_started_at or 0)
+    )
 
 
 def new_task(event: TaskStarted) -> TaskRecord:

@@ -14,6 +14,7 @@ from events.projections import (
     apply_registry,
     apply_session,
     apply_task,
+    owner_of,
 )
 from events.store import EventLog, Filter
 
@@ -30,10 +31,8 @@ def read_task(log: EventLog, task_id: str) -> tuple[TaskRecord, Owner | None] | 
     owner = None
     for _, event in log.select(Filter(task_id=task_id, types=TASK_RECORD_TYPES)):
         task = apply_task(task, event)
-        if isinstance(event, TaskStarted) and event.pid is not None:
-            owner = Owner(
-                host=str(event.host), pid=event.pid, pid_started_at=float(event.pid_started_at or 0)
-            )
+        if isinstance(event, TaskStarted):
+            owner = owner_of(event)
     if task is None:
         return None
     return task, owner if task.status == "running" else None
@@ -42,7 +41,7 @@ def read_task(log: EventLog, task_id: str) -> tuple[TaskRecord, Owner | None] | 
 def session_tasks(log: EventLog, session_id: str) -> list[TaskRecord]:
     """Every task of one session, oldest first."""
     tasks: dict[str, TaskRecord] = {}
-    where = Filter(session_id=session_id, stream=f"session:{session_id}", types=TASK_RECORD_TYPES)
+    where = Filter(stream=f"session:{session_id}", types=TASK_RECORD_TYPES)
     for _, event in log.select(where):
         task = apply_task(tasks.get(str(event.task_id)), event)
         if task is not None:
