@@ -442,39 +442,39 @@ class _SQLIndex(_Index):
     def select(
         self, where: Filter, after: int, until: int | None, limit: int, newest_first: bool
     ) -> Selected:
-        m, clauses = self.mark, [f"i.position > {self.mark}"]
+        m, events = self.mark, f"{self.prefix}{self.events}"
+        ids = {
+            column: getattr(where, column)
+            for column in ("session_id", "worker_id", "task_id", "stream")
+            if getattr(where, column) is not None
+        }
+        if ids:
+            # Through the index. `+i.position` keeps SQLite off the position index for the
+            # range: the id or stream index, paired with the position, gives both the filter
+            # and the order.
+            position, topic, order_by = "+i.position", "i.topic", "i.position"
+            source = f"{self.prefix}{INDEX_TABLE} i JOIN {events} e ON e.{self.rowid} = i.position"
+            columns = f"e.{self.rowid} AS position, e.topic AS topic, e.state AS state"
+        else:  # no id or stream filter: the events table alone, in position order
+            position = order_by = self.rowid
+            topic, source = "topic", events
+            columns = f"{self.rowid} AS position, topic, state"
+        clauses = [f"{position} > {m}"]
         params: list[Any] = [after]
         if until is not None:
-            clauses.append(f"i.position <= {m}")
+            clauses.append(f"{position} <= {m}")
             params.append(until)
-        for column in ("session_id", "worker_id", "task_id", "stream"):
-            value = getattr(where, column)
-            if value is not None:
-                clauses.append(f"i.{column} = {m}")
-                params.append(value)
+        for column, value in ids.items():
+            clauses.append(f"i.{column} = {m}")
+            params.append(value)
         if where.types:
-            clauses.append(f"i.topic IN ({', '.join(m for _ in where.types)})")
+            clauses.append(f"{topic} IN ({', '.join(m for _ in where.types)})")
             params.extend(where.types)
         order = "DESC" if newest_first else "ASC"
-        ids = (where.stream, where.session_id, where.worker_id, where.task_id)
-        if all(value is None for value in ids):
-            # No id or stream filter: the events table alone, in position order.
-            found = " AND ".join(clauses).replace("i.position", self.rowid)
-            sql = (
-                f"SELECT {self.rowid} AS position, topic, state FROM {self.prefix}{self.events} "
-                f"WHERE {found.replace('i.topic', 'topic')} ORDER BY {self.rowid} {order} "
-                f"LIMIT {m}"
-            )
-        else:
-            # `+i.position` keeps SQLite off the position index for the range: the id or
-            # stream index, paired with the position, gives both the filter and the order.
-            ranged = " AND ".join(clauses).replace("i.position", "+i.position")
-            sql = (
-                f"SELECT e.{self.rowid} AS position, e.topic AS topic, e.state AS state "
-                f"FROM {self.prefix}{INDEX_TABLE} i JOIN {self.prefix}{self.events} e "
-                f"ON e.{self.rowid} = i.position WHERE {ranged} "
-                f"ORDER BY i.position {order} LIMIT {m}"
-            )
+        sql = (
+            f"SELECT {columns} FROM {source} WHERE {' AND '.join(clauses)} "
+            f"ORDER BY {order_by} {order} LIMIT {m}"
+        )
         with self._transaction(commit=False) as c:
             c.execute(sql, [*params, limit])
             return [(r["position"], r["topic"], bytes(r["state"])) for r in c.fetchall()]

@@ -172,10 +172,11 @@ def usage(
     by default, every session's with `session_id=None`, only after position `since`."""
     wanted = orch.session_id if session_id is _THIS_SESSION else session_id
     rows: dict[tuple[str, str, str], UsageRow] = {}
-    for _, event in orch.log.read_log(after=since, types=["TaskCompleted"]):
+    completed = Filter(session_id=wanted, types=("TaskCompleted",))  # filtered in the store
+    for _, event in orch.log.select(completed, after=since):
         assert isinstance(event, TaskCompleted)
         used = event.usage
-        if not used or wanted not in (None, event.session_id):
+        if not used:
             continue
         key = (event.session_id, str(event.worker_id), str(event.model))
         row = rows.get(key) or UsageRow(
