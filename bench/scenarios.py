@@ -278,6 +278,9 @@ def cold_spawn(tmp: Path, runs: int) -> list[Row]:
             began = time.perf_counter()
             _op(orch, "worker.spawn", force_new=True)
             spawns.append(time.perf_counter() - began)
+            # Untimed: every spawn starts from no live process, so none pays for an eviction
+            # at max_processes (that is a stop, not a spawn).
+            _op(orch, "worker.stop")
             if isinstance(peer, Path):
                 began = time.perf_counter()
                 _opencode_listening(peer, home)

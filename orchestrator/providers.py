@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cache
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class Provider(Protocol):
@@ -31,8 +30,9 @@ class Provider(Protocol):
     def max_retries(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class ProviderSettings:
+# NamedTuple, not a dataclass: `dataclasses` pulls in `inspect`, a tenth of a worker's
+# start-up (ADR-0008).
+class ProviderSettings(NamedTuple):
     """A provider's identity as a plain value (see `ProviderConfig.identity`)."""
 
     kind: str
@@ -61,8 +61,7 @@ class ProviderError(RuntimeError):
         self.retryable = retryable
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(NamedTuple):
     """One model answer: its text (possibly empty), tool calls, and reported usage."""
 
     text: str
