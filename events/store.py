@@ -116,10 +116,15 @@ def default_store_url() -> str:
     return f"sqlite:///{state_dir() / 'events.db'}"  # an absolute path: four slashes
 
 
+def state_path() -> Path:
+    """Where the user's state directory for this project is (it may not exist yet)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "orchestrator"
+
+
 def state_dir() -> Path:
     """The user's state directory for this project, created user-only."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    path = Path(base) / "orchestrator"
+    path = state_path()
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 

@@ -9,13 +9,13 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
 import psutil
 
-from events.store import state_dir
+from events.store import state_path
 
 ProcessState = Literal["alive", "gone", "recycled"]
 
@@ -54,8 +54,11 @@ def process_state(pid: int, started_at: float) -> ProcessState:
     return "alive" if abs(created - started_at) <= START_TIME_TOLERANCE else "recycled"
 
 
-def _host_key() -> bytes:
-    path = state_dir() / "worker.key"
+@lru_cache(maxsize=16)
+def _host_key(state: Path) -> bytes:
+    """The host key of a state directory, created on first use."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state / "worker.key"
     try:
         return _read_key(path)
     except FileNotFoundError:
@@ -86,7 +89,14 @@ def _read_key(path: Path) -> bytes:
 
 def worker_token(instance_id: str) -> str:
     """The bearer token of one worker process, derivable only by this user on this host."""
-    return hmac.new(_host_key(), instance_id.encode(), hashlib.sha256).hexdigest()
+    return _token(state_path(), instance_id)
+
+
+# A worker's token is fixed at its spawn: the key is read once per state directory, not
+# once per request (a file read and an HMAC cost ~70 us of every task).
+@lru_cache(maxsize=1024)
+def _token(state: Path, instance_id: str) -> str:
+    return hmac.new(_host_key(state), instance_id.encode(), hashlib.sha256).hexdigest()
 
 
 # What a worker process may inherit: enough to run Python and find its state directory.
