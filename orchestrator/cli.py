@@ -6,8 +6,6 @@ bad or unreadable store). Errors are one line on stderr.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -109,6 +107,8 @@ def main_options(
         from events.logs import configure_json_lines
 
         configure_json_lines()
+        import logging  # only `-v` needs it: `--help` and quiet commands skip its import
+
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # Only our JSON event lines: the HTTP clients' own request lines stay quiet.
         for noisy in ("httpx", "httpcore", "mcp"):
@@ -130,6 +130,12 @@ def printable(text: str) -> str:
     """Model text made safe for a terminal: control sequences removed, newlines and tabs
     kept. (`--json` output is exact; only people's output is cleaned.)"""
     return _CONTROL.sub("", text)
+
+
+def _dumps(value: Any, **options: Any) -> str:
+    import json  # on first use: `--help` never needs it
+
+    return json.dumps(value, **options)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -166,7 +172,7 @@ def emit(
 ) -> None:
     """Print rows as a table, or as a JSON array of objects."""
     if as_json:
-        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+        out.print_json(_dumps([r.model_dump(mode="json") for r in rows]))
         return
     from rich.table import Table
     from rich.text import Text
@@ -207,7 +213,7 @@ def _cell(value: Any) -> str:
             if k not in _QUIET and v not in (None, "", [], False)
         )
     if isinstance(value, list):
-        return json.dumps(value)
+        return _dumps(value)
     return str(value)
 
 
@@ -218,7 +224,7 @@ def finish_task(orch: Orchestrator, task_id: str, as_json: bool, label: str) -> 
     if as_json:
         out.print_json(rec.model_dump_json())
     elif rec.status == "completed":
-        text = rec.response if rec.kind == "worker" else json.dumps(rec.result, indent=2)
+        text = rec.response if rec.kind == "worker" else _dumps(rec.result, indent=2)
         typer.echo(printable(text or ""))  # as it is: rich would expand the tabs
     if rec.status != "completed":
         raise fail(str(rec.error or rec.status), code=1)
@@ -313,7 +319,7 @@ def stop(
                 raise fail(str(rec.error), code=1)
             results.append(rec.result)
         if as_json:
-            out.print_json(json.dumps(results))
+            out.print_json(_dumps(results))
             return
         lines = []
         for r in results:
@@ -412,7 +418,7 @@ def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
     for row in rows:
         data = row.model_dump(mode="json")
         if as_json:
-            out.print(json.dumps(data), markup=False)
+            out.print(_dumps(data), markup=False)
         else:
             out.print(
                 " ".join(f"{c}={_cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
@@ -541,7 +547,7 @@ def fork(
         typer.echo(printable(rec.error or f"fork {rec.status}"), err=True)
         raise typer.Exit(1)
     if as_json:
-        out.print_json(json.dumps(rec.result))
+        out.print_json(_dumps(rec.result))
     else:
         out.print(rec.result["session_id"], markup=False)
 
@@ -636,7 +642,7 @@ def schema() -> None:
     """Print the tool schema of task_start (TaskStartArgs) as JSON."""
     from orchestrator.api import TaskStartArgs
 
-    out.print_json(json.dumps(TaskStartArgs.model_json_schema()))
+    out.print_json(_dumps(TaskStartArgs.model_json_schema()))
 
 
 @app.command()
