@@ -28,8 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from events.catalogue import (
     Event,
     ModelPolicy,
@@ -66,7 +64,7 @@ from orchestrator.reuse import (
     plan,
     to_probe,
 )
-from orchestrator.worker import SPEC_ENV, TOKEN_ENV
+from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
 REGISTRY_STREAM = "registry"
 READY_TIMEOUT = 30.0
@@ -550,6 +548,8 @@ class WorkerPool:
             watcher.join(max(0.0, deadline - time.monotonic()))
 
     def _wait_gone(self, entry: RegistryEntry) -> None:
+        import psutil
+
         child = self._children.get(entry.instance_id)
         try:
             if child is not None:

@@ -13,12 +13,11 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
-import psutil
-
 from events.store import state_path
 
 ProcessState = Literal["alive", "gone", "recycled"]
 
+# psutil is imported where it is used: a command that only reads the log never needs it.
 # psutil reports start times rounded to the clock tick; anything closer is the same process.
 START_TIME_TOLERANCE = 0.05
 
@@ -30,6 +29,8 @@ def host_id() -> str:
 
 def start_time(pid: int) -> float:
     """The process's start time as the OS reports it."""
+    import psutil
+
     return float(psutil.Process(pid).create_time())
 
 
@@ -42,6 +43,8 @@ def own_identity() -> tuple[int, float]:
 
 def process_state(pid: int, started_at: float) -> ProcessState:
     """Is the recorded process still the one running at `pid`?"""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -116,6 +119,8 @@ def worker_environment(environ: Mapping[str, str], extra: Mapping[str, str]) -> 
 def terminate(pid: int, started_at: float, timeout: float = 5.0) -> bool:
     """Stop the process at `pid` if it is still the one that started at `started_at`
     (never the new owner of a recycled pid). True when it is gone afterwards."""
+    import psutil
+
     if process_state(pid, started_at) != "alive":
         return True
     try:

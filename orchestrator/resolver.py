@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from rapidfuzz import fuzz, process
 
 from events.catalogue import ModelPolicy, ModelSource
 from events.projections import Override
@@ -86,6 +85,8 @@ def build_catalogue(config: OrchestratorConfig, environ: Mapping[str, str]) -> l
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean "x"?' for the closest choices, or '' when nothing is close."""
+    from rapidfuzz import fuzz, process  # only a mistake pays for its import
+
     matches = process.extract(word, list(choices), scorer=fuzz.ratio, limit=3, score_cutoff=60)
     if not matches:
         return ""

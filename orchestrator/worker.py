@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
+from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
-SPEC_ENV = "ORCHESTRATOR_WORKER_SPEC"
-TOKEN_ENV = "ORCHESTRATOR_WORKER_TOKEN"
 ADOPT_TIMEOUT = 60.0  # a spawner that has not registered us by then is not coming back
 WATCH_EVERY = 0.1
 MAX_BODY = 64 * 1024 * 1024

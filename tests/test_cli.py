@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -186,3 +187,43 @@ def test_demo_exits_zero_and_leaves_no_worker_behind(state_home: Path) -> None:
     ):
         assert step in proc.stdout
     assert worker_processes(state_home) == []
+
+
+# What each command imports is what it costs to start (ADR-0008): these guard the lazy
+# imports without timing anything.
+IMPORTS = """
+import sys
+sys.argv = ["orchestrator", *sys.argv[1:]]
+from orchestrator.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+heavy = ("pydantic", "json", "logging", "psutil", "rapidfuzz", "ssl", "httpx", "http.server",
+         "structlog", "eventsourcing")
+sys.stderr.write(repr(sorted(m for m in heavy if m in sys.modules)))
+"""
+
+
+def _imported(tmp_path: Path, *argv: str) -> list[str]:
+    env = {**os.environ, "ORCHESTRATOR_STORE": f"sqlite:///{tmp_path / 'i.db'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORTS, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    return list(ast.literal_eval(out.stderr.strip().splitlines()[-1]))
+
+
+def test_help_imports_neither_the_store_nor_pydantic_nor_json(tmp_path: Path) -> None:
+    assert _imported(tmp_path, "--help") == []
+
+
+def test_workers_reads_the_log_without_process_http_or_fuzzy_matching_imports(
+    tmp_path: Path,
+) -> None:
+    # The store and the models are needed; liveness probes, HTTP and "did you mean" are not.
+    assert _imported(tmp_path, "workers") == ["eventsourcing", "json", "logging", "pydantic"]

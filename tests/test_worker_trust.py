@@ -25,7 +25,7 @@ from events.catalogue import WorkerExited, WorkerSpawnFailed
 from orchestrator import Orchestrator
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.processes import worker_token
-from orchestrator.worker import TOKEN_ENV
+from orchestrator.worker_env import TOKEN_ENV
 from tests.chat import ChatServer, Reply
 from tests.conftest import OpenOrch, worker_processes
 from tests.helpers import config_with, lab_config, op, run, set_model, wait_for

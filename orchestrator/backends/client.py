@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import ssl
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -62,6 +61,8 @@ def _client() -> httpx.Client:
     # (~40 ms per client) and refuses any TLS peer; trust_env=False keeps proxy variables from
     # routing loopback traffic elsewhere; Nagle off, or keep-alive requests wait ~40 ms on
     # delayed ACKs. One client per process, shared by threads.
+    import ssl
+
     import httpx
 
     transport = httpx.HTTPTransport(
