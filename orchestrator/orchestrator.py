@@ -368,6 +368,9 @@ class Orchestrator:
             if leased is not None:
                 backend, lease = leased
                 backend.cancel(lease, task_id)
+            elif rec.kind == "worker" and rec.worker_id is not None:
+                # Another orchestrator's task: its request is interrupted where it runs.
+                self.server.cancel_anywhere(str(rec.worker_id), task_id)
             done = self._done.get(task_id)
             if done is not None:
                 done.set()

@@ -523,6 +523,54 @@ def test_cancel_interrupts_the_request_in_flight(
     assert orch.task_peek(handle.task_id).status == "cancelled"  # the late reply was dropped
 
 
+SERVING_OWNER = """
+import sys, time
+from orchestrator import Orchestrator
+from tests.helpers import lab_config
+url, port = sys.argv[1], int(sys.argv[2])
+orch = Orchestrator.open(config=lab_config(port, backend="server"), store=url, session_id="owner")
+handle = orch.task_start(kind="worker", worker_id="coder", task="long")
+print(handle.task_id, flush=True)
+began = time.monotonic()
+rec = orch.task_await(handle.task_id, timeout=60)
+print(rec.status, round(time.monotonic() - began, 1), flush=True)
+orch.close()
+"""
+
+
+def test_cancel_from_another_process_interrupts_the_owners_request(
+    chat_server: ChatServer, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'cancel.db'}"
+    chat_server.delay = 30.0
+    owner = subprocess.Popen(
+        [sys.executable, "-c", SERVING_OWNER, url, str(chat_server.port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert owner.stdout is not None
+        task_id = owner.stdout.readline().strip()
+        wait_for(lambda: len(chat_server.requests) == 1, timeout=30)
+        other = Orchestrator.open(config=lab_config(chat_server.port, backend="server"), store=url)
+        assert other.task_cancel(task_id).status == "cancelled"
+        # The owner's request was dropped by its worker: it stops waiting far below 30 s.
+        status, waited = owner.stdout.readline().split()
+        assert status == "cancelled" and float(waited) < 20
+        assert owner.wait(timeout=30) == 0
+    finally:
+        owner.kill()
+        owner.wait()
+    entry = other.task_list(view="registry")[0]
+    from orchestrator.backends.client import WorkerClient
+
+    client = WorkerClient(str(entry.url), entry.instance_id)
+    wait_for(lambda: client.health().in_flight == 0)
+    assert other.task_peek(task_id).status == "cancelled"
+    other.close(stop_workers=True)
+
+
 def test_tasks_beyond_max_concurrency_wait_and_say_so_in_explain(
     open_orch: OpenOrch, chat_server: ChatServer
 ) -> None:

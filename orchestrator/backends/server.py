@@ -125,6 +125,14 @@ class ServerBackend:
         if lease.url is not None:
             _tell_cancel(WorkerClient(lease.url, lease.instance_id), task_id)
 
+    def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
+        """Cancel a task another orchestrator serves: which of the worker's processes on this
+        host has it is not in the log until it ends, so each is told (a process without that
+        task ignores it)."""
+        for entry in self.pool.live_entries(worker_id):
+            if entry.url is not None and entry.status in ("ready", "draining"):
+                _tell_cancel(WorkerClient(str(entry.url), entry.instance_id), task_id)
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Stop every live process of the worker on this host, whatever its recorded status."""
         stopped: list[str] = []
