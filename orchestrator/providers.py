@@ -11,7 +11,14 @@ import json
 import time
 from collections.abc import Mapping
 from functools import cache
-from typing import Any, NamedTuple, Protocol
+
+# `typing` stays out of a worker's imports (4 ms of its start-up, ADR-0008): what this
+# module needs of it is for the type checker only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object
 
 
 class Provider(Protocol):
@@ -30,19 +37,30 @@ class Provider(Protocol):
     def max_retries(self) -> int: ...
 
 
-# NamedTuple, not a dataclass: `dataclasses` pulls in `inspect`, a tenth of a worker's
-# start-up (ADR-0008).
-class ProviderSettings(NamedTuple):
+# Plain classes, not dataclasses or NamedTuples: `dataclasses` pulls in `inspect` and
+# `typing` is not otherwise imported by a worker (ADR-0008).
+class ProviderSettings:
     """A provider's identity as a plain value (see `ProviderConfig.identity`)."""
 
-    kind: str
-    base_url: str | None
-    api_key_env: str | None
-    timeout: float
-    max_retries: int
+    __slots__ = ("api_key_env", "base_url", "kind", "max_retries", "timeout")
+
+    def __init__(
+        self,
+        kind: str,
+        base_url: str | None,
+        api_key_env: str | None,
+        timeout: float,
+        max_retries: int,
+    ) -> None:
+        self.kind = kind
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.max_retries = max_retries
 
 
-Providers = Mapping[str, Provider]
+if TYPE_CHECKING:
+    Providers = Mapping[str, Provider]
 
 # A Retry-After longer than this is not waited for: the attempt fails and fallbacks decide.
 MAX_RETRY_AFTER = 30.0
@@ -61,12 +79,20 @@ class ProviderError(RuntimeError):
         self.retryable = retryable
 
 
-class Completion(NamedTuple):
+class Completion:
     """One model answer: its text (possibly empty), tool calls, and reported usage."""
 
-    text: str
-    tool_calls: list[dict[str, Any]] | None = None
-    usage: dict[str, int] | None = None
+    __slots__ = ("text", "tool_calls", "usage")
+
+    def __init__(
+        self,
+        text: str,
+        tool_calls: list[dict[str, Any]] | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        self.text = text
+        self.tool_calls = tool_calls
+        self.usage = usage
 
 
 def split_model(model: str) -> tuple[str, str]:

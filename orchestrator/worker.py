@@ -30,10 +30,13 @@ import time
 from _operator import _compare_digest as compare_digest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
+
+TYPE_CHECKING = False  # `typing` is for the type checker only: no import at start-up
+if TYPE_CHECKING:
+    from typing import Any
 
 ADOPT_TIMEOUT = 60.0  # a spawner that has not registered us by then is not coming back
 WATCH_EVERY = 0.1
