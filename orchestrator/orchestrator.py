@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
+
 from events.catalogue import (
     ConfigRecorded,
     Event,
@@ -266,7 +268,8 @@ class Orchestrator:
         task (completed or failed) in the log."""
         args = parse_task_args(payload)
         check_limits(args, self.config.limits.max_text)
-        encoded = len(args.model_dump_json())
+        recorded = args.model_dump(mode="json", exclude_none=True)
+        encoded = len(orjson.dumps(recorded))  # what TaskStarted will hold, dumped once
         if encoded > MAX_ARGS_BYTES:
             raise InvalidTaskArgs(
                 f"Invalid task_start arguments: arguments: {encoded:,} bytes once encoded; "
@@ -282,15 +285,16 @@ class Orchestrator:
             worker_id=worker_id,
             kind=args.kind,
             op=args.op,
-            args=args.model_dump(mode="json", exclude_none=True),
+            args=recorded,
             host=self.host,
             pid=pid,
             pid_started_at=started_at,
         )
-        self._done[task_id] = threading.Event()
         if args.kind == "op":
+            # An op ends before task_start returns: nobody can be waiting to be woken.
             self._run_op(task_id, args, started)
         else:
+            self._done[task_id] = threading.Event()
             self._start_worker_task(task_id, args, started)
         # Our own appends are folded already: no read needed for the status.
         task = self.session.state.task(task_id)
