@@ -83,7 +83,7 @@ def op_round_trip(tmp: Path, runs: int) -> list[Row]:
                 set_,
                 "bare eventsourcing save",
                 floor,
-                target="<= 2x floor",
+                target="<= 3x, flat" if kind == "memory" else "<= 1.5x",
             ),
             Row(
                 "1 op round trip",
@@ -91,7 +91,7 @@ def op_round_trip(tmp: Path, runs: int) -> list[Row]:
                 reset,
                 "bare eventsourcing save",
                 floor,
-                target="<= 2x floor",
+                target="<= 3x, flat" if kind == "memory" else "<= 1.5x",
             ),
         ]
     return rows
