@@ -692,9 +692,15 @@ _DDL_LOCK_KEY = 0x6F72636865737472
 
 @contextmanager
 def _schema_lock(env: dict[str, str]) -> Iterator[None]:
-    """On PostgreSQL, create the schema and let the recorders create their tables while
-    holding an advisory lock: concurrent first-use DDL otherwise fails with "tuple
-    concurrently updated". Other stores need nothing."""
+    """Let one opener at a time create the tables and the marker. On PostgreSQL an
+    advisory lock (concurrent first-use DDL otherwise fails with "tuple concurrently
+    updated"); on SQLite an exclusive lock on `<file>-lock` beside the database (a WAL
+    transaction that read the schema before another opener committed its DDL cannot write,
+    and fails at once with "database is locked" instead of waiting). Memory needs nothing."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        with _file_lock(Path(env["SQLITE_DBNAME"] + "-lock")):
+            yield
+        return
     if env["PERSISTENCE_MODULE"] != "eventsourcing.postgres":
         yield
         return
@@ -709,6 +715,22 @@ def _schema_lock(env: dict[str, str]) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created user-only), waiting for other holders."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _timeout(url: str, query: dict[str, list[str]]) -> int:

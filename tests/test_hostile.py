@@ -410,3 +410,40 @@ def test_view_filters_are_checked_with_suggestions(tmp_path: Path) -> None:
     typo = _cli("--store", f"sqlite:///{tmp_path / 'e.db'}", "events", "--type", "WorkerSpwned")
     assert typo.returncode == 2
     assert typo.stderr.strip().endswith('Did you mean "WorkerSpawned"?')
+
+
+OPENER = """
+import sys, time
+from orchestrator import Orchestrator
+url, go_at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, go_at - time.time()))
+with Orchestrator.open(store=url, session_id="s" + sys.argv[3]) as orch:
+    orch.task_start(kind="op", op="memory.put", memory={"key": sys.argv[3], "value": "v"})
+print("opened")
+"""
+
+
+def test_many_processes_opening_a_new_sqlite_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # Without one opener at a time, an opener whose read of the schema predates another's
+    # DDL commit fails at once with "database is locked", whatever the store's timeout.
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    go_at = time.time() + 2.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, url, str(go_at), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(8)
+    ]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [out.strip() for out, _ in outcomes] == ["opened"] * 8, [e for _, e in outcomes]
+    log = EventLog(url)
+    try:
+        keys = {e.key for _, e in log.select() if hasattr(e, "key")}
+    finally:
+        log.close()
+    assert keys == {str(n) for n in range(8)}
+    lock = tmp_path / "new.db-lock"
+    assert lock.exists() and (lock.stat().st_mode & 0o077) == 0
