@@ -169,6 +169,8 @@ def test_a_foreign_sqlite_file_is_refused_not_read_as_empty(tmp_path: Path) -> N
     with pytest.raises(StoreError, match="not an orchestrator store"):
         EventLog(f"sqlite:///{db}")
     assert db.read_bytes() == before  # not even a table was added
+    beside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("theirs"))
+    assert beside == ["theirs.db"]  # nor a file beside it
 
 
 def test_a_store_made_before_the_marker_is_adopted(tmp_path: Path) -> None:
