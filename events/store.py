@@ -176,10 +176,14 @@ class EventLog:
         self._leases: dict[str, Any] = {}  # host -> psycopg connection holding its lease
         self._listener: Any = None  # the psycopg connection LISTENing, once needed
         try:
-            # Read-only, so before the lock: a foreign store is refused before anything,
-            # even a lock file, is created beside it.
-            _check_marker(self.url, env)
+            if self.kind == "sqlite":
+                # Read-only, so also before the lock: a foreign file is refused before
+                # anything, even the lock file, is made beside it. A concurrent opener's
+                # half-made store passes (SQLite makes the events and index tables in one
+                # transaction); on PostgreSQL, where it would not, the check is locked only.
+                _check_marker(self.url, env)
             with _schema_lock(env):
+                _check_marker(self.url, env)
                 self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
                 self._recorder: ApplicationRecorder = (
                     _IndexedPOPORecorder()
