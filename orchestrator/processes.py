@@ -15,9 +15,10 @@ from typing import Literal
 
 from events.store import state_path
 
+# psutil is imported where it is used: a command that only reads the log never needs it.
+
 ProcessState = Literal["alive", "gone", "recycled"]
 
-# psutil is imported where it is used: a command that only reads the log never needs it.
 # psutil reports start times rounded to the clock tick; anything closer is the same process.
 START_TIME_TOLERANCE = 0.05
 
