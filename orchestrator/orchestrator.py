@@ -366,12 +366,12 @@ class Orchestrator:
                 TaskCancelled(session_id=rec.session_id, task_id=task_id, worker_id=rec.worker_id),
             )
             cancel = self._cancels.get(task_id)
-            if cancel is not None:
+            if cancel is not None:  # ours: stop waiting, and tell its process if it has one
                 cancel.set()
-            leased = self._leases.get(task_id)
-            if leased is not None:
-                backend, lease = leased
-                backend.cancel(lease, task_id)
+                leased = self._leases.get(task_id)
+                if leased is not None:
+                    backend, lease = leased
+                    backend.cancel(lease, task_id)
             elif rec.kind == "worker" and rec.worker_id is not None:
                 # Another orchestrator's task: its request is interrupted where it runs.
                 self.server.cancel_anywhere(str(rec.worker_id), task_id)
