@@ -1,11 +1,19 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+#
+# What ships is what is tested: `make test` builds the sdist and wheel, installs the wheel
+# (not editable) into a fresh virtual environment and runs the suite from a copy of the
+# tests that holds no source package, so every import resolves to the installed wheel.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DIST := build/dist
+TESTENV := build/test-venv
+TESTTREE := build/test-tree
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test lint dist wheel-test interop bench docs clean
 
+# .venv is the developer's: the tools and the project, editable.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -20,8 +28,24 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict events orchestrator
 
-test: lint
-	HYPOTHESIS_PROFILE=ci $(BIN)/pytest -q
+dist: $(STAMP)
+	rm -rf $(DIST)
+	$(BIN)/python -m build --quiet --sdist --wheel --outdir $(DIST) . >/dev/null
+
+wheel-test: dist
+	rm -rf $(TESTENV) $(TESTTREE)
+	$(PYTHON) -m venv $(TESTENV)
+	$(TESTENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TESTENV)/bin/python -m pip install --quiet "$$(ls $(DIST)/*.whl)[test]"
+	mkdir -p $(TESTTREE)
+	cp -r tests docs ADR bench README.md pyproject.toml $(TESTTREE)/
+	cd $(TESTTREE) && ORCHESTRATOR_TEST_INSTALLED=1 HYPOTHESIS_PROFILE=ci \
+		PATH="$(CURDIR)/$(TESTENV)/bin:$$PATH" $(CURDIR)/$(TESTENV)/bin/pytest -q -p no:cacheprovider
+
+test: lint wheel-test
+
+interop: dist
+	$(BIN)/python -m interop
 
 docs: $(STAMP)
 	$(BIN)/python docs/generate.py
@@ -30,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis
