@@ -107,9 +107,18 @@ class StreamTail:
 Appendable = StreamView[Any] | StreamTail
 
 
-def append_together(*batches: tuple[Appendable, list[Event]]) -> list[int]:
+def append_together(
+    *batches: tuple[Appendable, list[Event]],
+    decided_on: tuple[Appendable, int] | None = None,
+) -> list[int]:
     """Append facts to one or more streams in one transaction, retrying on conflicts;
-    returns their log positions."""
+    returns their log positions.
+
+    `decided_on` is (stream, version): the batch was decided on that stream's state at that
+    version. When any writer (another thread or process) has moved it since, `StreamConflict`
+    is raised (after catching up) instead of a retry, so the caller decides again on the new
+    state. Facts on other streams still retry.
+    """
     batches = tuple(b for b in batches if b[1])
     if not batches:
         return []
@@ -124,6 +133,8 @@ def append_together(*batches: tuple[Appendable, list[Event]]) -> list[int]:
         while True:
             for view in stale:
                 view.refresh()
+            if decided_on is not None and decided_on[0].version != decided_on[1]:
+                raise StreamConflict(f"{decided_on[0].stream} moved since the decision")
             try:
                 positions = log.append_batches(
                     [(v.stream, events, v.version) for v, events in batches]

@@ -12,7 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -39,7 +39,7 @@ from events.projections import (
     apply_models,
 )
 from events.reads import CONFIG_STREAM, last_config, overrides_at
-from events.store import EventLog, Filter, record_from
+from events.store import EventLog, Filter, StoreError, StreamConflict, record_from
 from events.streams import (
     MEMORY_STREAM,
     MODELS_STREAM,
@@ -84,7 +84,10 @@ from orchestrator.resolver import (
     did_you_mean,
 )
 
+_T = TypeVar("_T")
 AWAIT_POLL = 0.05
+# Each retry means another writer's decision landed first; this many in a row means a storm.
+MAX_REDECIDE = 200
 MAX_ARGS_BYTES = 1024 * 1024  # one task's arguments, encoded (ADR-0006)
 # Drain watchers get this long at close to record their stops; later finders record the rest.
 CLOSE_GRACE = 2.0
@@ -186,12 +189,17 @@ class Orchestrator:
         memory: Sequence[Event] = (),
         registry: Sequence[Event] = (),
         elsewhere: Mapping[str, Sequence[Event]] | None = None,
+        decided: int | None = None,
     ) -> list[int]:
         """Append facts to this session's stream (and the memory, registry and other
         sessions' streams) in one transaction, retrying past other writers. The first write
         of this orchestrator also records `SessionOpened`, so merely looking (views, CLI
         inspection) leaves the log unchanged; a decision made under a configuration the log
-        has not recorded last brings its `ConfigRecorded`."""
+        has not recorded last brings its `ConfigRecorded`.
+
+        `decided`: the batch is a decision on this session's state at that stream version,
+        so any other append to the session since raises `StreamConflict` (see `decide`)
+        instead of being retried past."""
         batch = list(events)
         configs = self._config_events(batch)
         others = [
@@ -209,18 +217,41 @@ class Orchestrator:
                 )
                 batch.insert(0, opened)
                 self._opened_recorded = True
-            positions = append_together(
-                (self.session, batch),
-                (self.memory, list(memory)),
-                (self.pool.registry, list(registry)),
-                (self._config_stream, configs),
-                *others,
-            )
+            try:
+                positions = append_together(
+                    (self.session, batch),
+                    (self.memory, list(memory)),
+                    (self.pool.registry, list(registry)),
+                    (self._config_stream, configs),
+                    *others,
+                    decided_on=None if decided is None else (self.session, decided),
+                )
+            except StreamConflict:
+                if batch and isinstance(batch[0], SessionOpened):
+                    self._opened_recorded = False  # it did not land: the next write brings it
+                raise
         self._recorded_digest = next(
             (e.config_digest for e in reversed(configs) if isinstance(e, ConfigRecorded)),
             self._recorded_digest,
         )
         return positions
+
+    def decide(self, attempt: Callable[[int], _T]) -> _T:
+        """Run `attempt(version)` (decide on the session as of `version`, then
+        `record(..., decided=version)`) until no other writer, thread or process, has moved
+        the session between the read and the append: a decision is recorded against the
+        state it was decided on, never a stale one. No lock is held while deciding."""
+        for _ in range(MAX_REDECIDE):
+            self.session.refresh()
+            version = self.session.version
+            try:
+                return attempt(version)
+            except StreamConflict:
+                continue
+        raise StoreError(
+            f"session {self.session_id} kept changing under {MAX_REDECIDE} decisions in a "
+            "row; try again"
+        )
 
     def config_digest(self, catalogue: list[CatalogueModel]) -> str:
         """The digest of this configuration as a decision with `catalogue` sees it."""
@@ -515,32 +546,44 @@ class Orchestrator:
         worker_id = str(args.worker_id)
         ids = self._ids(task_id, worker_id)
         catalogue = self.catalogue()
-        try:
-            override = self.override(worker_id)
-            # The process is chosen by the session-level model; a task's own model only
-            # travels with its message.
-            session_level = decide_model(worker_id, None, override, self.config, catalogue)
-            decision = (
-                decide_model(worker_id, args.model, override, self.config, catalogue)
-                if args.model
-                else session_level
+
+        def attempt(
+            version: int,
+        ) -> tuple[ModelDecision, WorkerSpec, Override | None, list[int]] | None:
+            try:
+                override = self.override(worker_id)
+                # The process is chosen by the session-level model; a task's own model only
+                # travels with its message.
+                session_level = decide_model(worker_id, None, override, self.config, catalogue)
+                decision = (
+                    decide_model(worker_id, args.model, override, self.config, catalogue)
+                    if args.model
+                    else session_level
+                )
+                spec = self.worker_spec(worker_id, session_level)
+            except ResolutionError as exc:
+                self.record(started, TaskFailed(**ids, error=str(exc)), decided=version)
+                return None
+            resolved = ModelResolved(
+                **ids,
+                **decision.model_dump(),
+                fingerprint=spec.fingerprint,
+                config_digest=self.config_digest(catalogue),
             )
-            spec = self.worker_spec(worker_id, session_level)
-        except ResolutionError as exc:
-            self.record(started, TaskFailed(**ids, error=str(exc)))
-            self._wake(task_id)
-            return
-        resolved = ModelResolved(
-            **ids,
-            **decision.model_dump(),
-            fingerprint=spec.fingerprint,
-            config_digest=self.config_digest(catalogue),
-        )
+            positions = self.record(started, resolved, *extra, decided=version)
+            return decision, spec, override, positions
+
         queued = self._take_slot()
         extra: list[Event] = []
         if queued is not None:
             extra.append(TaskQueued(**ids, slots=self._slots, ahead=queued))
-        positions = self.record(started, resolved, *extra)
+        decided = self.decide(attempt)
+        if decided is None:
+            with self._busy_lock:
+                self._busy -= 1
+            self._wake(task_id)
+            return
+        decision, spec, override, positions = decided
         if telemetry.enabled():
             self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
@@ -762,12 +805,13 @@ class Orchestrator:
 
     def _run_op(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
         ids = self._ids(task_id, _op_worker(args))
-        try:
+
+        def attempt(version: int) -> ops.Decision | None:
             try:
                 decision = ops.decide(self, task_id, args)
             except (ResolutionError, ops.OpError) as exc:
-                self.record(started, TaskFailed(**ids, error=str(exc)))
-                return
+                self.record(started, TaskFailed(**ids, error=str(exc)), decided=version)
+                return None
             if decision.act is None:  # a pure decision: one atomic append says it all
                 self.record(
                     started,
@@ -775,10 +819,17 @@ class Orchestrator:
                     TaskCompleted(**ids, result=decision.result),
                     memory=decision.memory,
                     elsewhere=decision.elsewhere,
+                    decided=version,
                 )
-                return
+                return None
             # Side effects (processes) follow the decision, so the log shows it first.
-            self.record(started, *decision.events, memory=decision.memory)
+            self.record(started, *decision.events, memory=decision.memory, decided=version)
+            return decision
+
+        try:
+            decision = self.decide(attempt)
+            if decision is None or decision.act is None:
+                return
             try:
                 result = decision.act(self)
             except TASK_ERRORS as exc:

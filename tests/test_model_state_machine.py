@@ -8,6 +8,8 @@ equal the live state, including state loaded from snapshots.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -78,6 +80,7 @@ class ModelSelection(RuleBasedStateMachine):
             url = f"sqlite:///{Path(self._tmp.name) / 'e.db'}"
         else:
             url = "memory"
+        self.url = url
         self.log = EventLog(url)
         self.small_model = "local/echo-small"
         self.overrides: dict[tuple[str, str], tuple[str, str, str]] = {}
@@ -107,6 +110,56 @@ class ModelSelection(RuleBasedStateMachine):
         assert rec.status == "completed", rec.error
         assert rec.result["model"] == pinned
         self.overrides[(session, worker)] = (ref, policy, pinned)
+
+    @rule(
+        session=st.sampled_from(SESSIONS),
+        worker=st.sampled_from(WORKERS),
+        ref=st.sampled_from(REFS),
+        reset=st.booleans(),
+    )
+    def other_process(self, session: str, worker: str, ref: str, reset: bool) -> None:
+        """A second orchestrator process on the same session sets or resets a worker's
+        model; this process's next task must follow it (it has not read the session since).
+        On the memory store, which no other process can open, a second orchestrator."""
+        if self.store_kind == "memory":
+            other = Orchestrator.open(
+                config=make_config(self.small_model), store=self.log, session_id=session
+            )
+            try:
+                rec = reset_model(other, worker) if reset else set_model(other, worker, ref)
+                assert rec.status == "completed", rec.error
+            finally:
+                other.close()
+        else:
+            code = (
+                "import sys\n"
+                "from orchestrator import Orchestrator\n"
+                "from tests.helpers import reset_model, set_model\n"
+                "from tests.test_model_state_machine import make_config\n"
+                "url, session, worker, ref, reset, small = sys.argv[1:]\n"
+                "cfg = make_config(small)\n"
+                "with Orchestrator.open(config=cfg, store=url, session_id=session) as o:\n"
+                "    rec = reset_model(o, worker) if reset == '1' else set_model(o, worker, ref)\n"
+                "    assert rec.status == 'completed', rec.error\n"
+            )
+            args = [self.url, session, worker, ref, "1" if reset else "0", self.small_model]
+            done = subprocess.run(
+                [sys.executable, "-c", code, *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=Path(__file__).parent.parent,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+        if reset:
+            self.overrides.pop((session, worker), None)
+        else:
+            self.overrides[(session, worker)] = (
+                ref,
+                "sticky",
+                oracle_resolve(ref, self.small_model),
+            )
 
     @rule(
         session=st.sampled_from(SESSIONS),
