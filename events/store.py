@@ -54,6 +54,11 @@ class StoreError(RuntimeError):
     """The store URL is bad or the store cannot be reached; the message says which."""
 
 
+class StoreMoved(StoreError):
+    """The SQLite file this log was opened on was deleted or replaced: nothing is written
+    anywhere else (a write would land in a file nobody else can see)."""
+
+
 class StreamConflict(RuntimeError):
     """Another writer appended to the stream first: reload and decide again."""
 
@@ -195,8 +200,27 @@ class EventLog:
                 self._index = _index_of(self._recorder)
                 self._index.backfill()  # a store written before the index existed
             self._recorder.max_notification_id()  # fail now, not at the first real read
+            self._file_id = self._current_file_id()
         except _store_failures() as exc:
             raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
+
+    def _current_file_id(self) -> tuple[int, int] | None:
+        """(device, inode) of the SQLite file (None for other stores, or when it is gone)."""
+        if self.kind != "sqlite":
+            return None
+        try:
+            found = os.stat(self._env["SQLITE_DBNAME"])
+        except FileNotFoundError:
+            return None
+        return (found.st_dev, found.st_ino)
+
+    def check_in_place(self) -> None:
+        """Raise `StoreMoved` when the SQLite file opened is no longer the one at its path."""
+        if self.kind == "sqlite" and self._current_file_id() != self._file_id:
+            raise StoreMoved(
+                f"store {_redact(self.url)}: the file was deleted or replaced while this "
+                "orchestrator had it open; nothing was written. Reopen the store."
+            )
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -224,6 +248,7 @@ class EventLog:
             for stream, events, _ in batches
             for event in events
         ]
+        self.check_in_place()  # one stat: a write never lands in a file nobody can see
         try:
             with _guarded(self.url, "writing"):
                 positions = self._recorder.insert_events(stored, index=index)
@@ -342,6 +367,7 @@ class EventLog:
 
     def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
         """Store a stream's folded state at `version` (idempotent across writers)."""
+        self.check_in_place()
         try:
             with _guarded(self.url, "writing a snapshot"):
                 self._snapshots.insert_events(

@@ -39,7 +39,7 @@ from events.projections import (
     apply_models,
 )
 from events.reads import CONFIG_STREAM, last_config, overrides_at
-from events.store import EventLog, Filter, StoreError, StreamConflict, record_from
+from events.store import EventLog, Filter, StoreError, StoreMoved, StreamConflict, record_from
 from events.streams import (
     MEMORY_STREAM,
     MODELS_STREAM,
@@ -134,6 +134,7 @@ class Orchestrator:
         self._catalogues: dict[tuple[bool, ...], list[CatalogueModel]] = {}
         self._configs: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
         self._recorded_digest: str | None = None  # the newest ConfigRecorded, once read
+        self._moved: StoreMoved | None = None  # the store file went away under us
 
     @classmethod
     def open(
@@ -230,11 +231,26 @@ class Orchestrator:
                 if batch and isinstance(batch[0], SessionOpened):
                     self._opened_recorded = False  # it did not land: the next write brings it
                 raise
+            except StoreMoved as exc:
+                self._store_moved(exc)
+                raise
         self._recorded_digest = next(
             (e.config_digest for e in reversed(configs) if isinstance(e, ConfigRecorded)),
             self._recorded_digest,
         )
         return positions
+
+    def _store_moved(self, exc: StoreMoved) -> None:
+        """The store file was deleted or replaced: stop the processes started here (their
+        registry is unreachable) and refuse every later call with the same one line."""
+        if self._moved is None:
+            self._moved = exc
+            _log.error("store moved", error=str(exc))
+            self.pool.abandon()
+
+    def _check_moved(self) -> None:
+        if self._moved is not None:
+            raise StoreMoved(str(self._moved))
 
     def decide(self, attempt: Callable[[int], _T]) -> _T:
         """Run `attempt(version)` (decide on the session as of `version`, then
@@ -297,6 +313,7 @@ class Orchestrator:
     def task_start(self, **payload: Any) -> TaskHandle:
         """Start a task. Schema errors raise `InvalidTaskArgs`; everything else ends as a
         task (completed or failed) in the log."""
+        self._check_moved()
         args = parse_task_args(payload)
         check_limits(args, self.config.limits.max_text)
         recorded = args.model_dump(mode="json", exclude_none=True)
@@ -335,6 +352,7 @@ class Orchestrator:
         """The task's record now, whatever session started it; never blocks. A task left
         running by an orchestrator process that is gone is ended `failed` here, naming that
         process."""
+        self._check_moved()
         state = self.session.state
         task = state.task(task_id)
         if task is None or task.status == "running":
@@ -606,6 +624,8 @@ class Orchestrator:
         def guarded() -> None:
             try:
                 work()
+            except StoreMoved:
+                pass  # nowhere to record it: every later call says so (`_check_moved`)
             except Exception as exc:  # noqa: BLE001 - a bug must still end the task, visibly
                 _log.exception("task crashed", task_id=task_id)
                 self._finish(

@@ -566,6 +566,20 @@ class WorkerPool:
         if child is not None and child.poll() is not None:
             del self._children[instance_id]
 
+    def abandon(self) -> None:
+        """Stop every process this pool started, recording nothing: the store it would be
+        recorded in is gone (a registry nobody can read must not leave processes behind)."""
+        for child in list(self._children.values()):
+            with contextlib.suppress(OSError):
+                child.terminate()
+        for instance_id, child in list(self._children.items()):
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)
+            del self._children[instance_id]
+
     def reap_children(self) -> None:
         """Collect exit statuses of our children that ended (no zombies left behind)."""
         for instance_id in list(self._children):
