@@ -113,12 +113,12 @@ def test_worker_tasks_are_genai_spans_live_and_from_the_log(
 
     spans.clear()
     exported = telemetry.export_log(orch.log.records(), None)
-    assert exported == 3
+    assert (exported.spans, exported.delivered) == (3, 3)
     again = {s.attributes["orchestrator.task_id"]: s for s in spans.get_finished_spans()}
     for task_id, span in live.items():
         assert _shape(again[task_id]) == _shape(span)
     spans.clear()
-    assert telemetry.export_log(orch.log.records(), "otel2") == 1
+    assert telemetry.export_log(orch.log.records(), "otel2").spans == 1
 
 
 def test_without_the_extra_nothing_is_imported(tmp_path: Path) -> None:
@@ -222,18 +222,21 @@ class Receiver:
 
 
 @contextmanager
-def otlp_receiver() -> Iterator[Receiver]:
-    """A loopback OTLP/HTTP traces endpoint that accepts every request."""
+def otlp_receiver(accept: int | None = None) -> Iterator[Receiver]:
+    """A loopback OTLP/HTTP traces endpoint that accepts every request (or the first
+    `accept` ones, then answers 400)."""
     received: list[ExportTraceServiceRequest] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server protocol
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.path == "/v1/traces":
+            if self.path != "/v1/traces":
+                self.send_response(404)
+            elif accept is not None and len(received) >= accept:
+                self.send_response(400)
+            else:
                 received.append(ExportTraceServiceRequest.FromString(body))
                 self.send_response(200)
-            else:
-                self.send_response(404)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -326,6 +329,22 @@ def test_export_otel_to_a_closed_port_fails_with_one_line(recorded: str) -> None
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: delivered 0 of 2 spans to {endpoint}/v1/traces"), lines
     assert "Traceback" not in out.stderr
+
+
+def test_delivery_stops_at_the_first_batch_the_receiver_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(built))
+    for n in range(telemetry.EXPORT_BATCH * 2 + 1):
+        provider.get_tracer("t").start_span(f"s{n}").end()
+    with otlp_receiver(accept=1) as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+        delivered, problem = telemetry._deliver(built.get_finished_spans(), timeout=2)
+        assert len(receiver.spans()) == telemetry.EXPORT_BATCH
+    assert delivered == telemetry.EXPORT_BATCH
+    assert problem is not None and "400" in problem
 
 
 LIVE_SCRIPT = """
