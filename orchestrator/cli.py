@@ -674,14 +674,25 @@ def export_otel(
         str | None, typer.Option("--session", metavar="ID", help="Only this session's tasks.")
     ] = None,
 ) -> None:
-    """Send the spans of a recorded log over OTLP (settings from the OTEL_* variables)."""
+    """Send the spans of a recorded log over OTLP (settings from the OTEL_* variables); exit 1
+    when the receiver did not take every span."""
     from orchestrator import telemetry
+    from orchestrator.config import ConfigError
 
     if not telemetry.available():
         raise fail("the otel extra is not installed: pip install 'eventlog-orchestrator[otel]'")
     with session(ctx) as orch:
-        count = telemetry.export_log(orch.log.records(), session_filter)
-    typer.echo(f"exported {count} spans", err=True)
+        records = orch.log.records()
+    try:
+        done = telemetry.export_log(records, session_filter)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    if done.delivered < done.spans:
+        raise fail(
+            f"delivered {done.delivered} of {done.spans} spans to {done.endpoint}: {done.problem}",
+            code=1,
+        )
+    typer.echo(f"exported {done.spans} spans", err=True)
 
 
 @app.command("usage")

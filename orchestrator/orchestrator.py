@@ -580,7 +580,9 @@ class Orchestrator:
                 )
                 spec = self.worker_spec(worker_id, session_level)
             except ResolutionError as exc:
-                self.record(started, TaskFailed(**ids, error=str(exc)), decided=version)
+                failed = self.record(started, TaskFailed(**ids, error=str(exc)), decided=version)
+                if telemetry.enabled():  # no model was chosen, but the task still has its span
+                    self._emit_span(task_id, min(failed), None)
                 return None
             resolved = ModelResolved(
                 **ids,
@@ -643,7 +645,7 @@ class Orchestrator:
                 self._leases.pop(task_id, None)
                 self._wake(task_id)
 
-        self._executor.submit(guarded)
+        self._executor.submit(telemetry.in_callers_context(guarded))
 
     def _serve(
         self,

@@ -1,5 +1,5 @@
-"""Front ends: the MCP server through the official client, OpenTelemetry through the SDK's
-in-memory exporter, the tool schema through a JSON-schema validator, and the docs' names."""
+"""Front ends: the MCP server through the official client, the tool schema through a
+JSON-schema validator, and the docs' names (OpenTelemetry is in test_otel.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,9 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orchestrator import InvalidTaskArgs, TaskStartArgs, telemetry
-from tests.chat import ChatServer, Reply
+from orchestrator import InvalidTaskArgs, TaskStartArgs
 from tests.conftest import OpenOrch
-from tests.helpers import config_with, run, set_model
 
 ROOT = Path(__file__).parent.parent
 CLI = str(Path(sys.executable).parent / "orchestrator")
@@ -80,106 +74,6 @@ def test_mcp_server_lists_the_tools_and_runs_a_task(store: str) -> None:
     assert bad.is_error is True
     assert "workerID" in bad.content[0].text  # the bad field is named
     assert bad.content[0].text.startswith("Invalid task_start arguments")
-
-
-# --- OpenTelemetry -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
-
-
-def _shape(span: Any) -> tuple[Any, ...]:
-    return (
-        span.name,
-        dict(span.attributes),
-        [(e.name, dict(e.attributes)) for e in span.events],
-        span.status.status_code.name,
-        span.start_time,
-        span.end_time,
-    )
-
-
-def test_worker_tasks_are_genai_spans_live_and_from_the_log(
-    open_orch: OpenOrch, spans: InMemorySpanExporter, chat_server: ChatServer
-) -> None:
-    orch = open_orch(config=config_with("server"), session_id="otel")
-    set_model(orch, "coder", "local/echo-small")
-    served = run(orch, "coder", "first task")
-    reused = run(orch, "coder", "second task")
-    lab = {
-        "extends": "none",
-        "model": "lab/big",
-        "providers": {
-            "lab": {
-                "kind": "openai",
-                "base_url": chat_server.url,
-                "max_retries": 0,
-                "models": {"big": {}},
-            }
-        },
-        "profiles": {"coder": {"backend": "agent"}},
-    }
-    other = open_orch(config=lab, session_id="otel2")
-    chat_server.script = [Reply(status=500, error="down")]
-    failed = run(other, "coder", "doomed")
-    assert (served.status, reused.status, failed.status) == ("completed", "completed", "failed")
-
-    live = {s.attributes["orchestrator.task_id"]: s for s in spans.get_finished_spans()}
-    first, second, bad = live[served.task_id], live[reused.task_id], live[failed.task_id]
-    assert first.name == "chat local/echo-small"
-    assert first.attributes["gen_ai.operation.name"] == "chat"
-    assert first.attributes["gen_ai.provider.name"] == "local"
-    assert first.attributes["gen_ai.request.model"] == "local/echo-small"
-    assert first.attributes["gen_ai.response.model"] == "local/echo-small"
-    assert first.attributes["gen_ai.usage.input_tokens"] == 2
-    assert first.attributes["gen_ai.usage.output_tokens"] == 3
-    assert first.attributes["gen_ai.conversation.id"] == "otel"
-    assert first.attributes["orchestrator.worker_id"] == "coder"
-    assert first.attributes["orchestrator.reused"] is False
-    assert second.attributes["orchestrator.reused"] is True
-    assert (
-        second.attributes["orchestrator.instance_id"]
-        == first.attributes["orchestrator.instance_id"]
-    )
-    names = [e.name for e in first.events]
-    assert names[0] == "orchestrator.worker.model.set"
-    assert "orchestrator.worker.spawned" in names
-    assert "orchestrator.worker.reused" in [e.name for e in second.events]
-    assert bad.status.status_code.name == "ERROR"
-    assert "orchestrator.model.attempt_failed" in [e.name for e in bad.events]
-
-    spans.clear()
-    exported = telemetry.export_log(orch.log.records(), None)
-    assert exported == 3
-    again = {s.attributes["orchestrator.task_id"]: s for s in spans.get_finished_spans()}
-    for task_id, span in live.items():
-        assert _shape(again[task_id]) == _shape(span)
-    spans.clear()
-    assert telemetry.export_log(orch.log.records(), "otel2") == 1
-
-
-def test_without_the_extra_nothing_is_imported(tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "import orchestrator.orchestrator, orchestrator.cli\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry', 'mcp'))))\n"
-    )
-    import subprocess
-
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    assert out.stdout.strip() == "[]"
 
 
 # --- the tool schema -----------------------------------------------------------------------------
