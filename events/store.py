@@ -45,12 +45,13 @@ from pydantic import BaseModel, ValidationError
 
 from events.catalogue import Event, event_from_json
 from events.logs import get_logger
+from orchestrator.errors import OrchestratorError
 
 _log = get_logger("orchestrator.events")
 _log_target = logging.getLogger("orchestrator.events")
 
 
-class StoreError(RuntimeError):
+class StoreError(OrchestratorError, RuntimeError):
     """The store URL is bad or the store cannot be reached; the message says which."""
 
 
@@ -59,7 +60,7 @@ class StoreMoved(StoreError):
     anywhere else (a write would land in a file nobody else can see)."""
 
 
-class StreamConflict(RuntimeError):
+class StreamConflict(OrchestratorError, RuntimeError):
     """Another writer appended to the stream first: reload and decide again."""
 
 

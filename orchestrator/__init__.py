@@ -12,13 +12,47 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from events.store import StoreError, StoreMoved
+    from orchestrator.aio import AsyncOrchestrator
     from orchestrator.api import InvalidTaskArgs, TaskHandle, TaskStartArgs
-    from orchestrator.config import OrchestratorConfig
+    from orchestrator.backends import TaskError
+    from orchestrator.config import ConfigError, OrchestratorConfig
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.ops import OpError
     from orchestrator.orchestrator import Orchestrator
+    from orchestrator.pool import SpawnError
+    from orchestrator.providers import ProviderError
+    from orchestrator.resolver import ResolutionError
 
-__all__ = ["InvalidTaskArgs", "Orchestrator", "OrchestratorConfig", "TaskHandle", "TaskStartArgs"]
+__all__ = [
+    "AsyncOrchestrator",
+    "ConfigError",
+    "InvalidTaskArgs",
+    "OpError",
+    "Orchestrator",
+    "OrchestratorConfig",
+    "OrchestratorError",
+    "ProviderError",
+    "ResolutionError",
+    "SpawnError",
+    "StoreError",
+    "StoreMoved",
+    "TaskError",
+    "TaskHandle",
+    "TaskStartArgs",
+]
 
 _HOMES = {
+    "AsyncOrchestrator": "orchestrator.aio",
+    "ConfigError": "orchestrator.config",
+    "OpError": "orchestrator.ops",
+    "OrchestratorError": "orchestrator.errors",
+    "ProviderError": "orchestrator.providers",
+    "ResolutionError": "orchestrator.resolver",
+    "SpawnError": "orchestrator.pool",
+    "StoreError": "events.store",
+    "StoreMoved": "events.store",
+    "TaskError": "orchestrator.backends",
     "InvalidTaskArgs": "orchestrator.api",
     "TaskHandle": "orchestrator.api",
     "TaskStartArgs": "orchestrator.api",

@@ -10,6 +10,7 @@ from pydantic.alias_generators import to_camel
 
 from events.catalogue import ModelPolicy
 from orchestrator.config import ID_PATTERN, ID_RULE, check_id
+from orchestrator.errors import OrchestratorError
 
 Op = Literal[
     "memory.put",
@@ -37,7 +38,7 @@ View = Literal[
 ]
 
 
-class InvalidTaskArgs(ValueError):
+class InvalidTaskArgs(OrchestratorError, ValueError):
     """`task_start` arguments that break the schema; the message names each bad field."""
 
 

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator.errors import OrchestratorError
+
 ProviderKind = Literal["openai", "echo"]
 ProviderSource = Literal["config", "env", "custom", "api"]
 BackendKind = Literal["server", "agent"]
@@ -203,7 +205,7 @@ def discover_config_path() -> Path | None:
     return user if user.is_file() else None
 
 
-class ConfigError(ValueError):
+class ConfigError(OrchestratorError, ValueError):
     """A configuration that cannot be used: one line per problem, each naming the file (or
     `config`), the key path and what is wrong."""
 

@@ -24,6 +24,7 @@ from events.catalogue import (
 from events.projections import Override
 from orchestrator.api import MemoryPayload, SessionPayload, TaskStartArgs, WorkerPayload
 from orchestrator.config import OrchestratorConfig, ProfileConfig
+from orchestrator.errors import OrchestratorError
 from orchestrator.resolver import CatalogueModel, ModelDecision, decide_model, resolve
 
 Result = dict[str, Any]
@@ -80,7 +81,7 @@ class OpContext(Protocol):
         ...
 
 
-class OpError(RuntimeError):
+class OpError(OrchestratorError, RuntimeError):
     """A well-formed op that cannot be done; the message says why (its task ends failed)."""
 
 

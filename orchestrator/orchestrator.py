@@ -135,6 +135,7 @@ class Orchestrator:
         self._configs: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
         self._recorded_digest: str | None = None  # the newest ConfigRecorded, once read
         self._moved: StoreMoved | None = None  # the store file went away under us
+        self._end_hooks: list[Callable[[str], None]] = []
 
     @classmethod
     def open(
@@ -394,7 +395,6 @@ class Orchestrator:
         while True:
             rec = self.task_peek(task_id)
             if rec.status != "running":
-                self._done.pop(task_id, None)  # awaited: nothing left to wake
                 return rec
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -424,9 +424,7 @@ class Orchestrator:
             elif rec.kind == "worker" and rec.worker_id is not None:
                 # Another orchestrator's task: its request is interrupted where it runs.
                 self.server.cancel_anywhere(str(rec.worker_id), task_id)
-            done = self._done.get(task_id)
-            if done is not None:
-                done.set()
+            self._wake(task_id)
         return self.task_peek(task_id)
 
     def task_list(self, view: str = "tasks", **filters: Any) -> list[Any]:
@@ -610,10 +608,22 @@ class Orchestrator:
         self._submit(task_id, lambda: self._serve(task_id, args, decision, spec, catalogue))
 
     def _wake(self, task_id: str) -> None:
-        """The task ended: wake whoever awaits it (it may have been awaited already)."""
-        done = self._done.get(task_id)
+        """The task ended (its end is in the log): wake whoever awaits it, and the hooks.
+        The wake-up is dropped here, so a task that is only peeked leaves nothing behind."""
+        done = self._done.pop(task_id, None)
         if done is not None:
             done.set()
+        for hook in self._end_hooks:
+            hook(task_id)
+
+    def on_task_end(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(task_id)` (from the thread that ended it) whenever a task of this
+        orchestrator ends; how `AsyncOrchestrator` wakes its awaits without a thread each."""
+        self._end_hooks.append(hook)
+
+    def owns(self, task_id: str) -> bool:
+        """Is the task running in this orchestrator (so its end wakes the hooks)?"""
+        return task_id in self._done
 
     def _take_slot(self) -> int | None:
         """Count a task in; the number of tasks ahead of it when every slot is busy."""

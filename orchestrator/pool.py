@@ -45,6 +45,7 @@ from events.store import EventLog, StreamConflict, state_dir
 from events.streams import StreamView
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.config import OrchestratorConfig
+from orchestrator.errors import OrchestratorError
 from orchestrator.processes import (
     ProcessState,
     host_id,
@@ -74,7 +75,7 @@ WAIT_POLL = 0.05
 PROOF_LEASE = 30.0
 
 
-class SpawnError(RuntimeError):
+class SpawnError(OrchestratorError, RuntimeError):
     """A worker process could not be started; the message says why."""
 
 

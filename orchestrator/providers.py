@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping
 from functools import cache
 
+from orchestrator.errors import OrchestratorError
+
 # `typing` stays out of a worker's imports (4 ms of its start-up, ADR-0008): what this
 # module needs of it is for the type checker only.
 TYPE_CHECKING = False
@@ -67,7 +69,7 @@ MAX_RETRY_AFTER = 30.0
 BODY_EXCERPT = 200
 
 
-class ProviderError(RuntimeError):
+class ProviderError(OrchestratorError, RuntimeError):
     """The provider could not answer; the message says what happened and what to fix.
 
     `retryable` is true for failures another attempt (or another model) could avoid:

@@ -16,11 +16,12 @@ from pydantic import BaseModel
 from events.catalogue import ModelPolicy, ModelSource
 from events.projections import Override
 from orchestrator.config import OrchestratorConfig, ProfileConfig
+from orchestrator.errors import OrchestratorError
 
 TAGS = ("auto", "auto:fast", "auto:vision", "auto:docs")
 
 
-class ResolutionError(ValueError):
+class ResolutionError(OrchestratorError, ValueError):
     """A model or worker reference that cannot be resolved; the message suggests fixes."""
 
 

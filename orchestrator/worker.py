@@ -31,6 +31,7 @@ from _operator import _compare_digest as compare_digest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
@@ -101,7 +102,7 @@ class WorkerServer(ThreadingHTTPServer):
             self.exit_on_own(str(self.draining))
 
 
-class BadRequest(ValueError):
+class BadRequest(OrchestratorError, ValueError):
     """A request body that breaks the endpoint's contract."""
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from events.catalogue import Event
 from orchestrator.config import BackendKind
+from orchestrator.errors import OrchestratorError
 from orchestrator.providers import Completion
 
 if TYPE_CHECKING:  # the pool uses this package's client: no import back at run time
@@ -28,11 +29,11 @@ T = TypeVar("T")
 CANCEL_POLL = 0.05
 
 
-class TaskError(RuntimeError):
+class TaskError(OrchestratorError, RuntimeError):
     """The task cannot be served; the message says what happened and what to do."""
 
 
-class Cancelled(Exception):
+class Cancelled(OrchestratorError):
     """The task was cancelled while its request was in flight; the reply is dropped."""
 
 

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.processes import worker_token
 
 if TYPE_CHECKING:  # httpx loads with the first call: commands that call no worker skip it
     import httpx
 
 
-class WorkerUnreachable(RuntimeError):
+class WorkerUnreachable(OrchestratorError, RuntimeError):
     """The worker process did not answer on its url (refused, reset or timed out)."""
 
     def __init__(self, message: str, timed_out: bool = False) -> None:
@@ -22,7 +23,7 @@ class WorkerUnreachable(RuntimeError):
         self.timed_out = timed_out
 
 
-class WorkerReplyError(RuntimeError):
+class WorkerReplyError(OrchestratorError, RuntimeError):
     """The worker process answered with an error, or with a body that breaks the protocol."""
 
     def __init__(self, message: str, status: int = 0, retryable: bool = False) -> None:
