@@ -144,6 +144,34 @@ def test_every_tool_schema_is_in_the_common_dialect(store: str) -> None:
     )
 
 
+def test_the_transform_flattens_fields_it_has_not_seen() -> None:
+    """A field added later (a list of nested models, an optional one) gets the dialect too."""
+    from pydantic import BaseModel, Field
+
+    from orchestrator.tool_schema import dialect
+
+    class Result(BaseModel):
+        """One tool result."""
+
+        tool_call_id: str = Field(description="The call answered.")
+        content: str = Field(description="What the tool said.")
+
+    class Later(BaseModel):
+        continue_from: str | None = Field(None, description="A task to continue.")
+        tool_results: list[Result] | None = Field(None, description="Results of tool calls.")
+        last: Result | None = Field(None, description="The last result.")
+
+    schema = dialect(Later.model_json_schema())
+    assert _dialect_problems(schema) == []
+    results = schema["properties"]["tool_results"]
+    assert results["type"] == "array" and results["items"]["required"] == [
+        "tool_call_id",
+        "content",
+    ]
+    assert schema["properties"]["last"]["description"] == "The last result. One tool result."
+    assert "default" not in schema["properties"]["continue_from"]
+
+
 VALID = [
     {"kind": "worker", "workerId": "coder", "task": "hi"},
     {"kind": "op", "op": "worker.model.set", "worker": {"workerId": "coder", "model": "auto"}},
