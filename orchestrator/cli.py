@@ -639,14 +639,20 @@ def explain_worker(ctx: typer.Context, worker_id: WorkerArg, as_json: JsonOpt = 
 
 @app.command()
 def schema() -> None:
-    """Print the tool schema of task_start (TaskStartArgs) as JSON."""
-    from orchestrator.api import TaskStartArgs
+    """Print the tool schema of task_start as JSON, in the dialect every LLM host accepts."""
+    from orchestrator.tool_schema import task_start_schema
 
-    out.print_json(_dumps(TaskStartArgs.model_json_schema()))
+    out.print_json(_dumps(task_start_schema()))
 
 
 @app.command()
-def mcp(ctx: typer.Context) -> None:
+def mcp(
+    ctx: typer.Context,
+    session_id: Annotated[
+        str | None,
+        typer.Option("--session", metavar="ID", help="Resume this session (default: a new one)."),
+    ] = None,
+) -> None:
     """Serve the Task API as an MCP server over stdio (one session per server process)."""
     import importlib.util
 
@@ -657,12 +663,14 @@ def mcp(ctx: typer.Context) -> None:
     from orchestrator.orchestrator import Orchestrator
 
     s: Settings = ctx.obj
-    try:  # no --session: a new session for this server process
-        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session)
+    try:  # no --session either side of `mcp`: a new session for this server process
+        orch = Orchestrator.open(config=s.config, store=s.store, session_id=session_id or s.session)
     except (StoreError, OSError, ValueError) as exc:
         raise fail(str(exc)) from None
     try:
         serve(orch)
+    except KeyboardInterrupt:
+        pass
     finally:
         orch.close()
 

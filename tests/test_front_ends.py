@@ -1,17 +1,14 @@
-"""Front ends: the MCP server through the official client, the tool schema through a
-JSON-schema validator, and the docs' names (OpenTelemetry is in test_otel.py)."""
+"""Front ends: the tool schema through a JSON-schema validator, and the docs' names (the MCP
+server: tests/test_mcp.py; OpenTelemetry: tests/test_otel.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import jsonschema
 import pytest
 
@@ -26,54 +23,6 @@ CLI = str(Path(sys.executable).parent / "orchestrator")
 def store(tmp_path: Path) -> str:
     """One SQLite file per test."""
     return f"sqlite:///{tmp_path / 'events.db'}"
-
-
-# --- MCP -----------------------------------------------------------------------------------------
-
-
-async def _mcp_session(store: str, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-    from mcp import ClientSession
-    from mcp.client.stdio import StdioServerParameters, stdio_client
-
-    # The server's workers live under this test's state dir, so the fixture reaps them.
-    env = {"XDG_STATE_HOME": os.environ["XDG_STATE_HOME"]}
-    params = StdioServerParameters(
-        command=CLI, args=["--store", store, "mcp"], cwd=str(ROOT), env=env
-    )
-    results: list[Any] = []
-    with anyio.fail_after(60):
-        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
-            await session.initialize()
-            results.append(await session.list_tools())
-            for name, given in calls:
-                arguments = dict(given)
-                if name == "task_await":
-                    arguments["task_id"] = results[-1].structured_content["task_id"]
-                results.append(await session.call_tool(name, arguments))
-    return results
-
-
-def test_mcp_server_lists_the_tools_and_runs_a_task(store: str) -> None:
-    calls = [
-        ("task_start", {"kind": "worker", "workerId": "coder", "task": "hello over mcp"}),
-        ("task_await", {"timeout": 30}),
-        ("task_start", {"kind": "worker", "workerID": "coder"}),
-    ]
-    listed, started, awaited, bad = anyio.run(_mcp_session, store, calls)
-    tools = {t.name: t for t in listed.tools}
-    assert set(tools) == {"task_start", "task_await", "task_peek", "task_list", "task_cancel"}
-    assert all(t.description for t in tools.values())
-    assert tools["task_start"].input_schema == TaskStartArgs.model_json_schema()
-    assert started.is_error is not True
-    handle = json.loads(started.content[0].text)
-    assert handle["status"] == "running" and handle["session_id"].startswith("s-")
-    record = json.loads(awaited.content[0].text)
-    assert record["status"] == "completed"
-    assert record["response"] == "[local/echo-large] hello over mcp"
-    assert record["session_id"] == handle["session_id"]
-    assert bad.is_error is True
-    assert "workerID" in bad.content[0].text  # the bad field is named
-    assert bad.content[0].text.startswith("Invalid task_start arguments")
 
 
 # --- the tool schema -----------------------------------------------------------------------------
@@ -122,13 +71,6 @@ def test_a_payload_invalid_for_the_schema_raises(open_orch: OpenOrch, payload: d
         jsonschema.validate(payload, TaskStartArgs.model_json_schema())
     with pytest.raises(InvalidTaskArgs):
         open_orch().task_start(**payload)
-
-
-def test_orchestrator_schema_prints_the_tool_schema() -> None:
-    import subprocess
-
-    out = subprocess.run([CLI, "schema"], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert json.loads(out.stdout) == TaskStartArgs.model_json_schema()
 
 
 # --- the docs ------------------------------------------------------------------------------------
