@@ -139,8 +139,10 @@ def _dumps(value: Any, **options: Any) -> str:
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print one clear line on stderr and return the exit to raise."""
-    typer.echo(f"error: {message}", err=True)  # never wrapped: one line, greppable
+    """Print one clear line on stderr (one per problem, each marked `error:`) and return
+    the exit to raise."""
+    for line in message.splitlines() or [""]:
+        typer.echo(f"error: {line}", err=True)  # never wrapped: one line, greppable
     return typer.Exit(code)
 
 
@@ -519,8 +521,14 @@ def whatif(
     as_json: JsonOpt = False,
 ) -> None:
     """Which model each recorded worker task would get under another configuration."""
+    from orchestrator.config import ConfigError, load_config
+
+    try:  # before the store: a bad file is the one problem worth a line
+        config = load_config(config_file)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
     with session(ctx) as orch:
-        rows = orch.task_list(view="whatif", config=config_file, session_id=session_filter)
+        rows = orch.task_list(view="whatif", config=config, session_id=session_filter)
     emit(
         rows,
         as_json,
@@ -738,27 +746,35 @@ def usage_cmd(
 
 @config_app.command("check")
 def config_check(ctx: typer.Context) -> None:
-    """Load the configuration and check that every model it names resolves."""
-    from orchestrator.config import ConfigError, discover_config_path, load_config
+    """Load the configuration, say which model each tag resolves to, and check that every
+    model it names resolves. Problems exit 2; warnings alone (e.g. an unset API key
+    variable) still exit 0."""
+    from orchestrator.config import ConfigError, discover_config_path, display_path, load_config
     from orchestrator.resolver import check_config
 
     s: Settings = ctx.obj
-    path = s.config or discover_config_path()
+    path = Path(s.config) if s.config else discover_config_path()
     try:
         cfg = load_config(path)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    where = str(path) if path else "built-in default"
-    problems = check_config(cfg, os.environ)
-    if problems:
-        for line in problems:
+    where = display_path(path) if path else "built-in default"
+    report = check_config(cfg, os.environ)
+    for line in report.warnings:
+        typer.echo(f"warning: {where}: {line}", err=True)
+    if report.problems:
+        for line in report.problems:
             typer.echo(f"{where}: {line}", err=True)
+    else:
+        count = len(report.warnings)
+        warned = f" ({count} warning{'s' if count > 1 else ''})" if count else ""
+        typer.echo(
+            f"ok: {where}: {len(cfg.providers)} providers, {len(cfg.profiles)} profiles{warned}"
+        )
+    for line in report.tags:
+        typer.echo(line)
+    if report.problems:
         raise typer.Exit(2)
-    out.print(
-        f"ok: {where}: {len(cfg.providers)} providers, {len(cfg.profiles)} profiles, "
-        f"default model {cfg.model}",
-        markup=False,
-    )
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,21 @@ def check_id(value: str) -> str:
     return value
 
 
+class Inherited(BaseModel):
+    """What a file or dict took unchanged from the built-in default: providers, profiles
+    and the top-level `model`/`small_model` keys it did not set.
+
+    `load_config` fills it in from what a file or dict names (a dumped configuration passed
+    back keeps its own). A configuration built in code leaves it empty, which means
+    everything in it counts as the user's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    providers: list[str] = Field(default_factory=list)
+    profiles: list[str] = Field(default_factory=list)
+    keys: list[str] = Field(default_factory=list)
+
+
 class OrchestratorConfig(BaseModel):
     """The whole configuration."""
 
@@ -117,12 +133,35 @@ class OrchestratorConfig(BaseModel):
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     pool: PoolConfig = Field(default_factory=PoolConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    # Recorded with the rest (ConfigRecorded), so a replay decides tags as the live run did.
+    inherited: Inherited = Field(default_factory=Inherited)
 
     @field_validator("providers", "profiles")
     @classmethod
     def _safe_ids(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
             check_id(key)
+        return value
+
+    def own_providers(self) -> list[str]:
+        """The providers the user's configuration defined (a user's `local` included)."""
+        return [p for p in self.providers if p not in self.inherited.providers]
+
+    def providers_tags_skip(self) -> set[str]:
+        """The built-in providers tags never pick from: all of them once the user's
+        configuration defines a provider of its own, else none (so the offline default
+        and a file that only adds profiles keep the echo models)."""
+        if not self.own_providers():
+            return set()
+        return set(self.inherited.providers) & set(self.providers)
+
+    def tag_default(self, key: Literal["model", "small_model"]) -> str | None:
+        """`model` or `small_model` as tags read it: unset (None) when the user's
+        configuration has providers of its own and left the key at the built-in default,
+        which names an echo model."""
+        if key in self.inherited.keys and self.own_providers():
+            return None
+        value: str | None = getattr(self, key)
         return value
 
 
@@ -226,10 +265,12 @@ def load_config(
     path = Path(config) if config is not None else discover_config_path()
     if path is None:
         return default_config()
-    return layered(read_toml(path), _display(path))
+    return layered(read_toml(path), display_path(path))
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
+    """How messages name a configuration file: relative to the working directory if
+    inside it."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
@@ -242,9 +283,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{_display(path)}: TOML syntax error: {exc}") from None
+        raise ConfigError(f"{display_path(path)}: TOML syntax error: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"{_display(path)}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(f"{display_path(path)}: cannot read: {exc.strerror or exc}") from None
 
 
 def layered(raw: dict[str, Any], source: str) -> OrchestratorConfig:
@@ -255,8 +296,16 @@ def layered(raw: dict[str, Any], source: str) -> OrchestratorConfig:
         raise ConfigError(f'{source}: extends: must be "default" or "none", got {extends!r}')
     merged: dict[str, Any] = {}
     if extends == "default":
-        merged = default_config().model_dump()
-    for key, value in raw.items():
+        base = default_config()
+        merged = base.model_dump()
+        merged["inherited"] = {
+            **{
+                key: [name for name in getattr(base, key) if name not in _named(raw, key)]
+                for key in ("providers", "profiles")
+            },
+            "keys": [key for key in ("model", "small_model") if key not in raw],
+        }
+    for key, value in raw.items():  # a dumped config's own `inherited` replaces the above
         if key in ("providers", "profiles") and isinstance(value, dict):
             merged[key] = {**merged.get(key, {}), **value}
         else:
@@ -265,6 +314,11 @@ def layered(raw: dict[str, Any], source: str) -> OrchestratorConfig:
         return OrchestratorConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError("\n".join(_problems(exc, source))) from None
+
+
+def _named(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _problems(exc: ValidationError, source: str) -> list[str]:
@@ -279,10 +333,24 @@ def _problems(exc: ValidationError, source: str) -> list[str]:
     return lines
 
 
-def _suggest(loc: list[str]) -> str:
-    """' Did you mean "x"?' among the keys allowed where an unknown key stands."""
-    from rapidfuzz import fuzz, process
+def did_you_mean(
+    word: str, choices: Iterable[str], lead: str = " Did you mean", limit: int = 3
+) -> str:
+    """' Did you mean "x"?' for the closest choices (at most `limit`), or '' when nothing
+    is close. The one suggestion helper: resolver, views and config errors all use it."""
+    from rapidfuzz import fuzz, process  # only a mistake pays for its import
 
+    matches = process.extract(word, list(choices), scorer=fuzz.ratio, limit=limit, score_cutoff=60)
+    if not matches:
+        return ""
+    best = matches[0][1]
+    # Only the near-best: one clear suggestion reads better than three vague ones.
+    quoted = [f'"{m[0]}"' for m in matches if m[1] >= best - 3]
+    return f"{lead} " + " or ".join(quoted) + "?"
+
+
+def _suggest(loc: list[str]) -> str:
+    """'; did you mean "x"?' for the key allowed where an unknown key stands."""
     parent = loc[:-1]
     model: type[BaseModel] = OrchestratorConfig
     if parent[:1] == ["pool"]:
@@ -296,8 +364,8 @@ def _suggest(loc: list[str]) -> str:
     elif parent[:1] == ["providers"] and len(parent) == 4:
         model = ModelInfo
     allowed = [*model.model_fields, *(["extends"] if model is OrchestratorConfig else [])]
-    match = process.extractOne(loc[-1], allowed, scorer=fuzz.ratio, score_cutoff=60)
-    return f'; did you mean "{match[0]}"?' if match else ""
+    allowed = [key for key in allowed if key != "inherited"]  # not the user's to set
+    return did_you_mean(loc[-1], allowed, lead="; did you mean", limit=1)
 
 
 def _say(err: Any) -> str:

@@ -7,7 +7,7 @@ passed in, so tests (and hypothesis) can call it with anything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,9 @@ from events.catalogue import ModelPolicy, ModelSource
 from events.projections import Override
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.errors import OrchestratorError
+
+# Re-exported (the `as` form is what mypy --strict counts as an export): views use it.
+from orchestrator.config import did_you_mean as did_you_mean  # noqa: PLC0414
 
 TAGS = ("auto", "auto:fast", "auto:vision", "auto:docs")
 
@@ -84,19 +87,6 @@ def build_catalogue(config: OrchestratorConfig, environ: Mapping[str, str]) -> l
     return rows
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' Did you mean "x"?' for the closest choices, or '' when nothing is close."""
-    from rapidfuzz import fuzz, process  # only a mistake pays for its import
-
-    matches = process.extract(word, list(choices), scorer=fuzz.ratio, limit=3, score_cutoff=60)
-    if not matches:
-        return ""
-    best = matches[0][1]
-    # Only the near-best: one clear suggestion reads better than three vague ones.
-    quoted = [f'"{m[0]}"' for m in matches if m[1] >= best - 3]
-    return " Did you mean " + " or ".join(quoted) + "?"
-
-
 def normalise_ref(model_ref: str) -> str:
     """`node` and `node:*` are aliases of `auto` and `auto:*`."""
     ref = model_ref.strip()
@@ -122,11 +112,13 @@ def resolve(
     config: OrchestratorConfig,
     catalogue: list[CatalogueModel],
 ) -> Resolution:
-    """Resolve a tag or `provider/model` against the catalogue. Raises `ResolutionError`."""
+    """Resolve a tag or `provider/model` against the catalogue. Raises `ResolutionError`.
+
+    Tags pick among usable models only, and never from the built-in echo provider once the
+    configuration has a provider of its own (`OrchestratorConfig.providers_tags_skip`)."""
     del profile  # part of the contract: profile-specific rules may use it later
     ref = normalise_ref(model_ref)
     by_name = {row.model: row for row in catalogue}
-    usable = [row for row in catalogue if row.usable]
 
     def found(row: CatalogueModel, reason: str) -> Resolution:
         return Resolution(
@@ -141,51 +133,112 @@ def resolve(
             return found(by_name[ref], f"explicit model {ref}")
         raise ResolutionError(f'Model "{model_ref}" not found.' + did_you_mean(ref, by_name))
 
+    pool = _TagPool(catalogue, config)
     if ref == "auto":
-        return _configured_default(model_ref, config, by_name, "tag auto -> model")
+        return _configured_default(model_ref, config, by_name, pool, "tag auto")
     if ref == "auto:fast":
-        small = by_name.get(config.small_model or "")
-        if small is not None and small.usable:
+        small = by_name.get(config.tag_default("small_model") or "")
+        if small is not None and pool.picks(small):
             return found(small, f"tag auto:fast -> small_model {small.model}")
-        if usable:
-            cheapest = min(usable, key=lambda r: (r.cost_input + r.cost_output, r.model))
-            return found(cheapest, f"tag auto:fast -> cheapest usable model {cheapest.model}")
-        return _configured_default(model_ref, config, by_name, "tag auto:fast -> model")
+        if pool.rows:
+            cheapest = min(pool.rows, key=lambda r: (r.cost_input + r.cost_output, r.model))
+            return found(
+                cheapest,
+                f"tag auto:fast -> cheapest usable model {cheapest.model}"
+                + pool.passed_over("small_model", small),
+            )
+        return _configured_default(model_ref, config, by_name, pool, "tag auto:fast")
     if ref == "auto:vision":
-        vision = [row for row in usable if row.vision]
+        vision = [row for row in pool.rows if row.vision]
         if not vision:
             raise ResolutionError(
-                f'No usable vision model for "{model_ref}": add a model with vision = true '
-                "to a provider, or set the API key of a provider that has one."
+                f'No usable vision model for "{model_ref}"{pool.among()}: add a model with '
+                "vision = true to a provider, or set the API key of a provider that has one"
+                f"{pool.note()}."
             )
         best = max(vision, key=_score)
         return found(best, f"tag auto:vision -> best vision model by score {best.model}")
     if ref == "auto:docs":
-        if not usable:
-            raise ResolutionError(f'No usable model for "{model_ref}".')
-        best = max(usable, key=_score)
+        if not pool.rows:
+            raise ResolutionError(f'No usable model for "{model_ref}"{pool.among()}{pool.note()}.')
+        best = max(pool.rows, key=_score)
         return found(best, f"tag auto:docs -> best tool_call + context score {best.model}")
     raise ResolutionError(f'Unknown model tag "{model_ref}".' + did_you_mean(ref, TAGS))
 
 
+class _TagPool:
+    """The models tags may pick (usable, not from a skipped built-in provider), and the
+    words that say why a built-in model was passed over."""
+
+    def __init__(self, catalogue: list[CatalogueModel], config: OrchestratorConfig) -> None:
+        self.skipped = config.providers_tags_skip()
+        self.rows = [row for row in catalogue if self.picks(row)]
+        usable = {row.provider for row in self.rows}
+        # The configuration's own providers, each with the key it waits for, if any.
+        self.own = [
+            f'"{pid}"'
+            + (f" needs {p.api_key_env}" if p.source == "api" and pid not in usable else "")
+            for pid, p in config.providers.items()
+            if pid not in self.skipped
+        ]
+
+    def picks(self, row: CatalogueModel) -> bool:
+        """Whether a tag may resolve to `row`."""
+        return row.usable and row.provider not in self.skipped
+
+    def passed_over(self, key: str, row: CatalogueModel | None) -> str:
+        """', since <key> X is a built-in echo model' when `row` was skipped for that."""
+        if row is None or row.provider not in self.skipped:
+            return ""
+        return f", since {key} {row.model} is a built-in echo model"
+
+    def among(self) -> str:
+        """' in this configuration's providers (...)' when built-ins are skipped."""
+        return f" in this configuration's providers ({', '.join(self.own)})" if self.skipped else ""
+
+    def note(self) -> str:
+        """' (the built-in echo provider ... is only used when named)' likewise."""
+        if not self.skipped:
+            return ""
+        builtin = ", ".join(f'"{p}"' for p in sorted(self.skipped))
+        return f" (the built-in echo provider {builtin} is only used when named explicitly)"
+
+
 def _configured_default(
-    model_ref: str, config: OrchestratorConfig, by_name: dict[str, CatalogueModel], rule: str
+    model_ref: str,
+    config: OrchestratorConfig,
+    by_name: dict[str, CatalogueModel],
+    pool: _TagPool,
+    tag: str,
 ) -> Resolution:
-    row = by_name.get(config.model)
-    if row is None:
+    """`model`; when it is unset for tags or names a skipped built-in model, the best
+    usable model of the configuration's own providers by the `auto:docs` score."""
+    model = config.tag_default("model")
+    row = by_name.get(model) if model else None
+    if model and row is None:
         raise ResolutionError(
-            f'Configured default model "{config.model}" not found.'
-            + did_you_mean(config.model, by_name)
+            f'Configured default model "{model}" not found.' + did_you_mean(model, by_name)
+        )
+    if row is None or row.provider in pool.skipped:
+        if not pool.rows:
+            raise ResolutionError(f'No usable model for "{model_ref}"{pool.among()}{pool.note()}.')
+        best = max(pool.rows, key=_score)
+        why = pool.passed_over("model", row) if row else ", since model is not set"
+        return Resolution(
+            model_ref=model_ref,
+            resolved_model=best.model,
+            reason=f"{tag} -> best usable model by auto:docs score {best.model}{why}",
+            capabilities=_capabilities(best),
         )
     if not row.usable:
         raise ResolutionError(
-            f'Configured default model "{config.model}" is not usable: its provider '
+            f'Configured default model "{model}" is not usable: its provider '
             f'"{row.provider}" needs an API key in the environment.'
         )
     return Resolution(
         model_ref=model_ref,
         resolved_model=row.model,
-        reason=f"{rule} {row.model}",
+        reason=f"{tag} -> model {row.model}",
         capabilities=_capabilities(row),
     )
 
@@ -281,14 +334,31 @@ def attempt_chain(
     return chain, skipped
 
 
-def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> list[str]:
-    """What `config check` reports: every model reference that does not resolve now, as
-    `key.path: problem` lines (empty when all is well)."""
+class ConfigReport(BaseModel):
+    """What `config check` says: each tag's model and rule, the problems that make the
+    configuration unusable, and warnings that do not."""
+
+    tags: list[str]
+    problems: list[str]
+    warnings: list[str]
+
+
+def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> ConfigReport:
+    """Resolve every tag, the top-level `model`/`small_model` and every profile's model and
+    fallbacks now. A user's profile that does not resolve is a problem; a built-in profile
+    the file did not name is a warning (the file cannot remove it), and so is a provider
+    whose `api_key_env` is not set. Lines are `key.path: what`."""
     catalogue = build_catalogue(config, environ)
     names = {row.model for row in catalogue}
-    problems = []
+    tags, problems, warnings = [], [], []
+    for tag in TAGS:
+        try:
+            res = resolve(tag, None, config, catalogue)
+            tags.append(f"{tag} -> {res.resolved_model} ({res.reason})")
+        except ResolutionError as exc:
+            tags.append(f"{tag} does not resolve: {exc}")
     for key in ("model", "small_model"):
-        ref = getattr(config, key)
+        ref = config.tag_default(key)
         if ref and ref not in names:
             problems.append(
                 f'{key}: model "{ref}" is not in any provider\'s models.{did_you_mean(ref, names)}'
@@ -301,5 +371,22 @@ def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> list
             try:
                 resolve(ref, profile, config, catalogue)
             except ResolutionError as exc:
-                problems.append(f"profiles.{worker_id}.{key}: {exc}")
-    return problems
+                if worker_id in config.inherited.profiles:
+                    warnings.append(
+                        f"profiles.{worker_id}.{key}: built-in profile, its tasks will fail: {exc}"
+                    )
+                else:
+                    problems.append(f"profiles.{worker_id}.{key}: {exc}")
+    for provider_id, provider in config.providers.items():
+        name = provider.api_key_env
+        if name and not environ.get(name):
+            effect = (
+                "tags skip its models"
+                if provider.source == "api"
+                else "requests to its models fail"
+            )
+            warnings.append(
+                f"providers.{provider_id}.api_key_env: {name} is not set in the "
+                f"environment; {effect} until it is"
+            )
+    return ConfigReport(tags=tags, problems=problems, warnings=warnings)
