@@ -66,7 +66,7 @@ from orchestrator.backends import (
 )
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.server import DRAINING_RETRIES, Draining, ServerBackend
-from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
+from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean, load_config
 from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
@@ -81,7 +81,6 @@ from orchestrator.resolver import (
     build_catalogue,
     check_worker,
     decide_model,
-    did_you_mean,
 )
 
 _T = TypeVar("_T")

@@ -15,11 +15,8 @@ from pydantic import BaseModel
 
 from events.catalogue import ModelPolicy, ModelSource
 from events.projections import Override
-from orchestrator.config import OrchestratorConfig, ProfileConfig
+from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean
 from orchestrator.errors import OrchestratorError
-
-# Re-exported (the `as` form is what mypy --strict counts as an export): views use it.
-from orchestrator.config import did_you_mean as did_you_mean  # noqa: PLC0414
 
 TAGS = ("auto", "auto:fast", "auto:vision", "auto:docs")
 

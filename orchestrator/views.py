@@ -16,7 +16,7 @@ from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history
 from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
-from orchestrator.config import OrchestratorConfig, load_config
+from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.explain import (
     HISTORY_TYPES,
     ReplayView,
@@ -27,7 +27,7 @@ from orchestrator.explain import (
     replay_view,
 )
 from orchestrator.history import DiffRow, WhatIfRow
-from orchestrator.resolver import CatalogueModel, ResolutionError, did_you_mean
+from orchestrator.resolver import CatalogueModel, ResolutionError
 
 if TYPE_CHECKING:
     from orchestrator.orchestrator import Orchestrator
