@@ -64,7 +64,8 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
     except FileNotFoundError:
         raise InstallError(f"{cmd[0]} is not installed") from None
     except subprocess.TimeoutExpired:
-        raise InstallError(f"`{' '.join(cmd[:4])}` did not finish in {INSTALL_TIMEOUT:g} s") from None
+        shown = " ".join(cmd[:4])
+        raise InstallError(f"`{shown}` did not finish in {INSTALL_TIMEOUT:g} s") from None
     if done.returncode != 0:
         raise InstallError(_why(done.stdout + done.stderr, cmd))
 

@@ -152,9 +152,7 @@ def run(orch: Any, text: str, **kwargs: Any) -> Any:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_task_is_answered_by_the_proxy(
-    proxy: Proxy, open_orch: OpenOrch, backend: str
-) -> None:
+def test_a_task_is_answered_by_the_proxy(proxy: Proxy, open_orch: OpenOrch, backend: str) -> None:
     orch = open_orch(config=config(proxy.url, backend))
     rec = run(orch, "say hello")
     assert rec.status == "completed", rec.error
