@@ -73,10 +73,20 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
 def _why(output: str, cmd: list[str]) -> str:
     """The line of an installer's output that says why it failed."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for marker in ("ERROR: No matching distribution", "ERROR:", "npm error code", "npm error"):
-        found = [line for line in lines if line.startswith(marker)]
-        if found:
-            return found[-1] if marker.startswith("ERROR") else " ".join(found[:2])
+    pip_errors = [line for line in lines if line.startswith("ERROR:")]
+    if pip_errors:
+        return next((e for e in pip_errors if "No matching distribution" in e), pip_errors[-1])
+    npm_errors = [
+        said
+        for line in lines
+        if line.startswith("npm error")
+        and (said := line.removeprefix("npm error").strip())
+        and not said.startswith("code ")
+    ]
+    if npm_errors:
+        if "are in sync" in npm_errors[0]:
+            return f"{LOCK.name} does not match peers.toml: run `python -m interop lock`"
+        return npm_errors[0]
     tail = lines[-1] if lines else "no output"
     return f"`{' '.join(cmd[:4])}` failed: {tail}"
 
