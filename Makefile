@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 DIST := build/dist
 TESTENV := build/test-venv
 TESTTREE := build/test-tree
+INTEROP := build/interop
 
 .PHONY: demo test lint dist wheel-test interop bench docs clean
 
@@ -44,8 +45,22 @@ wheel-test: dist
 
 test: lint wheel-test
 
+# The project against real third-party peers, pinned in interop/peers.toml. Each peer is
+# installed from its registry into its own environment under $(INTEROP)/peers (kept while its
+# pin is unchanged), so its dependency pins never meet ours; a peer that cannot be installed
+# skips its tests with the reason. The tests run like wheel-test's: the installed wheel, a
+# tree with no source package.
 interop: dist
-	$(BIN)/python -m interop
+	rm -rf $(INTEROP)/venv $(INTEROP)/tree
+	$(PYTHON) -m venv $(INTEROP)/venv
+	$(INTEROP)/venv/bin/python -m pip install --quiet --upgrade pip
+	$(INTEROP)/venv/bin/python -m pip install --quiet "$$(ls $(DIST)/*.whl)[test]"
+	$(BIN)/python -m interop install --into $(INTEROP)/peers --python $(PYTHON)
+	mkdir -p $(INTEROP)/tree
+	cp -r interop $(INTEROP)/tree/
+	cd $(INTEROP)/tree && INTEROP_PEERS="$(CURDIR)/$(INTEROP)/peers/status.json" \
+		PATH="$(CURDIR)/$(INTEROP)/venv/bin:$$PATH" $(CURDIR)/$(INTEROP)/venv/bin/pytest \
+		-q -p no:cacheprovider -ra -o timeout=300 interop
 
 docs: $(STAMP)
 	$(BIN)/python docs/generate.py
