@@ -82,7 +82,9 @@ class ServerBackend:
         secrets = list(credentials.values())
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
-            reply = client.prompt(body, timeout=budget, max_bytes=reply_limit(max_reply))
+            # Twice the provider's bound: the worker re-escapes the text (`\uXXXX`, and
+            # a character beyond the BMP as two of them).
+            reply = client.prompt(body, timeout=budget, max_bytes=2 * reply_limit(max_reply))
         except WorkerReplyError as exc:
             # The worker redacts what it sends; a key must not get through one that did not.
             message = redact(str(exc), secrets)
