@@ -21,6 +21,7 @@ from orchestrator import views  # noqa: E402
 from orchestrator.api import (  # noqa: E402
     MAX_ATTACHMENT,
     MAX_ATTACHMENTS,
+    MAX_DEPTH,
     MAX_ID,
     MAX_TEXT,
     MAX_TOOLS,
@@ -105,12 +106,14 @@ def task_api_reference() -> str:
         "- a task's text, a memory key, value or summary: `[limits] max_text` characters"
         f" (default 200,000; at most {MAX_TEXT:,});",
         "- a model's reply: `[limits] max_reply` characters (default 1,000,000); over it the"
-        " task fails;",
+        " task fails, and a provider's reply body is read no further than 6 bytes a character"
+        " plus 1 MiB;",
         f"- attachments: at most {MAX_ATTACHMENTS}, each at most {MAX_ATTACHMENT:,} characters;",
         f"- tools: at most {MAX_TOOLS} definitions.",
         "",
         "Over a limit is `InvalidTaskArgs` naming the field and the limit, before anything is",
-        "written.",
+        "written. So is what no store can hold: text with a lone surrogate, a number beyond 64",
+        f"bits or not finite, a value JSON lacks, nesting deeper than {MAX_DEPTH} levels.",
         "",
         "## Views of task_list",
         "",

@@ -11,6 +11,7 @@ from pydantic.alias_generators import to_camel
 from events.catalogue import ModelPolicy
 from orchestrator.config import ID_PATTERN, ID_RULE, check_id
 from orchestrator.errors import OrchestratorError
+from orchestrator.providers import json_problem
 
 Op = Literal[
     "memory.put",
@@ -49,6 +50,8 @@ MAX_ID = 64  # characters of a worker, task or key id
 MAX_ATTACHMENTS = 16
 MAX_ATTACHMENT = 200_000  # characters of one attachment
 MAX_TOOLS = 64
+MAX_DEPTH = 64  # levels of nesting in a task's arguments (tool definitions nest)
+MAX_POSITION = 2**63 - 1  # a log position a store can hold
 
 WorkerId = Annotated[
     str,
@@ -120,6 +123,7 @@ class SessionPayload(_Args):
     )
     position: int = Field(
         ge=0,
+        le=MAX_POSITION,
         description="session.fork (required): the log position whose overrides the new "
         "session starts with (see task_list(view='events')).",
     )
@@ -221,6 +225,13 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
             for err in exc.errors()
         ]
         raise InvalidTaskArgs(_paragraph(problems)) from None
+    # What the schema takes but no store can hold: lone surrogates, numbers beyond 64 bits,
+    # NaN, values JSON lacks.
+    problems = [
+        p for key, value in payload.items() if (p := json_problem(value, key, 0, MAX_DEPTH))
+    ]
+    if problems:
+        raise InvalidTaskArgs(_paragraph(problems))
     other = "op" if args.kind == "worker" else "worker"
     problems = [
         f'{f}: belongs to kind="{other}", not kind="{args.kind}"'
@@ -308,8 +319,26 @@ def check_session_id(session_id: str) -> str:
         ) from None
 
 
+def check_task_id(task_id: Any) -> str:
+    """A task id a store can look up, or `InvalidTaskArgs` naming what is wrong with it."""
+    problem = "must be text" if not isinstance(task_id, str) else json_problem(task_id, "")
+    if problem is None and len(task_id) > MAX_ID:
+        problem = f"too long: a task id is at most {MAX_ID} characters"
+    if problem is None:
+        return str(task_id)
+    shown = _printable(repr(task_id)[:80])
+    raise InvalidTaskArgs(
+        f"Invalid task id {shown}: task_id: {problem.removeprefix('the value: ')}."
+    )
+
+
+def _printable(text: str) -> str:
+    # A message that quotes a lone surrogate could not be printed or stored: escape it.
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _paragraph(problems: list[str]) -> str:
-    return "Invalid task_start arguments: " + "; ".join(problems) + "."
+    return _printable("Invalid task_start arguments: " + "; ".join(problems) + ".")
 
 
 class TaskHandle(BaseModel):

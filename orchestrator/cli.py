@@ -797,4 +797,11 @@ def demo(
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("COLUMNS", "160")  # tables in pipes and CI logs stay readable
-    app()
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - a bug prints one line, never a traceback
+        # typer would show every frame's locals, credentials included.
+        from orchestrator.providers import internal_error
+
+        typer.echo(f"error: {internal_error(exc)}", err=True)
+        raise SystemExit(1) from None

@@ -55,6 +55,7 @@ from orchestrator.api import (
     TaskStartArgs,
     check_limits,
     check_session_id,
+    check_task_id,
     parse_task_args,
 )
 from orchestrator.backends import (
@@ -72,7 +73,7 @@ from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
 from orchestrator.pool import SpawnError, WorkerPool, WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
-from orchestrator.providers import Completion, ProviderError
+from orchestrator.providers import Completion, ProviderError, internal_error
 from orchestrator.resolver import (
     CatalogueModel,
     ModelDecision,
@@ -353,6 +354,7 @@ class Orchestrator:
         running by an orchestrator process that is gone is ended `failed` here, naming that
         process."""
         self._check_moved()
+        check_task_id(task_id)
         state = self.session.state
         task = state.task(task_id)
         if task is None or task.status == "running":
@@ -638,14 +640,12 @@ class Orchestrator:
             except StoreMoved:
                 pass  # nowhere to record it: every later call says so (`_check_moved`)
             except Exception as exc:  # noqa: BLE001 - a bug must still end the task, visibly
-                _log.exception("task crashed", task_id=task_id)
+                # One line: a traceback's frames (or its message) may hold a credential.
+                error = internal_error(exc)
+                _log.error("task crashed", task_id=task_id, error=error)
                 self._finish(
                     task_id,
-                    TaskFailed(
-                        session_id=self.session_id,
-                        task_id=task_id,
-                        error=f"internal error: {type(exc).__name__}: {exc}",
-                    ),
+                    TaskFailed(session_id=self.session_id, task_id=task_id, error=error),
                 )
             finally:
                 with self._busy_lock:
@@ -867,8 +867,9 @@ class Orchestrator:
                 self.record(TaskFailed(**ids, error=str(exc)))
                 return
             except Exception as exc:  # noqa: BLE001 - a bug must end the op task, visibly
-                _log.exception("op crashed", task_id=task_id)
-                self.record(TaskFailed(**ids, error=f"internal error: {type(exc).__name__}: {exc}"))
+                error = internal_error(exc)
+                _log.error("op crashed", task_id=task_id, error=error)
+                self.record(TaskFailed(**ids, error=error))
                 return
             self.record(TaskCompleted(**ids, result=result))
         finally:

@@ -8,8 +8,10 @@ environment, read at call time), never from the process's own environment.
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 
 from orchestrator.errors import OrchestratorError
@@ -67,6 +69,13 @@ if TYPE_CHECKING:
 # A Retry-After longer than this is not waited for: the attempt fails and fallbacks decide.
 MAX_RETRY_AFTER = 30.0
 BODY_EXCERPT = 200
+# Of an error reply only its excerpt is shown: this much of its body is read, the rest not.
+ERROR_BODY_MAX = 64 * 1024
+# `[limits] max_reply` when the caller names none (the configuration's default).
+DEFAULT_MAX_REPLY = 1_000_000
+REPLY_ALLOWANCE = 1024 * 1024
+# A credential is redacted wherever this many of its characters appear in a row.
+SECRET_RUN = 6
 
 
 class ProviderError(OrchestratorError, RuntimeError):
@@ -145,8 +154,10 @@ def complete(
     system_prompt: str = "",
     credentials: Mapping[str, str] | None = None,
     tools: list[dict[str, Any]] | None = None,
+    max_reply: int = DEFAULT_MAX_REPLY,
 ) -> Completion:
-    """Send one message to `model` (a `provider/model`) and return the answer."""
+    """Send one message to `model` (a `provider/model`) and return the answer. A reply
+    larger than `reply_limit(max_reply)` bytes is refused while it streams."""
     provider_id, provider = provider_of(providers, model)
     _, name = split_model(model)
     if provider.kind == "echo":
@@ -155,26 +166,41 @@ def complete(
             text=reply,
             usage={"input_tokens": len(text.split()), "output_tokens": len(reply.split())},
         )
-    return _openai_chat(provider_id, provider, name, text, system_prompt, credentials or {}, tools)
+    return _openai_chat(
+        provider_id, provider, name, text, system_prompt, credentials or {}, tools, max_reply
+    )
 
 
 @cache
-def _http() -> Any:
+def _pool() -> Any:
     import socket
     import ssl
 
-    import httpx
+    import httpcore
 
-    # One client per process (building one loads the CA bundle); Nagle off for small bodies.
-    transport = httpx.HTTPTransport(
-        verify=ssl.create_default_context(),
+    from orchestrator.deadline import DeadlineBackend
+
+    # One pool per process (building a TLS context loads the CA bundle); Nagle off for small
+    # bodies. httpcore directly, not httpx: its sockets take a network backend, and ours ends
+    # every operation at the request's deadline.
+    return httpcore.ConnectionPool(
+        ssl_context=ssl.create_default_context(),
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        network_backend=DeadlineBackend(),
     )
-    return httpx.Client(transport=transport, trust_env=False)
 
 
 def _backoff(attempt: int) -> float:
     return min(8.0, 0.25 * 2.0**attempt)
+
+
+def reply_limit(max_reply: int) -> int:
+    """Bytes of a provider's reply read at most: `max_reply` characters each escaped to six
+    bytes (`\\uXXXX`), plus room for tool calls and the JSON around them."""
+    return max_reply * 6 + REPLY_ALLOWANCE
 
 
 def _openai_chat(
@@ -185,33 +211,46 @@ def _openai_chat(
     system_prompt: str,
     credentials: Mapping[str, str],
     tools: list[dict[str, Any]] | None,
+    max_reply: int,
 ) -> Completion:
     if not provider.base_url:
         raise ProviderError(f'Provider "{provider_id}" has no base_url.')
-    headers = {"Content-Type": "application/json"}
-    secret = ""
+    secrets = [v for v in credentials.values() if v]
+    headers = [(b"Content-Type", b"application/json"), (b"Accept-Encoding", b"identity")]
     if provider.api_key_env:
         secret = credentials.get(provider.api_key_env, "")
         if not secret:
             raise ProviderError(
                 f'Provider "{provider_id}" needs an API key: set {provider.api_key_env}.'
             )
-        headers["Authorization"] = f"Bearer {secret}"
+        try:
+            headers.append((b"Authorization", f"Bearer {secret}".encode("ascii")))
+        except UnicodeEncodeError:
+            raise ProviderError(
+                f"The API key in {provider.api_key_env} holds characters an HTTP header "
+                "cannot carry; check its value."
+            ) from None
     messages = [{"role": "user", "content": text}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     body: dict[str, Any] = {"model": name, "messages": messages}
     if tools:
         body["tools"] = tools
+    try:
+        payload = json.dumps(body, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ProviderError(f"The request cannot be sent as JSON: {exc}") from None
     url = provider.base_url.rstrip("/") + "/chat/completions"
+    where = f'Provider "{provider_id}" for model "{name}"'
     last: ProviderError | None = None
     for attempt in range(provider.max_retries + 1):
         if attempt:
             time.sleep(_retry_delay(last, attempt - 1))
         try:
-            return _one_request(provider_id, provider, name, url, body, headers)
+            done = _one_request(where, provider, url, payload, headers, max_reply)
+            return _redacted_completion(done, secrets)
         except ProviderError as exc:
-            last = _redacted(exc, secret)
+            last = _redacted(exc, secrets)
             if not last.retryable or _retry_delay(last, attempt) > MAX_RETRY_AFTER:
                 break
     assert last is not None
@@ -232,85 +271,267 @@ def _retry_delay(exc: ProviderError | None, attempt: int) -> float:
     return _backoff(attempt)
 
 
-def _redacted(exc: ProviderError, secret: str) -> ProviderError:
-    if secret and secret in str(exc):
-        cls = type(exc)
-        text = str(exc).replace(secret, "***")
-        if isinstance(exc, _RetryAfter):
-            return _RetryAfter(text, exc.delay)
-        return cls(text, exc.retryable)
-    return exc
+def _redacted(exc: ProviderError, secrets: list[str]) -> ProviderError:
+    text = redact(str(exc), secrets)
+    if text == str(exc):
+        return exc
+    if isinstance(exc, _RetryAfter):
+        return _RetryAfter(text, exc.delay)
+    return type(exc)(text, exc.retryable)
+
+
+def _redacted_completion(done: Completion, secrets: list[str]) -> Completion:
+    # A provider that echoes the request's key into its answer must not get it stored.
+    if not secrets:
+        return done
+    calls = done.tool_calls
+    if calls is not None:
+        calls = _redact_json(calls, secrets)
+    return Completion(redact(done.text, secrets), calls, done.usage)
+
+
+def _redact_json(value: Any, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_json(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {redact(k, secrets): _redact_json(v, secrets) for k, v in value.items()}
+    return value
+
+
+# ASCII-only lower-casing keeps every character where it was, so spans found in the lowered
+# text apply to the original (`str.lower` may change a string's length).
+_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every credential of `secrets` replaced by `***`: whole or in part (any run
+    of `SECRET_RUN` or more of its characters, so an echo cut short or partly masked leaks
+    no prefix), in any letter case."""
+    low = text.translate(_LOWER)
+    spans: list[tuple[int, int]] = []
+    for secret in secrets:
+        key = secret.translate(_LOWER)
+        run = min(len(key), SECRET_RUN)
+        if not run:
+            continue
+        for gram in {key[i : i + run] for i in range(len(key) - run + 1)}:
+            at = low.find(gram)
+            while at >= 0:
+                spans.append((at, at + run))
+                at = low.find(gram, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    kept = 0
+    start, end = spans[0]
+    for s, e in spans[1:]:
+        if s <= end:
+            end = max(end, e)
+            continue
+        out += [text[kept:start], "***"]
+        kept = end
+        start, end = s, e
+    out += [text[kept:start], "***", text[end:]]
+    return "".join(out)
 
 
 def _one_request(
-    provider_id: str,
+    where: str,
     provider: Provider,
-    name: str,
     url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
+    payload: bytes,
+    headers: list[tuple[bytes, bytes]],
+    max_reply: int,
 ) -> Completion:
-    import httpx
+    import httpcore
 
-    where = f'Provider "{provider_id}" for model "{name}"'
+    from orchestrator.deadline import within
+
+    timeout = provider.timeout
+    limit = reply_limit(max_reply)
+    extensions = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}
     try:
-        resp = _http().post(url, json=body, headers=headers, timeout=provider.timeout)
-    except httpx.TimeoutException:
-        raise ProviderError(f"{where} timed out after {provider.timeout:g} s", True) from None
-    except httpx.HTTPError as exc:
+        # The attempt as a whole, not each socket read, ends after `timeout`: a provider
+        # that drips its headers or body one byte at a time is cut off all the same.
+        with (
+            within(timeout),
+            _pool().stream(
+                "POST", url, headers=headers, content=payload, extensions=extensions
+            ) as resp,
+        ):
+            status = resp.status
+            if status >= 400:
+                raw = _read(resp, ERROR_BODY_MAX)
+            else:
+                raw = _read(resp, limit)
+                if raw is None:
+                    raise ProviderError(
+                        f"{where} sent a reply larger than {limit:,} bytes, more than an answer "
+                        f"within [limits] max_reply ({max_reply:,} characters) needs; ask for "
+                        "a shorter answer."
+                    )
+            retry_after = _header(resp.headers, b"retry-after")
+    except httpcore.TimeoutException:
+        raise ProviderError(f"{where} timed out after {timeout:g} s", True) from None
+    except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
         raise ProviderError(f"{where} at {url} did not answer: {exc}", True) from None
-    if resp.status_code >= 400:
-        message = f"{where} answered HTTP {resp.status_code}: {_excerpt(resp.text)}"
-        if resp.status_code == 429 or resp.status_code >= 500:
-            after = _retry_after(resp.headers.get("Retry-After"))
+    except (httpcore.UnsupportedProtocol, httpcore.LocalProtocolError, ValueError) as exc:
+        raise ProviderError(f"{where}: the request to {url} cannot be sent: {exc}") from None
+    body = raw or b""
+    if status >= 400:
+        message = f"{where} answered HTTP {status}: {_excerpt(body)}"
+        if status == 429 or status >= 500:
+            after = _retry_after(retry_after)
             if after is not None:
                 raise _RetryAfter(message, after)
             raise ProviderError(message, True)
         raise ProviderError(message)
+    return _completion(where, body)
+
+
+def _read(resp: Any, limit: int) -> bytes | None:
+    """At most `limit` bytes of the body, read as they stream: None when there is more. A
+    status >= 400 keeps what fits (its excerpt is all that is shown)."""
+    declared = _header(resp.headers, b"content-length")
+    if resp.status < 400 and declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_stream():
+        size += len(chunk)
+        if size > limit:
+            if resp.status >= 400:
+                chunks.append(chunk[: len(chunk) - (size - limit)])
+                break
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _completion(where: str, body: bytes) -> Completion:
+    """The reply as a `Completion`, or a `ProviderError` saying what is wrong with it."""
     try:
-        data = resp.json()
-        message_obj = data["choices"][0]["message"]
-        content = message_obj.get("content")
-        tool_calls = message_obj.get("tool_calls") or None
-        usage = data.get("usage")
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        data = json.loads(body)
+    except RecursionError:
+        raise ProviderError(f"{where} sent a reply nested too deeply to read") from None
+    except ValueError:
         raise ProviderError(
-            f"{where} sent a reply that is not a chat completion: {_excerpt(resp.text)}"
+            f"{where} sent a reply that is not a chat completion: {_excerpt(body)}"
         ) from None
-    return Completion(
-        text="" if content is None else str(content),
-        tool_calls=list(tool_calls) if tool_calls else None,
-        usage=_usage(usage),
-    )
-
-
-def _usage(raw: Any) -> dict[str, int] | None:
-    if not isinstance(raw, dict):
-        return None
     try:
-        return {
-            "input_tokens": int(raw.get("prompt_tokens", 0)),
-            "output_tokens": int(raw.get("completion_tokens", 0)),
-        }
-    except (TypeError, ValueError):
+        message = data["choices"][0]["message"]
+        content = message.get("content")
+        tool_calls = message.get("tool_calls") or None
+        usage = data.get("usage")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ProviderError(
+            f"{where} sent a reply that is not a chat completion: {_excerpt(body)}"
+        ) from None
+    if content is not None and not isinstance(content, str):
+        raise ProviderError(f"{where} sent a reply whose content is not text")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list) or not all(isinstance(c, dict) for c in tool_calls):
+            raise ProviderError(f"{where} sent a reply whose tool_calls is not a list of objects")
+        problem = json_problem(tool_calls)
+        if problem:
+            raise ProviderError(f"{where} sent tool calls that cannot be stored: {problem}")
+    if content is not None and _SURROGATE.search(content):
+        raise ProviderError(f"{where} sent text that is not valid Unicode (a lone surrogate)")
+    return Completion(text=content or "", tool_calls=tool_calls, usage=_usage(where, usage))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_JSON_DEPTH = 32
+_INT64 = 2**63
+
+
+def json_problem(
+    value: Any, path: str = "", depth: int = 0, max_depth: int = MAX_JSON_DEPTH
+) -> str | None:
+    """What keeps `value` from being stored as JSON (a lone surrogate, a non-finite or
+    64-bit-overflowing number, a type JSON lacks, nesting deeper than `max_depth`), named by
+    its path; None when it can be stored."""
+    where = path or "the value"
+    if depth > max_depth:
+        return f"{where}: nested deeper than {max_depth} levels"
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (
+            f"{where}: not valid Unicode text (a lone surrogate \\u{ord(found.group()):04x})"
+            if found
+            else None
+        )
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return None if -_INT64 <= value < _INT64 else f"{where}: a number beyond 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where}: {value} is not a JSON number"
+    if isinstance(value, list | tuple):
+        items: Iterable[tuple[str, Any]] = ((str(i), v) for i, v in enumerate(value))
+    elif isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                return f"{where}: a key that is not text ({type(key).__name__})"
+            if _SURROGATE.search(key):
+                return f"{where}: a key that is not valid Unicode text (a lone surrogate)"
+        items = value.items()
+    else:
+        return f"{where}: a {type(value).__name__}, which JSON cannot hold"
+    for key, item in items:
+        problem = json_problem(item, f"{path}.{key}" if path else key, depth + 1, max_depth)
+        if problem:
+            return problem
+    return None
+
+
+def _usage(where: str, raw: Any) -> dict[str, int] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ProviderError(f"{where} sent a reply whose usage is not an object")
+    counts = {}
+    for ours, theirs in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        value = raw.get(theirs)
+        if value is None:
+            value = 0
+        if isinstance(value, float) and value.is_integer() and 0 <= value < 2**53:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise ProviderError(
+                f"{where} sent a reply whose usage.{theirs} is not a token count: "
+                f"{_excerpt(repr(value).encode())}"
+            )
+        counts[ours] = value
+    return counts
 
 
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        delay = float(value)
     except ValueError:
         return None  # an HTTP date: rare from model servers; the usual back-off applies
+    return max(0.0, delay) if math.isfinite(delay) else None
 
 
-def _excerpt(body: str) -> str:
+def _excerpt(raw: bytes) -> str:
     """The provider's own message when its body is an OpenAI-style error, else its start."""
-    text = body.strip()
+    text = raw.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         err = parsed.get("error")
@@ -320,7 +541,25 @@ def _excerpt(body: str) -> str:
             text = err
         elif parsed.get("message"):
             text = str(parsed["message"])
-    text = " ".join(text.split())
+    text = _SURROGATE.sub("\ufffd", " ".join(text.split()))
     if not text:
         return "(empty body)"
     return text if len(text) <= BODY_EXCERPT else text[: BODY_EXCERPT - 3] + "..."
+
+
+def internal_error(exc: BaseException) -> str:
+    """One line for a bug: the exception's type and where it was raised, never its message
+    or the values around it, which may quote a reply or a credential."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    ours = [f for f in frames if "/orchestrator/" in f.filename or "/events/" in f.filename]
+    where = ""
+    if ours or frames:
+        frame = (ours or frames)[-1]
+        tail = frame.filename.replace("\\", "/").rsplit("/", 2)
+        where = f" at {'/'.join(tail[-2:])}:{frame.lineno} in {frame.name}"
+    return (
+        f"internal error: {type(exc).__name__}{where} (details withheld: they may quote a "
+        "secret); please report it"
+    )

@@ -18,6 +18,7 @@ directory with the reason, so whoever finds it gone records why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,7 +33,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
+from orchestrator.providers import (
+    DEFAULT_MAX_REPLY,
+    Completion,
+    ProviderError,
+    ProviderSettings,
+    complete,
+    internal_error,
+)
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
 TYPE_CHECKING = False  # `typing` is for the type checker only: no import at start-up
@@ -43,6 +51,20 @@ ADOPT_TIMEOUT = 60.0  # a spawner that has not registered us by then is not comi
 WATCH_EVERY = 0.1
 MAX_BODY = 64 * 1024 * 1024
 IDLE_CONNECTION = 30.0  # seconds a client connection may sit without sending a request
+# Connections served at once: one thread each. Beyond, the one waiting longest for its
+# request is dropped to make room; if every one is serving, the newcomer is refused (503).
+MAX_CONNECTIONS = 32
+MAX_REPLY = 4_000_000  # the ceiling of `[limits] max_reply`
+READ_LIMIT = 10.0  # seconds to send a whole request (headers and body) once it has begun
+# A request refused unread (401): its rest is read and dropped for this long at most, so the
+# refusal reaches the client instead of a reset.
+LINGER = 1.0
+LINGER_BYTES = 1024 * 1024
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: 58\r\n\r\n"
+    b'{"error": "worker busy: too many connections; try again"}\n'
+)
 
 
 class WorkerServer(ThreadingHTTPServer):
@@ -65,6 +87,68 @@ class WorkerServer(ThreadingHTTPServer):
         self.draining: str | None = None
         self.adopted = threading.Event()
         self.cancels: dict[str, threading.Event] = {}
+        # Open connections: what each is doing ("idle", "reading", "serving") and since when.
+        self.conns: dict[socket.socket, tuple[str, float]] = {}
+        self.conns_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.conns_lock:
+            room = len(self.conns) < MAX_CONNECTIONS or self._drop_longest_waiting()
+            if room:
+                self.conns[request] = ("idle", time.monotonic())
+        if not room:
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # the accept loop never waits on a client
+                request.send(BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.conns_lock:
+            self.conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def _drop_longest_waiting(self) -> bool:
+        waiting = [
+            (since, sock) for sock, (state, since) in self.conns.items() if state != "serving"
+        ]
+        if not waiting:
+            return False
+        _, sock = min(waiting, key=lambda w: w[0])
+        del self.conns[sock]
+        _hang_up(sock)
+        return True
+
+    def mark(self, sock: socket.socket, state: str) -> None:
+        """Note what a connection is doing now (a dropped one stays dropped)."""
+        with self.conns_lock:
+            if sock in self.conns:
+                self.conns[sock] = (state, time.monotonic())
+
+    def reap(self) -> None:
+        """Hang up on every connection whose request has taken longer than `READ_LIMIT`
+        to arrive: a client that drips its request holds no thread for long."""
+        now = time.monotonic()
+        with self.conns_lock:
+            late = [
+                sock
+                for sock, (state, since) in self.conns.items()
+                if state == "reading" and now - since > READ_LIMIT
+            ]
+            for sock in late:
+                del self.conns[sock]
+        for sock in late:
+            _hang_up(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # One line, never a traceback: its frames could show a request's credentials.
+        exc = sys.exc_info()[1] or RuntimeError()
+        if isinstance(exc, ConnectionError | TimeoutError):  # the client left, or was dropped
+            line = f"connection ended early: {type(exc).__name__}"
+        else:
+            line = internal_error(exc)
+        sys.stderr.write(f"worker: {line}\n")
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
@@ -102,6 +186,12 @@ class WorkerServer(ThreadingHTTPServer):
             self.exit_on_own(str(self.draining))
 
 
+def _hang_up(sock: socket.socket) -> None:
+    # Its handler's blocked read returns at once and the handler ends the connection.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class BadRequest(OrchestratorError, ValueError):
     """A request body that breaks the endpoint's contract."""
 
@@ -116,21 +206,58 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write("worker: " + (format % args) + "\n")
 
+    def handle_one_request(self) -> None:
+        # Idle until the request's first byte; from then on it must arrive within READ_LIMIT.
+        self.server.mark(self.connection, "idle")
+        try:
+            began = self.rfile.peek(1)  # type: ignore[attr-defined]
+        except OSError:  # the idle timeout, or a connection dropped to make room
+            began = b""
+        if not began:
+            self.close_connection = True
+            return
+        self.server.mark(self.connection, "reading")
+        super().handle_one_request()
+
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
     def _authorised(self) -> bool:
+        # Checked before the body is read: an unauthenticated body is never read into memory.
         given = self.headers.get("Authorization", "")
         ok = compare_digest(given.encode(), f"Bearer {self.server.token}".encode())
         if not ok:
-            self._drain_body()
+            self.close_connection = True
             self._reply(401, {"error": "missing or wrong bearer token"})
+            self._linger()
         return ok
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, briefly, before closing: closing on
+        unread data resets the connection, and the client might lose the refusal."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
 
     def _drain_body(self) -> None:
         length = self._length()
@@ -149,8 +276,13 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"Content-Length must be 0..{MAX_BODY}")
         raw = self.rfile.read(length) if length else b"{}"
+        if len(raw) < length:
+            self.close_connection = True
+            raise BadRequest(f"body ended after {len(raw)} of its {length} bytes")
         try:
             data = json.loads(raw)
+        except RecursionError:
+            raise BadRequest("body is not JSON this worker reads: it nests too deeply") from None
         except ValueError as exc:
             raise BadRequest(f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
@@ -160,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if not self._authorised():
             return
+        self.server.mark(self.connection, "serving")
         if self.path == "/health":
             self._reply(200, self.server.health())
         else:
@@ -182,9 +315,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             body = self._body()
+            self.server.mark(self.connection, "serving")
             route(body)
         except BadRequest as exc:
             self._reply(400, {"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - a bug answers one line, not a dropped connection
+            self.close_connection = True
+            self._reply(500, {"error": internal_error(exc)})
 
     def _adopt(self, body: dict[str, Any]) -> None:
         self.server.adopted.set()
@@ -218,6 +355,9 @@ class Handler(BaseHTTPRequestHandler):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
             raise BadRequest('"credentials" must map strings to strings')
         task_id = _optional(body, "task_id", str)
+        max_reply = _optional(body, "max_reply", int)
+        if max_reply is not None and not 1 <= max_reply <= MAX_REPLY:
+            raise BadRequest(f'"max_reply" must be 1..{MAX_REPLY}')
         with self.server.lock:
             if self.server.draining:
                 self._reply(503, {"error": "worker is draining: it takes no new tasks"})
@@ -228,7 +368,7 @@ class Handler(BaseHTTPRequestHandler):
         if task_id:
             self.server.cancels[task_id] = cancel
         try:
-            self._answer(text, str(model), tools, credentials, cancel)
+            self._answer(text, str(model), tools, credentials, cancel, max_reply)
         finally:
             if task_id:
                 self.server.cancels.pop(task_id, None)
@@ -241,8 +381,9 @@ class Handler(BaseHTTPRequestHandler):
         tools: list[Any] | None,
         credentials: dict[str, str],
         cancel: threading.Event,
+        max_reply: int | None,
     ) -> None:
-        outcome: list[Completion | ProviderError] = []
+        outcome: list[Completion | ProviderError | Exception] = []
         done = threading.Event()
 
         def call() -> None:
@@ -255,9 +396,10 @@ class Handler(BaseHTTPRequestHandler):
                         self.server.spec["system_prompt"],
                         credentials=credentials,
                         tools=tools,
+                        max_reply=max_reply or DEFAULT_MAX_REPLY,
                     )
                 )
-            except ProviderError as exc:
+            except Exception as exc:  # noqa: BLE001 - answered below, as one line
                 outcome.append(exc)
             finally:
                 done.set()
@@ -272,6 +414,9 @@ class Handler(BaseHTTPRequestHandler):
         result = outcome[0]
         if isinstance(result, ProviderError):
             self._reply(502, {"error": str(result), "retryable": result.retryable})
+            return
+        if isinstance(result, Exception):
+            self._reply(500, {"error": internal_error(result)})
             return
         self._reply(
             200,
@@ -306,6 +451,7 @@ def _watch(server: WorkerServer, spawner_pid: int, idle_timeout: float) -> None:
     began = time.monotonic()
     while True:
         time.sleep(WATCH_EVERY)
+        server.reap()
         if not server.adopted.is_set():
             if os.getppid() != spawner_pid:
                 server.exit_on_own("spawner gone")

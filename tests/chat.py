@@ -30,6 +30,11 @@ class Reply:
     usage: dict[str, int] | None = field(
         default_factory=lambda: {"prompt_tokens": 7, "completion_tokens": 3}
     )
+    # Misbehaviours of a hostile provider.
+    raw: bytes | None = None  # this body, as it is, instead of the JSON one
+    drip: str | None = None  # "head": the whole answer one byte at a time; "body": its body
+    drip_every: float = 0.5  # seconds between dripped bytes
+    flood: int = 0  # a chunked body of this many bytes that never closes its JSON
 
 
 @dataclass
@@ -115,17 +120,53 @@ class _Handler(BaseHTTPRequestHandler):
             payload = {"choices": [{"message": message}]}
             if reply.usage is not None:
                 payload["usage"] = reply.usage
-        data = json.dumps(payload).encode()
+        data = json.dumps(payload).encode() if reply.raw is None else reply.raw
+        try:
+            if reply.flood:
+                self._flood(reply.flood)
+            elif reply.drip == "head":
+                head = (
+                    f"HTTP/1.1 {reply.status} Whatever\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                )
+                self._drip(head.encode() + data, reply.drip_every)
+            else:
+                self._send(reply, data)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client gave up (a time-out or a cancel): nothing to answer
+
+    def _send(self, reply: Reply, data: bytes) -> None:
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if reply.retry_after is not None:
             self.send_header("Retry-After", reply.retry_after)
         self.end_headers()
-        try:
+        if reply.drip == "body":
+            self._drip(data, reply.drip_every)
+        else:
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the client gave up (a time-out or a cancel): nothing to answer
+
+    def _drip(self, data: bytes, every: float) -> None:
+        self.close_connection = True
+        for i in range(len(data)):
+            self.wfile.write(data[i : i + 1])
+            self.wfile.flush()
+            time.sleep(every)
+
+    def _flood(self, size: int) -> None:
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        start = b'{"choices": [{"message": {"content": "'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(start), start))
+        chunk = b"a" * 65536
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        for _ in range(size // len(chunk)):
+            self.wfile.write(frame)
+        self.wfile.write(b"0\r\n\r\n")
 
 
 @contextmanager

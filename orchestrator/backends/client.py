@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -13,6 +14,10 @@ from orchestrator.processes import worker_token
 
 if TYPE_CHECKING:  # httpx loads with the first call: commands that call no worker skip it
     import httpx
+
+
+# What a worker's answers other than /prompt take at most (a health record, a few fields).
+CONTROL_REPLY_MAX = 1024 * 1024
 
 
 class WorkerUnreachable(OrchestratorError, RuntimeError):
@@ -86,9 +91,11 @@ class WorkerClient:
         """`GET /health`, validated."""
         return _parse(Health, self._call("GET", "/health", None, timeout), "/health")
 
-    def prompt(self, body: dict[str, Any], timeout: float) -> PromptReply:
-        """`POST /prompt`, validated; the caller checks the reply's instance and fingerprint."""
-        return _parse(PromptReply, self._call("POST", "/prompt", body, timeout), "/prompt")
+    def prompt(self, body: dict[str, Any], timeout: float, max_bytes: int) -> PromptReply:
+        """`POST /prompt`, validated; the caller checks the reply's instance and fingerprint.
+        A reply over `max_bytes` is refused as it streams."""
+        reply = self._call("POST", "/prompt", body, timeout, max_bytes)
+        return _parse(PromptReply, reply, "/prompt")
 
     def cancel(self, task_id: str) -> None:
         """Ask the worker to drop the prompt of `task_id` (nothing happens if it has none)."""
@@ -107,22 +114,30 @@ class WorkerClient:
         self._call("POST", "/shutdown", {}, 2.0)
 
     def _call(
-        self, method: Literal["GET", "POST"], path: str, body: dict[str, Any] | None, timeout: float
+        self,
+        method: Literal["GET", "POST"],
+        path: str,
+        body: dict[str, Any] | None,
+        timeout: float,
+        max_bytes: int = CONTROL_REPLY_MAX,
     ) -> dict[str, Any]:
         import httpx
 
         where = f"{self.url}{path}"
         try:
-            resp = _client().request(
+            with _client().stream(
                 method, where, json=body, headers=self._headers, timeout=timeout
-            )
+            ) as resp:
+                raw = _read(resp, max_bytes)
         except httpx.TimeoutException as exc:
             raise WorkerUnreachable(f"{where}: no answer within {timeout:g} s", True) from exc
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"{where}: {exc}") from exc
+        if raw is None:
+            raise WorkerReplyError(f"{where} answered with more than {max_bytes:,} bytes")
         try:
-            data = resp.json()
-        except ValueError:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
             data = None
         if resp.status_code >= 400:
             detail = data.get("error") if isinstance(data, dict) else None
@@ -135,6 +150,18 @@ class WorkerClient:
         if not isinstance(data, dict):
             raise WorkerReplyError(f"{where} answered with a body that is not a JSON object")
         return data
+
+
+def _read(resp: httpx.Response, limit: int) -> bytes | None:
+    """The body, read as it streams; None once it passes `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -17,7 +17,15 @@ from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerU
 from orchestrator.config import BackendKind, OrchestratorConfig
 from orchestrator.pool import Acquired, WorkerPool, WorkerSpec
 from orchestrator.processes import process_state
-from orchestrator.providers import Completion, ProviderError, credentials_for, request_budget
+from orchestrator.providers import (
+    Completion,
+    ProviderError,
+    credentials_for,
+    json_problem,
+    redact,
+    reply_limit,
+    request_budget,
+)
 
 # Beyond the provider's own budget, what a loopback hop and a busy worker may add.
 PROMPT_MARGIN = 10.0
@@ -60,28 +68,36 @@ class ServerBackend:
         assert lease.url is not None
         client = WorkerClient(lease.url, lease.instance_id)
         budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
+        credentials = credentials_for(self.config.providers, request.model, self._environ())
+        max_reply = self.config.limits.max_reply
         body = {
             "text": request.text,
             "model": request.model,
             "attachments": request.attachments,
             "tools": request.tools,
             "task_id": request.task_id,
-            "credentials": credentials_for(self.config.providers, request.model, self._environ()),
+            "credentials": credentials,
+            "max_reply": max_reply,
         }
+        secrets = list(credentials.values())
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
-            reply = client.prompt(body, timeout=budget)
+            # Twice the provider's bound: the worker re-escapes the text (`\uXXXX`, and
+            # a character beyond the BMP as two of them).
+            reply = client.prompt(body, timeout=budget, max_bytes=2 * reply_limit(max_reply))
         except WorkerReplyError as exc:
+            # The worker redacts what it sends; a key must not get through one that did not.
+            message = redact(str(exc), secrets)
             if exc.status == 502:
-                raise ProviderError(str(exc), exc.retryable) from None
+                raise ProviderError(message, exc.retryable) from None
             if exc.status == 409:
                 raise Cancelled() from None
             if exc.status == 503:
-                raise Draining(str(exc)) from None
+                raise Draining(message) from None
             self.pool.distrust(lease.instance_id)
             raise TaskError(
                 f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
-                f"refused the task: {exc}"
+                f"refused the task: {message}"
             ) from None
         except WorkerUnreachable as exc:
             raise self._unreachable(lease, exc, budget) from None
@@ -92,6 +108,11 @@ class ServerBackend:
                 f"{reply.fingerprint}), not from {lease.instance_id} ({lease.fingerprint}) "
                 "that was acquired: it is not accepted. Run the task again."
             )
+        for name, value in (("text", reply.text), ("tool_calls", reply.tool_calls)):
+            problem = json_problem(value, name)
+            if problem:
+                self.pool.distrust(lease.instance_id)
+                raise TaskError(f"The worker's reply cannot be stored: {problem}.")
         self.pool.prove(lease.instance_id)
         return Completion(text=reply.text, tool_calls=reply.tool_calls, usage=reply.usage)
 
