@@ -11,7 +11,7 @@ DIST := build/dist
 TESTENV := build/test-venv
 TESTTREE := build/test-tree
 
-.PHONY: demo test lint dist wheel-test interop bench docs clean
+.PHONY: demo test lint dist wheel-test interop bench docs clean chromium
 
 # .venv is the developer's: the tools and the project, editable.
 $(STAMP): pyproject.toml
@@ -42,7 +42,13 @@ wheel-test: dist
 	cd $(TESTTREE) && ORCHESTRATOR_TEST_INSTALLED=1 HYPOTHESIS_PROFILE=ci \
 		PATH="$(CURDIR)/$(TESTENV)/bin:$$PATH" $(CURDIR)/$(TESTENV)/bin/pytest -q -p no:cacheprovider
 
-test: lint wheel-test
+test: lint chromium wheel-test
+
+# The inspector's browser test drives Debian's chromium; without it (and no apt) it skips.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+		echo "chromium not installed (no usable apt-get): the browser tests will skip"
 
 interop: dist
 	$(BIN)/python -m interop

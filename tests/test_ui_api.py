@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("starlette", reason="the ui extra is not installed")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from events.store import EventLog  # noqa: E402
-from orchestrator import Orchestrator  # noqa: E402
-from orchestrator.ui.app import create_app  # noqa: E402
-from orchestrator.ui.data import Inspector  # noqa: E402
-from tests.chat import ChatServer  # noqa: E402
-from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere  # noqa: E402
+from events.store import EventLog
+from orchestrator import Orchestrator
+from orchestrator.ui.app import create_app
+from orchestrator.ui.data import Inspector
+from tests.chat import ChatServer
+from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere
 
 TOKEN = "t0ken-for-tests"
 CLI = Path(sys.executable).parent / "orchestrator"
@@ -230,6 +230,7 @@ def test_cli_on_a_missing_store_says_so_and_creates_nothing(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: no orchestrator store at sqlite:///{missing}"

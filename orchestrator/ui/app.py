@@ -203,7 +203,9 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
         except InvalidTaskArgs as exc:
             return bad(request, str(exc), 404)
         return templates.TemplateResponse(
-            request, "diff.html", {"rows": rows, "since": ends[0].position, "until": ends[1].position}
+            request,
+            "diff.html",
+            {"rows": rows, "since": ends[0].position, "until": ends[1].position},
         )
 
     async def task(request: Request) -> Response:
@@ -290,9 +292,7 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
                 if head <= after:
                     yield ": keep-alive\n\n"
                     continue
-                records = await run_in_threadpool(
-                    data.records, Filter(session_id=sid), after, head
-                )
+                records = await run_in_threadpool(data.records, Filter(session_id=sid), after, head)
                 for r in records:
                     yield f"id: {r.position}\ndata: {r.model_dump_json()}\n\n"
                 after = head

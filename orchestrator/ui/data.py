@@ -18,7 +18,7 @@ import inspect
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +36,7 @@ from events.catalogue import (
 from events.projections import Override, RegistryEntry, TaskRecord
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
 from orchestrator import history, views
-from orchestrator.api import InvalidTaskArgs
+from orchestrator.api import InvalidTaskArgs, check_session_id
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.history import DiffRow, Flat, WhatIfRow
 from orchestrator.orchestrator import Orchestrator
@@ -46,7 +46,8 @@ from orchestrator.ui.travel import Marker, Process, RegistryHistory, SessionHist
 READ_PAGE = 5000  # events folded per hold of the lock while catching up
 KEPT_SESSIONS = 32  # session histories and view readers kept in memory
 SUMMARY_TYPES = tuple(
-    t.type_name() for t in (SessionOpened, TaskStarted, TaskCompleted, WorkerModelSet, SessionForked)
+    t.type_name()
+    for t in (SessionOpened, TaskStarted, TaskCompleted, WorkerModelSet, SessionForked)
 )
 
 
@@ -216,15 +217,18 @@ class Inspector:
         sid = event.session_id
         row = self.summaries.get(sid)
         if row is None:
-            row = self.summaries[sid] = SessionSummary(sid, event.timestamp, position, event.timestamp)
+            row = self.summaries[sid] = SessionSummary(
+                sid, event.timestamp, position, event.timestamp
+            )
         row.last = max(row.last, event.timestamp)
         if isinstance(event, TaskStarted):
             row.tasks += 1
         elif isinstance(event, TaskCompleted) and event.model:
             row.models[event.model] = row.models.get(event.model, 0) + 1
             used = event.usage or {}
-            tokens_in, tokens_out = int(used.get("input_tokens") or 0), int(
-                used.get("output_tokens") or 0
+            tokens_in, tokens_out = (
+                int(used.get("input_tokens") or 0),
+                int(used.get("output_tokens") or 0),
             )
             cost = used.get("cost_usd")
             row.input_tokens += tokens_in
@@ -246,8 +250,8 @@ class Inspector:
         with self.lock:
             found = self._readers.get(session_id)
             if found is None:
-                found = Reader.open(config=self.config, store=self.log, session_id=session_id)
-                assert isinstance(found, Reader)
+                check_session_id(session_id)
+                found = Reader(self.config, self.log, session_id, owns_log=False)
                 self._readers[session_id] = found
                 if len(self._readers) > KEPT_SESSIONS:
                     _, oldest = self._readers.popitem(last=False)
@@ -420,6 +424,3 @@ def markers_by_kind(markers: Sequence[Marker]) -> dict[str, int]:
     for m in markers:
         counts[m.kind] = counts.get(m.kind, 0) + 1
     return counts
-
-
-Clock = Callable[[], float]

@@ -141,9 +141,7 @@ def legend(models: Sequence[str]) -> str:
     return " ".join(parts)
 
 
-def bars(
-    title: str, series: dict[str, list[float]], labels: Sequence[str], unit: str = ""
-) -> str:
+def bars(title: str, series: dict[str, list[float]], labels: Sequence[str], unit: str = "") -> str:
     """Stacked bars over time bins, one colour per series (worker/model)."""
     if not labels or not series:
         return f'<p class="empty">{escape(title)}: nothing recorded yet.</p>'
@@ -161,7 +159,7 @@ def bars(
     ]
     usable = height - bottom - 24
     for i in range(n):
-        y = height - bottom
+        y = float(height - bottom)
         for name, values in series.items():
             h = values[i] / peak * usable
             if h <= 0:
