@@ -41,6 +41,7 @@ from orchestrator.ui.data import Inspector, markers_by_kind
 HERE = Path(__file__).parent
 COOKIE = "inspector_token"
 EVENTS_PAGE = 100
+SESSIONS_SHOWN = 200  # the newest; the events page reaches the rest
 USAGE_BINS = 48
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -145,9 +146,10 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
         def build() -> list[Any]:
             with data.lock:
                 rows = sorted(data.summaries.values(), key=lambda s: s.first_position)
-                return [(s, sorted(s.models)) for s in reversed(rows)]
+                return [(s, sorted(s.models)) for s in reversed(rows[-SESSIONS_SHOWN:])]
 
-        return page(request, "sessions.html", rows=await run_in_threadpool(build))
+        rows = await run_in_threadpool(build)
+        return page(request, "sessions.html", rows=rows, total=len(data.summaries))
 
     async def session(request: Request) -> Response:
         sid = request.path_params["session_id"]

@@ -32,6 +32,7 @@ from events.catalogue import (
     TaskCompleted,
     TaskStarted,
     WorkerModelSet,
+    types_of,
 )
 from events.projections import Override, RegistryEntry, TaskRecord
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
@@ -45,6 +46,8 @@ from orchestrator.ui.travel import Marker, Process, RegistryHistory, SessionHist
 
 READ_PAGE = 5000  # events folded per hold of the lock while catching up
 KEPT_SESSIONS = 32  # session histories and view readers kept in memory
+# Read by type, so a read after a position is a range of the log, not a walk of the stream.
+REGISTRY_TYPES = tuple(sorted(types_of("registry")))
 SUMMARY_TYPES = tuple(
     t.type_name()
     for t in (SessionOpened, TaskStarted, TaskCompleted, WorkerModelSet, SessionForked)
@@ -134,6 +137,7 @@ class Inspector:
         self.usage: UsageBuckets = {}
         self.registry = RegistryHistory()
         self._summary_position = 0
+        self._registry_seen = 0  # the log read for registry events up to here
         self._histories: OrderedDict[str, SessionHistory] = OrderedDict()
         self._readers: OrderedDict[str, Reader] = OrderedDict()
         self.head = self.log.head()
@@ -192,13 +196,20 @@ class Inspector:
                 more = True
             else:
                 self._summary_position = max(self._summary_position, self.head)
-            read = 0
-            for position, event in self.log.select(
-                Filter(stream="registry"), after=self.registry.position, limit=READ_PAGE
-            ):
-                self.registry.feed(position, event)
-                read += 1
-            return more or read == READ_PAGE
+            return self._registry_catch_up(READ_PAGE) or more
+
+    def _registry_catch_up(self, limit: int | None = None) -> bool:
+        head = self.head
+        read = 0
+        for position, event in self.log.select(
+            Filter(types=REGISTRY_TYPES), after=self._registry_seen, limit=limit
+        ):
+            self.registry.feed(position, event)
+            self._registry_seen = position
+            read += 1
+        if read != limit:
+            self._registry_seen = max(self._registry_seen, head)
+        return read == limit
 
     def close(self) -> None:
         """Stop following and release the store."""
@@ -305,10 +316,7 @@ class Inspector:
     def registry_now(self) -> RegistryHistory:
         """The registry, caught up with the log."""
         with self.lock:
-            for position, event in self.log.select(
-                Filter(stream="registry"), after=self.registry.position
-            ):
-                self.registry.feed(position, event)
+            self._registry_catch_up()
             return self.registry
 
     def travel(self, session_id: str, index: int) -> TravelState:
@@ -342,7 +350,7 @@ class Inspector:
         return history.diff_states(_flat(before), _flat(after))
 
     def _registry_events(self, after: int, until: int) -> Iterator[tuple[int, Event]]:
-        return self.log.select(Filter(stream="registry"), after=after, until=until)
+        return self.log.select(Filter(types=REGISTRY_TYPES), after=after, until=until)
 
     def task(self, task_id: str) -> tuple[TaskRecord, Any]:
         """A task's record and its `explain` chain (any session's)."""

@@ -49,6 +49,10 @@ from events.projections import (
 )
 
 REGISTRY_CHECKPOINT_EVERY = 256
+# Also a checkpoint at a registry event this many positions after the last one, so the
+# events between two checkpoints lie within this many positions (the read after one is a
+# short range of the log, however sparse the registry's events are).
+REGISTRY_CHECKPOINT_SPAN = 20_000
 
 # The markers a timeline shows, by event type: (kind, what the mark says).
 MARKERS: dict[type[Event], str] = {
@@ -212,7 +216,8 @@ class RegistryHistory:
             self.stopped_why[event.instance_id] = f"{reason}{detail} (position {position})"
         self.position = position
         self._since_checkpoint += 1
-        if self._since_checkpoint >= self.every:
+        far = position - self._checkpoint_at[-1] >= REGISTRY_CHECKPOINT_SPAN
+        if self._since_checkpoint >= self.every or far:
             self._checkpoint(position)
             self._since_checkpoint = 0
 
@@ -240,7 +245,8 @@ class RegistryHistory:
         self, position: int, read: Callable[[int, int], Iterable[tuple[int, Event]]]
     ) -> list[RegistryEntry]:
         """The registry's processes (running and stopped) as of a position: the nearest
-        checkpoint, then `read(after, until)`'s registry events up to the position."""
+        checkpoint, then `read(after, until)`'s registry events up to the position (all
+        within `REGISTRY_CHECKPOINT_SPAN` positions of the checkpoint)."""
         if position >= self.position:
             entries = [*self.state.entries.values(), *self.retired.values()]
             return [e.model_copy(deep=True) for e in entries]
@@ -249,6 +255,7 @@ class RegistryHistory:
         state = RegistryState.model_validate(base.state)
         retired = {k: RegistryEntry.model_validate(v) for k, v in base.retired.items()}
         if base.position < position:
-            for _, event in read(base.position, position):
+            until = min(position, base.position + REGISTRY_CHECKPOINT_SPAN)
+            for _, event in read(base.position, until):
                 apply_registry(state, event, retired)
         return [*state.entries.values(), *retired.values()]
