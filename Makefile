@@ -12,7 +12,7 @@ TESTENV := build/test-venv
 TESTTREE := build/test-tree
 INTEROP := build/interop
 
-.PHONY: demo test lint dist wheel-test interop bench docs clean
+.PHONY: demo test lint dist wheel-test interop bench docs clean chromium
 
 # .venv is the developer's: the tools and the project, editable.
 $(STAMP): pyproject.toml
@@ -43,7 +43,13 @@ wheel-test: dist
 	cd $(TESTTREE) && ORCHESTRATOR_TEST_INSTALLED=1 HYPOTHESIS_PROFILE=ci \
 		PATH="$(CURDIR)/$(TESTENV)/bin:$$PATH" $(CURDIR)/$(TESTENV)/bin/pytest -q -p no:cacheprovider
 
-test: lint wheel-test
+test: lint chromium wheel-test
+
+# The inspector's browser test drives Debian's chromium; without it (and no apt) it skips.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+		echo "chromium not installed (no usable apt-get): the browser tests will skip"
 
 # The project against real third-party peers, pinned in interop/peers.toml. Each peer is
 # installed from its registry into its own environment under $(INTEROP)/peers (kept while its

@@ -794,6 +794,38 @@ def demo(
         raise fail(str(exc)) from None
 
 
+@app.command()
+def ui(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Address to bind (default: loopback only).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(metavar="PORT", min=0, max=65535, help="Port (0: any free one).")
+    ] = 8765,
+) -> None:
+    """Serve a local web inspector of the store (read-only; needs the printed token)."""
+    from orchestrator import ui as inspector
+
+    absent = inspector.missing()
+    if absent is not None:
+        raise fail(
+            f"the ui extra is not installed ({absent} is missing): "
+            "pip install 'eventlog-orchestrator[ui]'"
+        )
+    from events.store import StoreError
+
+    s: Settings = ctx.obj
+    try:
+        inspector.serve(s.store, s.config, host, port)
+    except KeyboardInterrupt:
+        return
+    except (StoreError, ValueError) as exc:  # ConfigError is a ValueError
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("COLUMNS", "160")  # tables in pipes and CI logs stay readable

@@ -1,0 +1,261 @@
+"""Projections indexed by log position, for the inspector's timeline and time travel.
+
+A session's state at any position is answered without a replay from the start:
+
+- `SessionHistory` folds one session's own events (read through the index by session id,
+  so its cost is the session's length, not the log's) and keeps, for each task, its record
+  at every change, and the session's overrides at every change. The state as of a position
+  is then one binary search per task and one for the overrides.
+- `RegistryHistory` folds the registry stream and keeps a checkpoint of its state every
+  `REGISTRY_CHECKPOINT_EVERY` registry events; the registry as of a position is the nearest
+  checkpoint at or before it plus at most that many events read through the index.
+
+Both are fed in log order, incrementally, as the log grows (nothing here reads the log
+itself: the caller hands in events), and neither is ever written to the store.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from events.catalogue import (
+    Event,
+    ModelAttemptFailed,
+    SessionForked,
+    TaskCancelled,
+    TaskStarted,
+    WorkerDraining,
+    WorkerExited,
+    WorkerModelReset,
+    WorkerModelSet,
+    WorkerReused,
+    WorkerReuseRejected,
+    WorkerSpawned,
+    WorkerStopped,
+)
+from events.projections import (
+    Override,
+    RegistryEntry,
+    RegistryState,
+    SessionState,
+    TaskRecord,
+    apply_registry,
+    apply_session,
+    apply_task,
+)
+
+REGISTRY_CHECKPOINT_EVERY = 256
+# Also a checkpoint at a registry event this many positions after the last one, so the
+# events between two checkpoints lie within this many positions (the read after one is a
+# short range of the log, however sparse the registry's events are).
+REGISTRY_CHECKPOINT_SPAN = 20_000
+
+# The markers a timeline shows, by event type: (kind, what the mark says).
+MARKERS: dict[type[Event], str] = {
+    WorkerModelSet: "set",
+    WorkerModelReset: "reset",
+    SessionForked: "fork",
+    WorkerSpawned: "spawn",
+    WorkerReused: "reuse",
+    WorkerReuseRejected: "rejected",
+    ModelAttemptFailed: "fallback",
+    TaskCancelled: "cancel",
+}
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One notable decision on a session's timeline."""
+
+    kind: str
+    position: int
+    timestamp: datetime
+    worker_id: str | None
+    task_id: str | None
+    label: str
+
+
+def _label(event: Event) -> str:
+    if isinstance(event, WorkerModelSet):
+        return f"set {event.worker_id} to {event.model_ref} -> {event.resolved_model}"
+    if isinstance(event, WorkerModelReset):
+        return f"reset {event.worker_id}"
+    if isinstance(event, SessionForked):
+        return f"forked from {event.from_session_id} at {event.position}"
+    if isinstance(event, WorkerSpawned):
+        return f"spawned {event.instance_id} (pid {event.pid}, {event.model})"
+    if isinstance(event, WorkerReused):
+        return f"reused {event.instance_id}"
+    if isinstance(event, WorkerReuseRejected):
+        return f"not reused {event.instance_id}: {event.reason} {event.detail}".strip()
+    if isinstance(event, ModelAttemptFailed):
+        return f"{event.model} failed: {event.error}"
+    if isinstance(event, TaskCancelled):
+        return f"cancelled {event.task_id}"
+    return event.type_name()
+
+
+@dataclass
+class SessionHistory:
+    """One session's history: the slider's stops, markers, task and override versions."""
+
+    session_id: str
+    position: int = 0  # the newest log position folded
+    stops: list[int] = field(default_factory=list)  # positions of this session's events
+    markers: list[Marker] = field(default_factory=list)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)  # each task's record now
+    task_starts: list[tuple[int, str]] = field(default_factory=list)  # (position, task id)
+    _versions: dict[str, tuple[list[int], list[TaskRecord]]] = field(default_factory=dict)
+    _override_at: list[int] = field(default_factory=list)
+    _overrides: list[dict[str, Override]] = field(default_factory=list)
+    _state: SessionState | None = None
+
+    def feed(self, position: int, event: Event) -> None:
+        """Fold one event of this session (session stream or registry), in log order."""
+        self.position = position
+        self.stops.append(position)
+        kind = MARKERS.get(type(event))
+        if kind is not None:
+            self.markers.append(
+                Marker(
+                    kind,
+                    position,
+                    event.timestamp,
+                    event.worker_id,
+                    event.task_id,
+                    _label(event),
+                )
+            )
+        if event.stream_kind != "session":
+            return
+        if self._state is None:
+            self._state = SessionState(session_id=self.session_id)
+        if isinstance(event, WorkerModelSet | WorkerModelReset | SessionForked):
+            apply_session(self._state, event)
+            self._override_at.append(position)
+            self._overrides.append(dict(self._state.overrides))
+        task_id = event.task_id
+        if task_id is None:
+            return
+        before = self.tasks.get(task_id)
+        if before is not None and before.status != "running":
+            return  # the first terminal event wins
+        after = apply_task(before.model_copy(deep=True) if before else None, event)
+        if after is None or after == before:
+            return
+        if isinstance(event, TaskStarted):
+            self.task_starts.append((position, task_id))
+        self.tasks[task_id] = after
+        positions, records = self._versions.setdefault(task_id, ([], []))
+        positions.append(position)
+        records.append(after)
+
+    def overrides_at(self, position: int) -> dict[str, Override]:
+        """The session's overrides as of a position."""
+        i = bisect.bisect_right(self._override_at, position)
+        return self._overrides[i - 1] if i else {}
+
+    def tasks_at(self, position: int) -> list[TaskRecord]:
+        """Every task started by a position, each as its record stood there."""
+        started = bisect.bisect_right(self.task_starts, (position, "\uffff"))
+        found = []
+        for _, task_id in self.task_starts[:started]:
+            positions, records = self._versions[task_id]
+            found.append(records[bisect.bisect_right(positions, position) - 1])
+        return found
+
+
+@dataclass
+class Process:
+    """A registry entry and how it started and stopped (the `processes` page's row)."""
+
+    entry: RegistryEntry
+    started_by: str
+    stopped_why: str | None = None
+
+
+@dataclass
+class _Checkpoint:
+    position: int
+    state: dict[str, Any]
+    retired: dict[str, Any]
+
+
+@dataclass
+class RegistryHistory:
+    """The registry folded as the log grows, with a checkpoint every K registry events."""
+
+    position: int = 0
+    state: RegistryState = field(default_factory=RegistryState)
+    retired: dict[str, RegistryEntry] = field(default_factory=dict)
+    started_by: dict[str, str] = field(default_factory=dict)
+    stopped_why: dict[str, str] = field(default_factory=dict)
+    every: int = REGISTRY_CHECKPOINT_EVERY
+    _since_checkpoint: int = 0
+    _checkpoints: list[_Checkpoint] = field(default_factory=list)
+    _checkpoint_at: list[int] = field(default_factory=list)
+
+    def feed(self, position: int, event: Event) -> None:
+        """Fold one registry event, in log order; checkpoint every `every` events."""
+        if not self._checkpoints:
+            self._checkpoint(0)
+        apply_registry(self.state, event, self.retired)
+        if isinstance(event, WorkerSpawned):
+            self.started_by[event.instance_id] = (
+                f"spawned for session {event.session_id}"
+                + (f" task {event.task_id}" if event.task_id else "")
+                + f" at position {position}"
+            )
+        elif isinstance(event, WorkerStopped | WorkerDraining | WorkerExited):
+            reason = getattr(event, "reason", "exited")
+            detail = f": {event.detail}" if event.detail else ""
+            self.stopped_why[event.instance_id] = f"{reason}{detail} (position {position})"
+        self.position = position
+        self._since_checkpoint += 1
+        far = position - self._checkpoint_at[-1] >= REGISTRY_CHECKPOINT_SPAN
+        if self._since_checkpoint >= self.every or far:
+            self._checkpoint(position)
+            self._since_checkpoint = 0
+
+    def _checkpoint(self, position: int) -> None:
+        retired = {k: v.model_dump(mode="json") for k, v in self.retired.items()}
+        self._checkpoints.append(_Checkpoint(position, self.state.model_dump(mode="json"), retired))
+        self._checkpoint_at.append(position)
+
+    @property
+    def checkpoints(self) -> int:
+        """How many checkpoints are kept."""
+        return len(self._checkpoints)
+
+    def processes(self) -> list[Process]:
+        """Every process the registry knows now (stopped ones too), oldest first."""
+        entries = sorted(
+            [*self.state.entries.values(), *self.retired.values()], key=lambda e: e.started_at
+        )
+        return [
+            Process(e, self.started_by.get(e.instance_id, ""), self.stopped_why.get(e.instance_id))
+            for e in entries
+        ]
+
+    def at(
+        self, position: int, read: Callable[[int, int], Iterable[tuple[int, Event]]]
+    ) -> list[RegistryEntry]:
+        """The registry's processes (running and stopped) as of a position: the nearest
+        checkpoint, then `read(after, until)`'s registry events up to the position (all
+        within `REGISTRY_CHECKPOINT_SPAN` positions of the checkpoint)."""
+        if position >= self.position:
+            entries = [*self.state.entries.values(), *self.retired.values()]
+            return [e.model_copy(deep=True) for e in entries]
+        i = bisect.bisect_right(self._checkpoint_at, position) - 1
+        base = self._checkpoints[max(i, 0)]
+        state = RegistryState.model_validate(base.state)
+        retired = {k: RegistryEntry.model_validate(v) for k, v in base.retired.items()}
+        if base.position < position:
+            until = min(position, base.position + REGISTRY_CHECKPOINT_SPAN)
+            for _, event in read(base.position, until):
+                apply_registry(state, event, retired)
+        return [*state.entries.values(), *retired.values()]

@@ -1,0 +1,237 @@
+"""The inspector's JSON API, token, stream and read-only promise (`orchestrator ui`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("starlette", reason="the ui extra is not installed")
+
+from starlette.testclient import TestClient
+
+from events.store import EventLog
+from orchestrator import Orchestrator
+from orchestrator.ui.app import create_app
+from orchestrator.ui.data import Inspector
+from tests.chat import ChatServer
+from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere
+
+TOKEN = "t0ken-for-tests"
+CLI = Path(sys.executable).parent / "orchestrator"
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, chat_server: ChatServer) -> Recorded:
+    return record(f"sqlite:///{tmp_path / 'events.db'}", chat_server)
+
+
+@pytest.fixture
+def inspector(recorded: Recorded) -> Iterator[Inspector]:
+    data = Inspector(recorded.url, recorded.config)
+    while data.catch_up():
+        pass
+    yield data
+    data.close()
+
+
+@pytest.fixture
+def client(inspector: Inspector) -> Iterator[TestClient]:
+    with TestClient(create_app(inspector, TOKEN), follow_redirects=False) as c:
+        c.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield c
+
+
+def view_queries(rec: Recorded, whatif_file: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every view with filters that make it answer something."""
+    return [
+        ("tasks", {}),
+        ("workers", {}),
+        ("registry", {}),
+        ("models", {}),
+        ("profiles", {}),
+        ("memory", {}),
+        ("events", {}),
+        ("events", {"session_id": SESSION, "type": "TaskStarted", "since": 3, "limit": 4}),
+        ("events", {"task_id": rec.fallback}),
+        ("replay", {"until": rec.set_position}),
+        ("explain", {"task_id": rec.after_set}),
+        ("explain", {"worker_id": "coder"}),
+        ("usage", {}),
+        ("usage", {"session_id": None}),
+        ("whatif", {"config": str(whatif_file)}),
+        ("whatif", {"config": str(whatif_file), "session_id": SESSION}),
+        ("diff", {"since": 2, "until": rec.set_position + 5}),
+    ]
+
+
+def as_query(filters: dict[str, Any]) -> dict[str, str]:
+    return {k: "" if v is None else str(v) for k, v in filters.items()}
+
+
+def test_every_view_through_the_api_equals_task_list(
+    client: TestClient, recorded: Recorded, tmp_path: Path
+) -> None:
+    whatif_file = tmp_path / "whatif.toml"
+    whatif_file.write_text('model = "lab/small"\n')
+    with Orchestrator.open(config=recorded.config, store=recorded.url, session_id=SESSION) as o:
+        for view, filters in view_queries(recorded, whatif_file):
+            reply = client.get(
+                f"/api/views/{view}", params={"session_id": SESSION, **as_query(filters)}
+            )
+            assert reply.status_code == 200, (view, reply.text)
+            expected = [r.model_dump(mode="json") for r in o.task_list(view, **filters)]
+            assert reply.json() == {"rows": json.loads(json.dumps(expected))}, (view, filters)
+            assert reply.json()["rows"], (view, filters)
+
+
+def test_unknown_view_or_filter_is_400_with_did_you_mean(client: TestClient) -> None:
+    reply = client.get("/api/views/taks")
+    assert reply.status_code == 400
+    assert 'unknown view "taks"' in reply.json()["error"]
+    assert 'Did you mean "tasks"' in reply.json()["error"]
+    reply = client.get("/api/views/events", params={"wroker_id": "coder"})
+    assert reply.status_code == 400
+    assert 'Did you mean "worker_id"' in reply.json()["error"]
+
+
+def test_requests_without_the_token_get_401_and_the_query_token_sets_a_strict_cookie(
+    inspector: Inspector,
+) -> None:
+    with TestClient(create_app(inspector, TOKEN), follow_redirects=False) as c:
+        for path in ("/", f"/sessions/{SESSION}", "/api/views/tasks", "/static/app.js"):
+            assert c.get(path).status_code == 401, path
+        assert c.get("/", params={"token": "wrong"}).status_code == 401
+        assert c.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        first = c.get("/events", params={"token": TOKEN, "limit": "5"})
+        assert first.status_code == 303
+        assert first.headers["location"] == "/events?limit=5"  # the token leaves the URL
+        cookie = first.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert c.get("/events?limit=5").status_code == 200  # the cookie carries it now
+    with TestClient(create_app(inspector, TOKEN)) as c:
+        ok = c.get("/", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and SESSION in ok.text
+        assert "default-src 'self'" in ok.headers["content-security-policy"]
+
+
+def test_serving_every_page_and_api_call_appends_nothing(
+    client: TestClient, recorded: Recorded, tmp_path: Path
+) -> None:
+    log = EventLog(recorded.url)
+    before = log.head()
+    whatif_file = tmp_path / "whatif.toml"
+    whatif_file.write_text('model = "lab/small"\n')
+    pages = [
+        "/",
+        f"/sessions/{SESSION}",
+        f"/sessions/{SESSION}/timeline",
+        f"/sessions/{SESSION}/at?index=0",
+        f"/sessions/{SESSION}/at",
+        f"/sessions/{SESSION}/diff?a=0&b=20",
+        f"/tasks/{recorded.cancelled}",
+        f"/tasks/{recorded.after_set}",
+        "/processes",
+        "/events",
+        "/events?type=TaskStarted&limit=2",
+        "/usage",
+        "/whatif",
+    ]
+    for page in pages:
+        assert client.get(page).status_code == 200, page
+    posted = client.post("/whatif", data={"config": 'model = "lab/small"', "session": SESSION})
+    assert posted.status_code == 200
+    for view, filters in view_queries(recorded, whatif_file):
+        client.get(f"/api/views/{view}", params={"session_id": SESSION, **as_query(filters)})
+    client.get("/api/views/tasks", params={"session_id": "never-seen"})
+    assert log.head() == before
+    log.close()
+
+
+def test_the_time_travel_diff_is_the_diff_views_rows_for_the_session(
+    inspector: Inspector, recorded: Recorded
+) -> None:
+    past = inspector.history(SESSION)
+    a, b = 3, past.stops.index(recorded.set_position) + 5
+    rows = inspector.travel_diff(SESSION, a, b)
+    whole = inspector.view("diff", {"since": past.stops[a], "until": past.stops[b]})
+    ours = {r.key for r in rows}
+    assert [r for r in whole if r.key in ours] == rows
+    assert [r.key for r in whole if r.scope == "override"] == [f"{SESSION}/coder"]
+    assert {r.key for r in whole if r.scope == "task"} <= ours
+    before = inspector.travel(SESSION, past.stops.index(recorded.set_position) - 1)
+    after = inspector.travel(SESSION, past.stops.index(recorded.set_position))
+    assert before.overrides == {}
+    assert after.overrides["coder"].resolved_model == "lab/small"
+
+
+def test_a_sessions_whatif_equals_the_view(inspector: Inspector) -> None:
+    from orchestrator.config import load_config
+
+    config = load_config({"model": "lab/small"} | inspector.config.model_dump(exclude={"model"}))
+    rows = inspector.whatif(config, SESSION)
+    assert rows == inspector.view("whatif", {"config": config, "session_id": SESSION})
+    assert [r.changed for r in rows].count(True) >= 2
+
+
+def _serve(url: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [str(CLI), "--store", url, "ui", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the one line (the CLI prints it once it listens)
+    return proc, line
+
+
+def test_cli_prints_one_line_and_the_stream_delivers_another_process_append(
+    recorded: Recorded,
+) -> None:
+    proc, line = _serve(recorded.url)
+    try:
+        found = re.fullmatch(r"inspector: (http://127\.0\.0\.1:\d+)/\?token=(\S+)\n", line)
+        assert found, line
+        base, token = found.groups()
+        assert httpx.get(f"{base}/api/views/tasks", timeout=10).status_code == 401
+        head = EventLog(recorded.url).head()
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.stream(
+            "GET", f"{base}/api/stream", params={"after": head}, headers=auth, timeout=10
+        ) as stream:
+            started = start_task_elsewhere(recorded.url)
+            deadline = time.monotonic() + 20
+            seen: list[dict[str, Any]] = []
+            for text in stream.iter_lines():
+                if text.startswith("data: "):
+                    seen.append(json.loads(text[6:]))
+                if any(r["task_id"] == started and r["type"] == "TaskStarted" for r in seen):
+                    break
+                assert time.monotonic() < deadline, seen
+        assert all(r["position"] > head for r in seen)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cli_on_a_missing_store_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "none.db"
+    done = subprocess.run(
+        [str(CLI), "--store", f"sqlite:///{missing}", "ui", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: no orchestrator store at sqlite:///{missing}"
+    assert not missing.exists()

@@ -1,0 +1,102 @@
+"""A recorded session for the inspector's tests: a set, a reuse, a refused reuse, a
+fallback and a cancelled task, on real worker processes and a local chat server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import Orchestrator
+from tests.chat import ChatServer, Reply
+from tests.helpers import op, reset_model, run, set_model, wait_for
+
+SESSION = "rec"
+
+
+def lab_config(port: int) -> dict[str, Any]:
+    """Provider `lab` (big, small; priced) on a local port; coder on server processes,
+    falling back to small."""
+    return {
+        "extends": "none",
+        "model": "lab/big",
+        "small_model": "lab/small",
+        "providers": {
+            "lab": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{port}/v1",
+                "max_retries": 0,
+                "models": {
+                    "big": {"cost_input": 2.0, "cost_output": 10.0},
+                    "small": {"cost_input": 0.5, "cost_output": 1.0},
+                },
+            }
+        },
+        "profiles": {"coder": {"backend": "server", "fallback_models": ["lab/small"]}},
+    }
+
+
+@dataclass
+class Recorded:
+    """What the recording did, by task id."""
+
+    url: str
+    config: dict[str, Any]
+    first: str  # spawned a process on lab/big
+    after_set: str  # lab/small under the override: big refused, small spawned
+    set_position: int  # the WorkerModelSet
+    after_reset: str  # big reused
+    fallback: str  # big answered 500, small served
+    cancelled: str
+
+
+def record(url: str, server: ChatServer) -> Recorded:
+    """Record the session on `url`; its worker processes are stopped at the end."""
+    config = lab_config(server.port)
+    orch = Orchestrator.open(config=config, store=url, session_id=SESSION)
+    try:
+        first = run(orch, "coder", "hello").task_id
+        op(orch, "memory.put", memory={"key": "plan", "value": "look", "tags": ["ui"]})
+        set_model(orch, "coder", "lab/small")
+        set_at = orch.task_list(view="events", session_id=SESSION, type="WorkerModelSet")
+        after_set = run(orch, "coder", "under the override").task_id
+        reset_model(orch, "coder")
+        after_reset = run(orch, "coder", "back to big").task_id
+        server.script = [Reply(status=500, error="big is down")]
+        fallback = run(orch, "coder", "fall back please").task_id
+        server.script = [Reply(delay=30)]
+        slow = orch.task_start(kind="worker", worker_id="coder", task="too slow").task_id
+        wait_for(lambda: len(server.requests) >= 6, timeout=30)
+        orch.task_cancel(slow)
+        orch.task_await(slow, timeout=30)
+        return Recorded(
+            url,
+            config,
+            first,
+            after_set,
+            set_at[0].position,
+            after_reset,
+            fallback,
+            slow,
+        )
+    finally:
+        orch.close(stop_workers=True)
+
+
+def start_task_elsewhere(url: str, session_id: str = SESSION) -> str:
+    """Start (and finish) an op task on the session from another process; its task id."""
+    code = textwrap.dedent(
+        f"""
+        from orchestrator import Orchestrator
+        with Orchestrator.open(store={url!r}, session_id={session_id!r}) as o:
+            h = o.task_start(kind="op", op="memory.put", memory={{"key": "k", "value": "v"}})
+            o.task_await(h.task_id, timeout=30)
+            print(h.task_id)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout.strip()
