@@ -15,7 +15,14 @@ from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history
-from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
+from orchestrator.api import (
+    InvalidTaskArgs,
+    MemoryItem,
+    ProfileView,
+    UsageRow,
+    WorkerView,
+    round_cost,
+)
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.explain import (
     HISTORY_TYPES,
@@ -192,7 +199,7 @@ def usage(
         row.input_tokens += int(used.get("input_tokens") or 0)
         row.output_tokens += int(used.get("output_tokens") or 0)
         if used.get("cost_usd") is not None:
-            row.cost_usd = (row.cost_usd or 0.0) + float(used["cost_usd"])
+            row.cost_usd = round_cost((row.cost_usd or 0.0) + float(used["cost_usd"]))
         rows[key] = row
     return [rows[k] for k in sorted(rows)]
 
