@@ -795,9 +795,10 @@ def _require_store(url: str, env: dict[str, str]) -> None:
     is only queried. A foreign store is refused as when creating."""
     if env["PERSISTENCE_MODULE"] == "eventsourcing.popo":
         return  # a memory store is this process's own: there is nothing to make elsewhere
-    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" and not Path(
-        env["SQLITE_DBNAME"]
-    ).is_file():
+    if (
+        env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
+        and not Path(env["SQLITE_DBNAME"]).is_file()
+    ):
         raise NoStore(f"no orchestrator store at {_redact(url)}")
     if not _tables(env, read_only=True):
         raise NoStore(f"no orchestrator store at {_redact(url)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import psycopg
@@ -150,7 +151,7 @@ def test_opening_to_read_where_there_is_no_store_makes_nothing(tmp_path: Path) -
     where = tmp_path / "here"
     where.mkdir()
     url = f"sqlite:///{where / 'typo.db'}"
-    with pytest.raises(NoStore, match=f"^no orchestrator store at {url}$"):
+    with pytest.raises(NoStore, match=f"^no orchestrator store at {re.escape(url)}$"):
         EventLog(url, create=False)
     assert list(where.iterdir()) == []
     EventLog(url).close()  # made by a writer: now it opens to read
@@ -162,7 +163,7 @@ def test_opening_to_read_an_empty_postgresql_schema_makes_nothing() -> None:
 
     with postgres_schema() as url:
         schema = url.rsplit("schema=", 1)[1]
-        with pytest.raises(NoStore, match="^no orchestrator store at postgresql://"):
+        with pytest.raises(NoStore, match=r"^no orchestrator store at postgresql://"):
             EventLog(url, create=False)
         assert schema_objects(schema) == {}
 
