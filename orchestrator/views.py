@@ -1,4 +1,12 @@
-"""The views of `task_list`: read-only projections for this session and the whole store."""
+"""The views of `task_list`: projections of the log for this session and the whole store.
+
+Views read; they decide nothing and change no override or process. One kind of write is
+theirs: a view that meets a task still `running` whose owning orchestrator process is gone
+(`tasks`, and reading one task for `explain`) ends it `failed` through `Orchestrator.settle`,
+which appends `TaskFailed`, so no task stays running forever. So a store opened only to
+read (`EventLog(url, create=False)`, which makes no store) may still be appended to by a
+view when one exists.
+"""
 
 from __future__ import annotations
 
