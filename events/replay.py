@@ -8,7 +8,7 @@ from events.store import EventLog
 
 def replay(store: EventLog | str, until: int | None = None) -> LogState:
     """Fold the log from the start up to and including `until` (default: the end)."""
-    log = store if isinstance(store, EventLog) else EventLog(store)
+    log = store if isinstance(store, EventLog) else EventLog(store, create=False)
     try:
         state = LogState()
         for position, event in log.read_log(until=until):

@@ -60,6 +60,10 @@ class StoreMoved(StoreError):
     anywhere else (a write would land in a file nobody else can see)."""
 
 
+class NoStore(StoreError):
+    """Opened for reading (`create=False`) where there is no orchestrator store."""
+
+
 class StreamConflict(OrchestratorError, RuntimeError):
     """Another writer appended to the stream first: reload and decide again."""
 
@@ -115,11 +119,12 @@ class StreamEvent:
 
 
 def default_store_url() -> str:
-    """`ORCHESTRATOR_STORE`, else the per-user SQLite file every orchestrator process shares."""
+    """`ORCHESTRATOR_STORE`, else the per-user SQLite file every orchestrator process shares
+    (its directory is made when a store is first created there, not here)."""
     env = os.environ.get("ORCHESTRATOR_STORE")
     if env:
         return env
-    return f"sqlite:///{state_dir() / 'events.db'}"  # an absolute path: four slashes
+    return f"sqlite:///{state_path() / 'events.db'}"  # an absolute path: four slashes
 
 
 def state_path() -> Path:
@@ -175,14 +180,23 @@ def record_from(position: int, event: Event) -> EventRecord:
 class EventLog:
     """An opened store: streams with optimistic concurrency, one ordered log, snapshots."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
+        """Open the store at `url` (default: `default_store_url()`). With `create=False`
+        (reading: the CLI's inspection commands, a read-only inspector) a URL where there is
+        no orchestrator store raises `NoStore` and nothing is made there: no file, table or
+        schema."""
+        if url is None and create and not os.environ.get("ORCHESTRATOR_STORE"):
+            state_dir()  # the per-user directory is ours to make; a URL's directory is not
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
         self._env = env
         self._leases: dict[str, Any] = {}  # host -> psycopg connection holding its lease
         self._listener: Any = None  # the psycopg connection LISTENing, once needed
         try:
-            if self.kind == "sqlite":
+            if not create:
+                _require_store(self.url, env)  # which also refuses a foreign store
+            elif self.kind == "sqlite":
+                _create_private_file(self.url, Path(env["SQLITE_DBNAME"]))
                 # Read-only, so also before the lock: a foreign file is refused before
                 # anything, even the lock file, is made beside it. A concurrent opener's
                 # half-made store passes (SQLite makes the events and index tables in one
@@ -330,10 +344,18 @@ class EventLog:
         with _guarded(self.url, "reading"):
             return self._recorder.max_notification_id() or 0
 
+    @property
+    def notify_channel(self) -> str | None:
+        """The PostgreSQL channel every append to this store NOTIFYs (one per schema), for
+        a follower to LISTEN on; None for stores that cannot push (SQLite, memory)."""
+        if self.kind != "postgresql":
+            return None
+        return str(self._recorder.channel_name)  # type: ignore[attr-defined]
+
     def wait_for_events(self, after: int, timeout: float) -> bool:
         """Block until an event lands after position `after`, or `timeout` seconds pass;
-        True if one did. PostgreSQL pushes (LISTEN/NOTIFY on the channel its recorder
-        notifies on every insert); SQLite files and the memory store are polled."""
+        True if one did. PostgreSQL pushes (LISTEN on `notify_channel`, which only this
+        store's appends notify); SQLite files and the memory store are polled."""
         if self.head() > after:
             return True
         if self.kind != "postgresql":
@@ -348,7 +370,7 @@ class EventLog:
                 from psycopg import sql
 
                 self._listener = _connect(self._env)
-                channel = sql.Identifier(self._recorder.channel_name)  # type: ignore[attr-defined]
+                channel = sql.Identifier(str(self.notify_channel))
                 self._listener.execute(sql.SQL("LISTEN {}").format(channel))
                 if self.head() > after:  # landed before we listened
                     return True
@@ -694,7 +716,6 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
             raise StoreError(
                 f"cannot open store {url}: directory {path.parent} does not exist (create it first)"
             )
-        _create_private_file(url, path)
         return "sqlite", {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
             "SQLITE_DBNAME": str(path),
@@ -774,11 +795,15 @@ def _timeout(url: str, query: dict[str, list[str]]) -> int:
     return int(raw)
 
 
-def _tables(env: dict[str, str]) -> set[str] | None:
-    """The tables already in the store (None for the memory store)."""
+def _tables(env: dict[str, str], read_only: bool = False) -> set[str] | None:
+    """The tables already in the store (None for the memory store). `read_only`: a SQLite
+    file is opened read-only, so a missing one is an error rather than made."""
     module = env["PERSISTENCE_MODULE"]
     if module == "eventsourcing.sqlite":
-        with contextlib.closing(sqlite3.connect(env["SQLITE_DBNAME"], timeout=5)) as conn:
+        db = env["SQLITE_DBNAME"]
+        if read_only:
+            db = f"{Path(db).as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(db, timeout=5, uri=read_only)) as conn:
             found = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             return {r[0] for r in found}
     if module == "eventsourcing.postgres":
@@ -789,6 +814,22 @@ def _tables(env: dict[str, str]) -> set[str] | None:
             ).fetchall()
             return {r[0] for r in rows}
     return None
+
+
+def _require_store(url: str, env: dict[str, str]) -> None:
+    """Raise `NoStore` unless an orchestrator store is at `url`, looking without making
+    anything: a SQLite file is not created (nor opened for writing), a PostgreSQL schema
+    is only queried. A foreign store is refused as when creating."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.popo":
+        return  # a memory store is this process's own: there is nothing to make elsewhere
+    if (
+        env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
+        and not Path(env["SQLITE_DBNAME"]).is_file()
+    ):
+        raise NoStore(f"no orchestrator store at {_redact(url)}")
+    if not _tables(env, read_only=True):
+        raise NoStore(f"no orchestrator store at {_redact(url)}")
+    _check_marker(url, env)
 
 
 def _check_marker(url: str, env: dict[str, str]) -> None:

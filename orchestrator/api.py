@@ -400,3 +400,9 @@ class UsageRow(BaseModel):
     input_tokens: int
     output_tokens: int
     cost_usd: float | None
+
+
+def round_cost(cost_usd: float) -> float:
+    """A cost in USD to 12 significant digits: the float noise of pricing (`3 * 0.1 / 1e6`
+    is 3.0000000000000004e-07) is not shown as if it were a price."""
+    return float(f"{cost_usd:.12g}")

@@ -8,20 +8,121 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 if TYPE_CHECKING:  # the store, pydantic and the orchestrator load when a command needs them
     from pydantic import BaseModel
 
+    from events.store import EventRecord
     from orchestrator.orchestrator import Orchestrator
 
+# The global options that also work after a command's name (`run coder hi --session x`),
+# unless that command has an option of the same name (which then defaults to the global).
+GLOBAL_OPTIONS = ("--store", "--session")
+
+
+class _PlainArgument(TyperArgument):
+    """An argument shown in help by its metavar alone (`WORKER`, `[M]`), not typer's
+    `{WORKER}` in the usage line and `WORKER <str>` in the list."""
+
+    def _plain(self) -> str:
+        name = self.metavar or (self.name or "").upper()
+        return name + ("..." if self.nargs != 1 else "")
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        """The usage line's piece: `WORKER`, or `[M]` when optional."""
+        return [self._plain() if self.required else f"[{self._plain()}]"]
+
+    def get_help_record(self, ctx: Any) -> tuple[str, str] | None:
+        """The arguments list's row: the metavar and the help, without a type label."""
+        record = super().get_help_record(ctx)
+        return None if record is None else (self._plain(), record[1])
+
+
+class _Root(TyperGroup):
+    """The `orchestrator` group: plain metavars in every command's help, and the global
+    options accepted after the command name too."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in _commands(self):
+            for param in command.params:
+                if type(param) is TyperArgument:
+                    param.__class__ = _PlainArgument  # the same object, shown plainly
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Parse with the global options moved in front of the command name."""
+        return super().parse_args(ctx, _hoist_globals(self, ctx, args))
+
+
+def _commands(group: TyperGroup) -> Iterator[Any]:
+    """Every command under a group, nested groups' included."""
+    for command in group.commands.values():
+        yield command
+        if isinstance(command, TyperGroup):
+            yield from _commands(command)
+
+
+def _options(command: Any) -> dict[str, TyperOption]:
+    """A command's options by every spelling (`--store`, `-v`, ...)."""
+    return {
+        name: p
+        for p in command.params
+        if isinstance(p, TyperOption)
+        for name in (*p.opts, *p.secondary_opts)
+    }
+
+
+def _hoist_globals(root: TyperGroup, ctx: Any, args: list[str]) -> list[str]:
+    """`args` with each global option (and its value) found after the command name moved
+    just in front of it (so it still wins over one given earlier), unless that command
+    has an option of the same name. The other options' values are skipped, so a value
+    that looks like `--session` stays a value; everything after `--` is left as it is."""
+    kept: list[str] = []
+    hoisted: list[str] = []
+    command: Any = root
+    named_at = 0  # where in `kept` the command's name is
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            kept.extend(args[i:])
+            break
+        if token.startswith("-") and token != "-":
+            name, eq, _ = token.partition("=")
+            option = _options(command).get(name)
+            if option is None and command is not root and name in GLOBAL_OPTIONS:
+                width = 1 if eq else 2
+                hoisted.extend(args[i : i + width])
+            else:
+                takes_value = option is not None and not (option.is_flag or option.count)
+                width = 2 if takes_value and not eq else 1
+                kept.extend(args[i : i + width])
+            i += width
+            continue
+        if isinstance(command, TyperGroup):
+            found = command.get_command(ctx, token)
+            if found is None:  # an unknown command: the parser says so
+                kept.extend(args[i:])
+                break
+            if command is root:
+                named_at = len(kept)
+            command = found
+        kept.append(token)
+        i += 1
+    return [*kept[:named_at], *hoisted, *kept[named_at:]]
+
+
 app = typer.Typer(
+    cls=_Root,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -114,21 +215,47 @@ def main_options(
         for noisy in ("httpx", "httpcore", "mcp"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = Settings(store=store, session=session, config=config)
+    # A command with its own `--store` or `--session` (`demo`, `events`, `whatif`, ...)
+    # takes the global one as its default, so the global option is honoured there too.
+    if isinstance(ctx.command, TyperGroup):
+        given = {"--store": store, "--session": session}
+        ctx.default_map = {**(ctx.default_map or {}), **_defaults_below(ctx.command, given)}
 
 
-# Terminal control sequences (CSI, OSC, other escapes) and control characters other than
-# newline and tab: model text must not retitle, clear or rewrite the user's terminal.
+def _defaults_below(group: TyperGroup, given: dict[str, str | None]) -> dict[str, Any]:
+    """The `default_map` that hands the given global option values down to the commands
+    (under `group`) that have an option of the same name."""
+    found: dict[str, Any] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, TyperGroup):
+            below = _defaults_below(command, given)
+        else:
+            below = {
+                option.name: given[spelling]
+                for spelling, option in _options(command).items()
+                if given.get(spelling) is not None
+            }
+        if below:
+            found[name] = below
+    return found
+
+
+# Terminal control sequences (CSI, OSC, other escapes), control characters other than
+# newline and tab, and the bidirectional-text controls (embeddings, overrides, isolates and
+# marks): model text must not retitle, clear or rewrite the user's terminal, nor make what
+# is shown read differently from what was said.
 _CONTROL = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
     r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
     r"|\x1b[@-Z\\-_]?"  # other escapes, or a lone ESC
     r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    r"|[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]"  # bidi controls
 )
 
 
 def printable(text: str) -> str:
-    """Model text made safe for a terminal: control sequences removed, newlines and tabs
-    kept. (`--json` output is exact; only people's output is cleaned.)"""
+    """Model text made safe for a terminal: control sequences and bidi controls removed,
+    newlines and tabs kept. (`--json` output is exact; only people's output is cleaned.)"""
     return _CONTROL.sub("", text)
 
 
@@ -147,16 +274,35 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @contextmanager
-def session(ctx: typer.Context) -> Iterator[Orchestrator]:
-    """The CLI's session on the chosen store; errors become one line and exit 2."""
-    from events.store import StoreError
+def session(
+    ctx: typer.Context, create: bool = False, needs_store: bool = True
+) -> Iterator[Orchestrator]:
+    """The CLI's session on the chosen store; errors become one line and exit 2.
+
+    Reading never creates: only a command that writes passes `create`; any other, where
+    there is no store, says `no orchestrator store at URL` and makes nothing there. A
+    command that `needs_store=False` (it shows the configuration) reads an empty
+    in-memory log instead."""
+    from events.store import EventLog, NoStore, StoreError
     from orchestrator.api import InvalidTaskArgs
     from orchestrator.orchestrator import Orchestrator
 
     s: Settings = ctx.obj
+    log: EventLog | None = None
     try:
-        orch = Orchestrator.open(config=s.config, store=s.store, session_id=s.session or "cli")
+        if not create:
+            try:
+                log = EventLog(s.store, create=False)
+            except NoStore:
+                if needs_store:
+                    raise
+                log = EventLog("memory")
+        orch = Orchestrator.open(
+            config=s.config, store=log or s.store, session_id=s.session or "cli"
+        )
     except (StoreError, OSError, ValueError) as exc:
+        if log is not None:
+            log.close()
         raise fail(str(exc)) from None
     try:
         yield orch
@@ -167,6 +313,9 @@ def session(ctx: typer.Context) -> Iterator[Orchestrator]:
             orch.close()
         except StoreError as exc:
             raise fail(str(exc)) from None
+        finally:
+            if log is not None:
+                log.close()
 
 
 def emit(
@@ -184,7 +333,7 @@ def emit(
         table.add_column(col)
     for row in rows:
         data = row.model_dump(mode="json")
-        table.add_row(*[Text(_cell(data.get(c))) for c in columns])  # Text: no markup parsing
+        table.add_row(*[Text(printable(_cell(data.get(c)))) for c in columns])  # no markup
     out.print(table)
 
 
@@ -219,14 +368,26 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def finish_task(orch: Orchestrator, task_id: str, as_json: bool, label: str) -> None:
-    """Wait for a task (with a status line), print it, exit 1 if it failed."""
+def finish_task(
+    orch: Orchestrator,
+    task_id: str,
+    as_json: bool,
+    label: str,
+    describe: Callable[[dict[str, Any]], str] | None = None,
+) -> None:
+    """Wait for a task (with a status line), print it, exit 1 if it failed. An op's result
+    is printed as `describe` says in one line, else as JSON."""
     with err.status(f"{label} (spawning or reusing a worker)..."):
         rec = orch.task_await(task_id)
     if as_json:
         out.print_json(rec.model_dump_json())
     elif rec.status == "completed":
-        text = rec.response if rec.kind == "worker" else _dumps(rec.result, indent=2)
+        if rec.kind == "worker":
+            text = rec.response
+        elif describe is not None and rec.result is not None:
+            text = describe(rec.result)
+        else:
+            text = _dumps(rec.result, indent=2)
         typer.echo(printable(text or ""))  # as it is: rich would expand the tabs
     if rec.status != "completed":
         raise fail(str(rec.error or rec.status), code=1)
@@ -249,7 +410,7 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a task on a worker and print its reply."""
-    with session(ctx) as orch:
+    with session(ctx, create=True) as orch:
         handle = orch.task_start(
             kind="worker", worker_id=worker, task=text, model=model, force_new=force_new
         )
@@ -268,7 +429,7 @@ def set_model(
     as_json: JsonOpt = False,
 ) -> None:
     """Set this session's model for a worker."""
-    with session(ctx) as orch:
+    with session(ctx, create=True) as orch:
         handle = orch.task_start(
             kind="op",
             op="worker.model.set",
@@ -279,7 +440,22 @@ def set_model(
                 "respawn": respawn,
             },
         )
-        finish_task(orch, handle.task_id, as_json, f"setting {worker}")
+        finish_task(
+            orch,
+            handle.task_id,
+            as_json,
+            f"setting {worker}",
+            lambda r: (
+                f"{r['worker_id']} uses {r['model']} in session {orch.session_id} "
+                + _model_because(r)
+            ),
+        )
+
+
+def _model_because(result: dict[str, Any]) -> str:
+    """The tail of set-model's and reset-model's sentence: policy, reason, respawn."""
+    respawned = "; its process was respawned" if result.get("respawned") else ""
+    return f"({result['model_policy']}: {result['reason']}){respawned}"
 
 
 @app.command("reset-model")
@@ -290,11 +466,20 @@ def reset_model(
     as_json: JsonOpt = False,
 ) -> None:
     """Reset this session's model for a worker to the profile's."""
-    with session(ctx) as orch:
+    with session(ctx, create=True) as orch:
         handle = orch.task_start(
             kind="op", op="worker.model.reset", worker={"worker_id": worker, "respawn": respawn}
         )
-        finish_task(orch, handle.task_id, as_json, f"resetting {worker}")
+        finish_task(
+            orch,
+            handle.task_id,
+            as_json,
+            f"resetting {worker}",
+            lambda r: (
+                f"{r['worker_id']} is back to its profile's model {r['model']} in "
+                f"session {orch.session_id} " + _model_because(r)
+            ),
+        )
 
 
 @app.command()
@@ -332,11 +517,11 @@ def stop(
         out.print("\n".join(lines) or "nothing to stop on this host", markup=False)
 
 
-def _view_command(view: str, columns: list[str], doc: str) -> None:
+def _view_command(view: str, columns: list[str], doc: str, needs_store: bool = True) -> None:
     """Register `orchestrator <view> [--json]`: one Task API view as a table or JSON."""
 
     def command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-        with session(ctx) as orch:
+        with session(ctx, needs_store=needs_store) as orch:
             emit(orch.task_list(view=view), as_json, columns)
 
     command.__doc__ = doc
@@ -357,11 +542,13 @@ _view_command(
     "models",
     ["model", "source", "usable", "vision", "tool_call", "context", "cost_input"],
     "The model catalogue.",
+    needs_store=False,
 )
 _view_command(
     "profiles",
     ["worker_id", "name", "model", "backend", "purpose"],
     "The configured worker profiles.",
+    needs_store=False,
 )
 
 
@@ -376,7 +563,12 @@ def events_cmd(
         str | None, typer.Option("--type", metavar="TYPE", help="Only this event type.")
     ] = None,
     session_filter: Annotated[
-        str | None, typer.Option("--session", metavar="ID", help="Only this session.")
+        str | None,
+        typer.Option(
+            "--session",
+            metavar="ID",
+            help="Only this session (default: the global --session, else all).",
+        ),
     ] = None,
     task: Annotated[str | None, typer.Option(metavar="ID", help="Only this task.")] = None,
     since: Annotated[
@@ -389,44 +581,103 @@ def events_cmd(
         int | None, typer.Option(metavar="N", min=1, help="At most N events (oldest first).")
     ] = None,
     follow: Annotated[
-        bool, typer.Option("--follow", metavar="", help="Keep printing new events.")
+        bool,
+        typer.Option("--follow", metavar="", help="Keep printing new events (stop: Ctrl-C)."),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The event log, filtered in the store."""
+    """The event log, filtered in the store and printed as it is read (a table when it
+    fits one page, else one line per event)."""
     filters = {"worker_id": worker, "type": type_, "session_id": session_filter, "task_id": task}
     with session(ctx) as orch:
-        rows = orch.task_list(view="events", since=since, until=until, limit=limit, **filters)
-        if not follow:
-            emit(rows, as_json, EVENT_COLUMNS)
+        end = orch.log.head() if until is None else until
+        pages = _event_pages(orch, filters, since, end, limit)
+        if as_json and not follow:
+            _print_json_array(row for page in pages for row in page)
+        elif as_json or follow:
+            for page in pages:
+                _print_stream(page, as_json)
+        else:
+            first = next(pages, [])
+            second = next(pages, None)
+            if second is None:
+                emit(first, False, EVENT_COLUMNS)
+            else:  # too long for one table: stream it, one line per event
+                _print_stream(first, False)
+                _print_stream(second, False)
+                for page in pages:
+                    _print_stream(page, False)
+        if follow:
+            _follow(orch, filters, max(since, end), as_json)
+
+
+EVENTS_PAGE = 500  # rows read (and held) at a time
+
+
+def _event_pages(
+    orch: Orchestrator, filters: dict[str, Any], since: int, until: int, limit: int | None
+) -> Iterator[list[EventRecord]]:
+    """The `events` view, a page at a time: each page is one indexed read after the last
+    row of the one before, so memory stays flat however many rows match."""
+    left = limit
+    while left is None or left > 0:
+        size = EVENTS_PAGE if left is None else min(EVENTS_PAGE, left)
+        rows = orch.task_list(view="events", since=since, until=until, limit=size, **filters)
+        if rows:
+            yield rows
+        if len(rows) < size:
             return
-        last = max([since, *[r.position for r in rows]])
-        _print_stream(rows, as_json)
+        since = rows[-1].position
+        if left is not None:
+            left -= len(rows)
+
+
+def _follow(orch: Orchestrator, filters: dict[str, Any], last: int, as_json: bool) -> None:
+    """Print the events appended after position `last` as they land, until SIGINT or
+    SIGTERM (whatever disposition the process inherited: `nohup` and CI ignore SIGINT)."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
         typer.echo(f"following events after position {last} (Ctrl-C to stop)", err=True)
-        try:
-            while True:
-                if not orch.log.wait_for_events(last, timeout=5.0):
-                    continue
-                head = orch.log.head()
-                # Events appended after `head` was read come again next time: print up to it.
-                rows = orch.task_list(view="events", since=last, until=head, **filters)
-                _print_stream(rows, as_json)
-                last = head
-        except KeyboardInterrupt:
-            return
+        while True:
+            if not orch.log.wait_for_events(last, timeout=5.0):
+                continue
+            head = orch.log.head()
+            # Events appended after `head` was read come again next time: print up to it.
+            for page in _event_pages(orch, filters, last, head, None):
+                _print_stream(page, as_json)
+            last = head
+    except KeyboardInterrupt:
+        return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _print_json_array(rows: Iterable[BaseModel]) -> None:
+    """A JSON array of rows, written as they come (one object a line): never all held."""
+    opened = False
+    for row in rows:
+        sys.stdout.write(("," if opened else "[") + "\n" + row.model_dump_json())
+        opened = True
+    sys.stdout.write("\n]\n" if opened else "[]\n")
+    sys.stdout.flush()
 
 
 def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
+    """Rows one a line: JSON objects, or `column=value` for people."""
     for row in rows:
-        data = row.model_dump(mode="json")
         if as_json:
-            out.print(_dumps(data), markup=False)
-        else:
-            out.print(
-                " ".join(f"{c}={_cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
-                + f" {_cell(data['data'])}",
-                markup=False,
-            )
+            sys.stdout.write(row.model_dump_json() + "\n")
+            continue
+        data = row.model_dump(mode="json")
+        line = " ".join(f"{c}={_cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
+        sys.stdout.write(printable(f"{line} {_cell(data['data'])}") + "\n")
+    sys.stdout.flush()
 
 
 @app.command()
@@ -546,7 +797,7 @@ def fork(
     as_json: JsonOpt = False,
 ) -> None:
     """Start a new session with SESSION's overrides as of position N; prints its id."""
-    with session(ctx) as orch:
+    with session(ctx, create=True) as orch:
         handle = orch.task_start(
             kind="op", op="session.fork", session={"from_session_id": from_session, "position": at}
         )
@@ -720,7 +971,7 @@ def usage_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Tokens and cost per session, worker and model, with totals."""
-    from orchestrator.api import UsageRow
+    from orchestrator.api import UsageRow, round_cost
 
     with session(ctx) as orch:
         rows = orch.task_list(view="usage", **({"session_id": None} if all_ else {}))
@@ -735,7 +986,7 @@ def usage_cmd(
         tasks=sum(r.tasks for r in rows),
         input_tokens=sum(r.input_tokens for r in rows),
         output_tokens=sum(r.output_tokens for r in rows),
-        cost_usd=sum(costs) if costs else None,
+        cost_usd=round_cost(sum(costs)) if costs else None,
     )
     emit(
         [*rows, total],

@@ -57,6 +57,7 @@ from orchestrator.api import (
     check_session_id,
     check_task_id,
     parse_task_args,
+    round_cost,
 )
 from orchestrator.backends import (
     Backend,
@@ -903,8 +904,11 @@ def _usage(
     price = next((m for m in catalogue if m.model == model), None)
     cost = None
     if price is not None and (price.cost_input or price.cost_output):
-        cost = (
-            completion.usage["input_tokens"] * price.cost_input
-            + completion.usage["output_tokens"] * price.cost_output
-        ) / 1_000_000
+        cost = round_cost(
+            (
+                completion.usage["input_tokens"] * price.cost_input
+                + completion.usage["output_tokens"] * price.cost_output
+            )
+            / 1_000_000
+        )
     return {**completion.usage, "cost_usd": cost}

@@ -1,4 +1,12 @@
-"""The views of `task_list`: read-only projections for this session and the whole store."""
+"""The views of `task_list`: projections of the log for this session and the whole store.
+
+Views read; they decide nothing and change no override or process. One kind of write is
+theirs: a view that meets a task still `running` whose owning orchestrator process is gone
+(`tasks`, and reading one task for `explain`) ends it `failed` through `Orchestrator.settle`,
+which appends `TaskFailed`, so no task stays running forever. So a store opened only to
+read (`EventLog(url, create=False)`, which makes no store) may still be appended to by a
+view when one exists.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +23,14 @@ from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history
-from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
+from orchestrator.api import (
+    InvalidTaskArgs,
+    MemoryItem,
+    ProfileView,
+    UsageRow,
+    WorkerView,
+    round_cost,
+)
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.explain import (
     HISTORY_TYPES,
@@ -192,7 +207,7 @@ def usage(
         row.input_tokens += int(used.get("input_tokens") or 0)
         row.output_tokens += int(used.get("output_tokens") or 0)
         if used.get("cost_usd") is not None:
-            row.cost_usd = (row.cost_usd or 0.0) + float(used["cost_usd"])
+            row.cost_usd = round_cost((row.cost_usd or 0.0) + float(used["cost_usd"]))
         rows[key] = row
     return [rows[k] for k in sorted(rows)]
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import psycopg
 import pytest
 from eventsourcing.persistence import StoredEvent
+from psycopg import sql
 
 from events import EventLog, StreamConflict, replay
 from events.catalogue import MemoryPut, SessionOpened
 from orchestrator import Orchestrator
+from tests.conftest import POSTGRES_URL, postgres_schema
 from tests.helpers import config_with, run
 
 
@@ -136,3 +140,69 @@ def test_an_event_this_version_cannot_read_is_one_clear_store_error(
     with pytest.raises(StoreError, match=says):
         list(log.read_log())
     log.close()
+
+
+# --- opening to read, and one channel per store ---------------------------------------------
+
+
+def test_opening_to_read_where_there_is_no_store_makes_nothing(tmp_path: Path) -> None:
+    from events.store import NoStore
+
+    where = tmp_path / "here"
+    where.mkdir()
+    url = f"sqlite:///{where / 'typo.db'}"
+    with pytest.raises(NoStore, match=f"^no orchestrator store at {re.escape(url)}$"):
+        EventLog(url, create=False)
+    assert list(where.iterdir()) == []
+    EventLog(url).close()  # made by a writer: now it opens to read
+    EventLog(url, create=False).close()
+
+
+def test_opening_to_read_an_empty_postgresql_schema_makes_nothing() -> None:
+    from events.store import NoStore
+
+    with postgres_schema() as url:
+        schema = url.rsplit("schema=", 1)[1]
+        with pytest.raises(NoStore, match=r"^no orchestrator store at postgresql://"):
+            EventLog(url, create=False)
+        assert schema_objects(schema) == {}
+
+
+def schema_objects(schema: str) -> dict[str, list[str]]:
+    """What a PostgreSQL schema holds (the schema itself, tables, types, functions)."""
+    queries = {
+        "schema": "SELECT schema_name FROM information_schema.schemata WHERE schema_name = %s",
+        "tables": "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+        "types": "SELECT user_defined_type_name FROM information_schema.user_defined_types "
+        "WHERE user_defined_type_schema = %s",
+        "routines": "SELECT routine_name FROM information_schema.routines "
+        "WHERE routine_schema = %s",
+    }
+    found: dict[str, list[str]] = {}
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        for what, query in queries.items():
+            rows = [r[0] for r in conn.execute(query, (schema,)).fetchall()]
+            if rows:
+                found[what] = rows
+    return found
+
+
+def test_a_postgresql_store_notifies_only_its_own_listeners() -> None:
+    with postgres_schema() as url_a, postgres_schema() as url_b:
+        a, b = EventLog(url_a), EventLog(url_b)
+        try:
+            assert a.notify_channel != b.notify_channel
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as listener:
+                listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(str(a.notify_channel))))
+                b.append(
+                    "session:b", [SessionOpened(session_id="b", resumed=False, host="h", pid=1)], 0
+                )
+                # Deadline-bounded: B's append must not reach A's listener at all.
+                assert list(listener.notifies(timeout=2, stop_after=1)) == []
+                a.append(
+                    "session:a", [SessionOpened(session_id="a", resumed=False, host="h", pid=1)], 0
+                )
+                assert len(list(listener.notifies(timeout=30, stop_after=1))) == 1
+        finally:
+            a.close()
+            b.close()

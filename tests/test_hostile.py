@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from events import replay
@@ -268,7 +268,8 @@ def test_a_malformed_prompt_reply_fails_the_task_clearly(tmp_path: Path) -> None
 def test_run_strips_terminal_control_sequences_but_json_stays_exact(
     tmp_path: Path, chat_server: ChatServer
 ) -> None:
-    nasty = "safe\x1b]0;pwned\x07 \x1b[2J\x1b[Hline\ttab\nnext"
+    bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    nasty = f"safe\x1b]0;pwned\x07 {bidi}\x1b[2J\x1b[Hline\ttab\nnext"
     chat_server.default.content = nasty
     cfg = lab_config(chat_server.port, "agent").model_dump()
     (tmp_path / "orchestrator.toml").write_text(_toml(cfg))
@@ -277,9 +278,10 @@ def test_run_strips_terminal_control_sequences_but_json_stays_exact(
     plain = _cli(*env_args, "run", "coder", "hi")
     assert plain.returncode == 0, plain.stderr
     assert "\x1b" not in plain.stdout and "\x07" not in plain.stdout
+    assert not set(bidi) & set(plain.stdout), "a bidi control reached the terminal"
     assert "line\ttab\nnext" in plain.stdout
     as_json = _cli(*env_args, "run", "coder", "hi", "--json")
-    assert json.loads(as_json.stdout)["response"].endswith("\x1b[Hline\ttab\nnext")
+    assert json.loads(as_json.stdout)["response"].endswith(f"{bidi}\x1b[2J\x1b[Hline\ttab\nnext")
 
 
 def _toml(cfg: dict[str, Any]) -> str:
@@ -365,7 +367,52 @@ _VALUE = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4),
     max_leaves=8,
 )
-PAYLOADS = st.dictionaries(_KEYS, _VALUE, max_size=6)
+_WORKERS = st.sampled_from(["coder", "docs", "explorer", "dcos"])
+_MODELS = st.sampled_from(["auto", "auto:fast", "local/echo-small", "local/echo-smal"])
+# Well-formed requests of every kind (some fail when run: an unknown worker, a misspelt
+# model), in either key spelling ...
+_VALID = st.one_of(
+    st.fixed_dictionaries(
+        {"kind": st.just("worker"), "task": st.text(max_size=20)},
+        optional={"model": _MODELS, "force_new": st.booleans()},
+    ).flatmap(
+        lambda base: st.sampled_from(["worker_id", "workerId"]).flatmap(
+            lambda key: _WORKERS.map(lambda w: {**base, key: w})
+        )
+    ),
+    st.builds(
+        lambda w, m: {
+            "kind": "op",
+            "op": "worker.model.set",
+            "worker": {"worker_id": w, "model": m},
+        },
+        _WORKERS,
+        _MODELS,
+    ),
+    st.builds(
+        lambda w: {"kind": "op", "op": "worker.model.reset", "worker": {"workerId": w}}, _WORKERS
+    ),
+    st.builds(
+        lambda k, v: {"kind": "op", "op": "memory.put", "memory": {"key": k, "value": v}},
+        st.text(min_size=1, max_size=10),
+        st.text(max_size=20),
+    ),
+)
+# ... then, often, broken: a key dropped, added or given any value.
+_MUTATION = st.tuples(st.sampled_from(["drop", "set"]), _KEYS, _VALUE)
+
+
+def _mutated(payload: dict[str, Any], mutations: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    payload = dict(payload)
+    for how, key, value in mutations:
+        if how == "drop":
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    return payload
+
+
+PAYLOADS = st.builds(_mutated, _VALID, st.lists(_MUTATION, max_size=2))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -378,6 +425,7 @@ def test_property_any_payload_is_refused_or_finishes(kind: str, tmp_path: Path) 
 
 
 def check_payloads(url: str) -> None:
+    outcomes = {"refused": 0, "finished": 0}
     with Orchestrator.open(config=config_with(), store=url, session_id="fuzz") as orch:
 
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -387,15 +435,22 @@ def check_payloads(url: str) -> None:
                 handle = orch.task_start(**payload)
             except InvalidTaskArgs as exc:
                 assert str(exc) and "\n" not in str(exc)
+                outcomes["refused"] += 1
+                event("refused")
                 return
             rec = orch.task_await(handle.task_id, timeout=30)
             assert rec.status in ("completed", "failed"), rec
+            outcomes["finished"] += 1
+            event(f"finished {rec.status}")
 
         one()
+        # Both branches ran: a property that only ever refuses proves nothing of the rest.
+        assert outcomes["refused"] > 0 and outcomes["finished"] > 0, outcomes
         state = replay(orch.log)
-        assert state.sessions.get("fuzz", None) is None or all(
-            t.status != "running" for t in state.sessions["fuzz"].tasks.values()
-        )
+        tasks = [t for t in state.tasks.values() if t.session_id == "fuzz"]
+        assert len(tasks) == outcomes["finished"]  # each accepted payload is a task ...
+        assert all(t.status in ("completed", "failed") for t in tasks)  # ... that ended
+        assert state.sessions["fuzz"].running == {}
         orch.task_list(view="events")
 
 

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
@@ -58,16 +57,7 @@ class ReadOnlyLog(EventLog):
     """The store, opened for reading: an append raises, snapshots and leases are skipped."""
 
     def __init__(self, url: str | None = None) -> None:
-        if url and url.startswith("sqlite:///") and not url.startswith("sqlite:///:"):
-            rest = url[len("sqlite:///") :].partition("?")[0]
-            if not Path(rest).is_absolute():
-                rest = str(Path.cwd() / rest)
-            if not Path(rest).is_file():  # reading never creates the file
-                raise StoreError(f"no orchestrator store at {url}")
-        if "create" in inspect.signature(EventLog.__init__).parameters:
-            super().__init__(url, create=False)  # type: ignore[call-arg]
-        else:
-            super().__init__(url)
+        super().__init__(url, create=False)  # reading never creates: `NoStore` if absent
 
     def append_batches(self, batches: Sequence[tuple[str, Sequence[Event], int]]) -> list[int]:
         """Refused: the inspector appends nothing."""
@@ -361,7 +351,7 @@ class Inspector:
 
     def known(self, session_id: str) -> str:
         """ "Did you mean" among the sessions seen so far."""
-        from orchestrator.resolver import did_you_mean
+        from orchestrator.config import did_you_mean
 
         return did_you_mean(session_id, list(self.summaries))
 
