@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, pool
 from orchestrator.backends.server import ServerBackend
 from tests.chat import ChatServer
 from tests.conftest import OpenOrch
@@ -236,3 +236,33 @@ def test_eviction_waits_for_a_process_acquired_by_another_session(
                 rival.kill()
                 rival.communicate()
         orch.close(stop_workers=True)
+
+
+def test_a_spawn_that_finds_no_room_in_time_fails_saying_so(
+    open_orch: OpenOrch, chat_server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool, "ROOM_WAIT", 0.5)  # 30 s in real life
+    chat_server.delay = 4.0
+    config = {
+        "model": "lab/slow",
+        "pool": {"max_processes": 1},
+        "providers": {
+            "lab": {"kind": "openai", "base_url": chat_server.url, "models": {"slow": {}}}
+        },
+        "profiles": {"coder": {"model": "lab/slow"}, "docs": {"model": "lab/slow"}},
+    }
+    a = open_orch(config=config, session_id="a")
+    b = open_orch(config=config, session_id="b")
+    held = a.task_start(kind="worker", worker_id="coder", task="held")
+    wait_for(lambda: chat_server.seen, timeout=30)  # in flight on the only process
+    refused = run(b, "docs", "no room")
+    assert refused.status == "failed"
+    assert (
+        'no room for worker "docs": max_processes=1 and every worker process on this host is '
+        "in use (a request in flight, or acquired or used in the last 5 s) for 0.5 s. Try "
+        "again, or raise [pool] max_processes." in str(refused.error)
+    )
+    done = a.task_await(held.task_id, timeout=30)
+    assert done.status == "completed", done.error
+    assert done.response == "slow says held"
+    assert a.task_list(view="events", type="WorkerStopped") == []
