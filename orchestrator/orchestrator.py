@@ -475,13 +475,14 @@ class Orchestrator:
     def stop(self, worker_id: str, task_id: str) -> ops.Result:
         """Stop the worker's processes on this host, and its in-process agent."""
         ids = self._ids(task_id, worker_id)
-        self.pool.settle_host(self.session_id)
+        # Its processes found gone are recorded first, and listed as already gone.
+        found = self.pool.settle_host(self.session_id, worker_id)
         server = self.server.stop(worker_id, ids)
         agent = self.agent.stop(worker_id, ids)
         return {
             "worker_id": worker_id,
             "stopped": server.stopped + agent.stopped,
-            "exited": server.exited,
+            "exited": [e.instance_id for e in found] + server.exited,
         }
 
     def respawn(self, worker_id: str, task_id: str) -> bool:

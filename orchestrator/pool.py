@@ -521,12 +521,16 @@ class WorkerPool:
                     continue
                 return True
 
-    def found_gone(self, session_id: str) -> list[WorkerStopped | WorkerExited]:
-        """Check each process of this host the registry shows running (pid and start time,
-        no HTTP): the events that would record those found gone, recorded by nobody yet
-        (a read-only reader shows them without recording)."""
+    def found_gone(
+        self, session_id: str, worker_id: str | None = None
+    ) -> list[WorkerStopped | WorkerExited]:
+        """Check each process of this host (of one worker id, or all) the registry shows
+        running, by pid and start time (no HTTP): the events that would record those found
+        gone, recorded by nobody yet (a read-only reader shows them without recording)."""
         found: list[WorkerStopped | WorkerExited] = []
         for entry in live_on_host(self.registry.refresh(), self.host):
+            if worker_id not in (None, entry.worker_id):
+                continue
             proc = process_state(entry.pid, entry.pid_started_at)
             if proc == "alive":
                 continue
@@ -541,10 +545,13 @@ class WorkerPool:
             found.append(ended(entry, probe, ids, detail))
         return found
 
-    def settle_host(self, session_id: str) -> list[WorkerStopped | WorkerExited]:
+    def settle_host(
+        self, session_id: str, worker_id: str | None = None
+    ) -> list[WorkerStopped | WorkerExited]:
         """The registry tells the truth when read: record what `found_gone` finds (each
         once), so no process that is gone is shown running. Returns what it recorded."""
-        recorded = [e for e in self.found_gone(session_id) if self._record_end(e)]
+        found = self.found_gone(session_id, worker_id)
+        recorded = [e for e in found if self._record_end(e)]
         for event in recorded:
             self.distrust(event.instance_id)
         return recorded

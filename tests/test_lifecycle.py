@@ -157,6 +157,20 @@ def test_workers_and_stop_record_a_process_found_dead(open_orch: OpenOrch) -> No
     assert status[coder["instance_id"]] == status[docs["instance_id"]] == "exited"
 
 
+def test_stop_records_a_process_found_dead_and_says_it_was_already_gone(
+    open_orch: OpenOrch,
+) -> None:
+    orch = open_orch(config=config_with("server"))
+    coder = op(orch, "worker.spawn", worker={"worker_id": "coder"}).result
+    psutil.Process(coder["pid"]).kill()
+    wait_for(lambda: not alive(coder["pid"]))
+    orch.pool.reap_children()
+    result = op(orch, "worker.stop", worker={"worker_id": "coder"}).result
+    assert (result["stopped"], result["exited"]) == ([], [coder["instance_id"]])
+    exited = orch.task_list(view="events", type="WorkerExited")
+    assert [e.data["instance_id"] for e in exited] == [coder["instance_id"]]
+
+
 # --- eviction never takes a process someone uses ---------------------------------------------
 
 
