@@ -554,6 +554,8 @@ class WorkerPool:
         recorded = [e for e in found if self._record_end(e)]
         for event in recorded:
             self.distrust(event.instance_id)
+            if isinstance(event, WorkerStopped):  # it left on purpose: nothing to debug
+                self.prune(event.instance_id)
         return recorded
 
     def live_entries(self, worker_id: str | None = None) -> list[RegistryEntry]:
