@@ -498,6 +498,8 @@ def stop(
         raise fail("give a WORKER or --all, not both")
     with session(ctx) as orch:
         ids = [worker] if worker else [p.worker_id for p in orch.task_list(view="profiles")]
+        if all_:  # and every worker this host runs a process of, profile or not
+            ids += sorted({e.worker_id for e in orch.pool.stoppable()} - set(ids))
         results = []
         for worker_id in ids:
             handle = orch.task_start(kind="op", op="worker.stop", worker={"worker_id": worker_id})

@@ -72,6 +72,10 @@ class OpContext(Protocol):
         """Is a process of the worker running?"""
         ...
 
+    def in_registry(self, worker_id: str) -> bool:
+        """Has the device registry ever recorded a process of the worker (any config's)?"""
+        ...
+
     def overrides_at(self, session_id: str, position: int) -> dict[str, Override] | None:
         """A session's overrides as of a log position; None if it had no events by then."""
         ...
@@ -257,8 +261,10 @@ def spawn(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
 
 def stop(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Stop every process of the worker on this host (and its in-process agent); processes
-    found already dead are listed as `exited`."""
-    ctx.profile(w.worker_id)
+    found already dead are listed as `exited`. The registry is enough: a worker id that this
+    configuration has no profile for is stopped too, if the registry knows it."""
+    if w.worker_id not in ctx.config.profiles and not ctx.in_registry(w.worker_id):
+        ctx.profile(w.worker_id)  # raises: unknown here and never recorded
     return Decision(act=lambda workers: workers.stop(w.worker_id, task_id))
 
 

@@ -72,7 +72,7 @@ from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean,
 from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
-from orchestrator.pool import SpawnError, WorkerPool, WorkerSpec
+from orchestrator.pool import REGISTRY_STREAM, SpawnError, WorkerPool, WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
 from orchestrator.providers import Completion, ProviderError, internal_error
 from orchestrator.resolver import (
@@ -461,6 +461,11 @@ class Orchestrator:
         """Is a process of the worker running (on its backend)?"""
         return self._backend(worker_id).running(worker_id)
 
+    def in_registry(self, worker_id: str) -> bool:
+        """Has the device registry ever recorded a process of the worker (one indexed row)?"""
+        where = Filter(stream=REGISTRY_STREAM, worker_id=worker_id)
+        return any(True for _ in self.log.select(where, limit=1))
+
     def overrides_at(self, session_id: str, position: int) -> dict[str, Override] | None:
         """A session's overrides as of a log position; None if it had no events by then."""
         return overrides_at(self.log, session_id, position)
@@ -519,12 +524,14 @@ class Orchestrator:
     def stop(self, worker_id: str, task_id: str) -> ops.Result:
         """Stop the worker's processes on this host, and its in-process agent."""
         ids = self._ids(task_id, worker_id)
+        # Its processes found gone are recorded first, and listed as already gone.
+        found = self.pool.settle_host(self.session_id, worker_id)
         server = self.server.stop(worker_id, ids)
         agent = self.agent.stop(worker_id, ids)
         return {
             "worker_id": worker_id,
             "stopped": server.stopped + agent.stopped,
-            "exited": server.exited,
+            "exited": [e.instance_id for e in found] + server.exited,
         }
 
     def respawn(self, worker_id: str, task_id: str) -> bool:

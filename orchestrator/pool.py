@@ -61,6 +61,7 @@ from orchestrator.reuse import (
     Plan,
     Probe,
     Request,
+    ended,
     live_on_host,
     plan,
     to_probe,
@@ -73,6 +74,15 @@ WAIT_POLL = 0.05
 # A process whose identity /health (or a /prompt reply) proved this recently is trusted
 # without another /health round trip; its pid and start time are still checked every time.
 PROOF_LEASE = 30.0
+# Eviction never stops a process with a request in flight or acquired (or used) this
+# recently; a spawn that needs room waits for one, at most ROOM_WAIT seconds, then fails.
+ACQUIRED_GRACE = 5.0
+ROOM_WAIT = 30.0
+ROOM_POLL = 0.2
+# A process that left its exit marker is on its way out: this long to let it go by itself.
+LEAVING_GRACE = 5.0
+# What a worker writes in its exit marker, as the reason its stop is recorded with.
+EXIT_REASONS: dict[str, StopReason] = {"idle": "idle", "respawn": "respawn", "evicted": "evicted"}
 
 
 class SpawnError(OrchestratorError, RuntimeError):
@@ -156,6 +166,9 @@ class WorkerPool:
                 state = self.registry.state
                 looked = [e.model_copy() for e in to_probe(state, request)]
                 claims = [c.model_copy() for c in state.claims.values()]
+            for entry in looked:
+                if entry.status == "ready":
+                    self.mark_acquired(entry.instance_id)  # before deciding: see `_evict`
             probes.update(self._probe(looked, probes))
             claimants = self._claimants(claims)
             decided = self._decide(request, ids, probes, claimants, spawn)
@@ -242,9 +255,15 @@ class WorkerPool:
         """Is the entry's process alive, and does it answer as itself? An unusable process
         that is still ours (same pid and start time) is stopped here, not left orphaned."""
         proc = process_state(entry.pid, entry.pid_started_at)
+        leaving = self.exit_marker(entry.instance_id)
+        if proc == "alive" and leaving is not None:
+            # It has stopped serving and exits by itself: give it the moment it needs.
+            proc, killed = self._let_go(entry)
+            healthy = False if proc == "alive" else None  # lingering and unkillable: unusable
+            return Probe(proc, healthy, "did not exit", stopped_reason=leaving, killed=killed)
         if proc != "alive":
             self._reap(entry.instance_id)
-            return Probe(proc, stopped_reason=self._exit_marker(entry.instance_id))
+            return Probe(proc, stopped_reason=leaving)
         proven = self._proven.get(entry.instance_id)
         if not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
             return Probe("alive")
@@ -287,13 +306,35 @@ class WorkerPool:
             if c.host == self.host
         }
 
-    def _exit_marker(self, instance_id: str) -> StopReason | None:
+    def exit_marker(self, instance_id: str) -> StopReason | None:
+        """Why a process left by itself (idle, respawn, evicted), as its exit marker says;
+        None when it left none (still serving, crashed, or left for another reason)."""
         try:
             text = (self.log_dir / f"{instance_id}.exit").read_text().strip()
         except OSError:
             return None
-        reasons: dict[str, StopReason] = {"idle": "idle", "respawn": "respawn"}
-        return reasons.get(text)
+        return EXIT_REASONS.get(text)
+
+    def mark_acquired(self, instance_id: str) -> None:
+        """Tell every orchestrator process of this host, and the worker itself, that the
+        process is being acquired: its idle clock restarts and eviction passes it over for
+        `ACQUIRED_GRACE` seconds. A file's time, not an HTTP call or a log append."""
+        with contextlib.suppress(OSError):
+            (self.log_dir / f"{instance_id}.acquired").touch()
+
+    def _let_go(self, entry: RegistryEntry) -> tuple[ProcessState, bool]:
+        """Wait for a process that is leaving by itself; kill it if it lingers. Returns its
+        state afterwards and whether it had to be killed."""
+        deadline = time.monotonic() + LEAVING_GRACE
+        while time.monotonic() < deadline:
+            self._reap(entry.instance_id)
+            proc = process_state(entry.pid, entry.pid_started_at)
+            if proc != "alive":
+                return proc, False
+            time.sleep(WAIT_POLL)
+        killed = terminate(entry.pid, entry.pid_started_at)
+        self._reap(entry.instance_id)
+        return process_state(entry.pid, entry.pid_started_at), killed
 
     # --- spawning --------------------------------------------------------------------------
 
@@ -366,34 +407,49 @@ class WorkerPool:
                 self._record(WorkerSpawnFailed(**ids, claim_id=claim_id, error=error))
 
     def _make_room(self, ids: dict[str, Any], max_processes: int) -> None:
-        """Below `max_processes` live processes on this host, or stop the least recently
-        used idle one (`evicted`); when none is idle, wait for one to be."""
-        deadline = time.monotonic() + READY_TIMEOUT
+        """Below `max_processes` live processes on this host, or evict the least recently
+        used process that is not in use (`evicted`); when every one is, wait for one to be
+        free, at most `ROOM_WAIT` seconds, then fail saying so."""
+        deadline = time.monotonic() + ROOM_WAIT
         while True:
+            self.settle_host(ids["session_id"])  # a process found gone frees its room
             live = live_on_host(self.registry.refresh(), self.host)
             if len(live) < max_processes:
                 return
-            for entry in live:
-                if entry.status != "ready":
-                    continue
-                if process_state(entry.pid, entry.pid_started_at) != "alive":
-                    self.mark_exited(entry, ids, "found dead while making room")
-                    break
-                try:
-                    busy = WorkerClient(str(entry.url), entry.instance_id).health().in_flight
-                except (WorkerUnreachable, WorkerReplyError):
-                    continue
-                if busy == 0:
-                    detail = f"max_processes {max_processes} reached; least recently used idle"
-                    self.stop(entry, ids, reason="evicted", detail=detail)
-                    break
-            else:
-                if time.monotonic() > deadline:
-                    raise SpawnError(
-                        f"max_processes ({max_processes}) worker processes are busy on this "
-                        "host; try again when one is idle, or raise [pool] max_processes."
-                    )
-                time.sleep(0.2)
+            if any(self._evict(e, ids, max_processes) for e in live if e.status == "ready"):
+                continue
+            if time.monotonic() > deadline:
+                raise SpawnError(
+                    f'no room for worker "{ids.get("worker_id")}": max_processes='
+                    f"{max_processes} and every worker process on this host is in use (a "
+                    f"request in flight, or acquired or used in the last {ACQUIRED_GRACE:g} s) "
+                    f"for {ROOM_WAIT:g} s. Try again, or raise [pool] max_processes."
+                )
+            time.sleep(ROOM_POLL)
+
+    def _evict(self, entry: RegistryEntry, ids: dict[str, Any], max_processes: int) -> bool:
+        """Stop a process to make room, unless it is in use. The worker decides that under
+        the lock its prompts take: one with a request in flight, or acquired or used in the
+        last `ACQUIRED_GRACE` seconds (acquirers mark it before deciding, see
+        `mark_acquired`), refuses; once it accepts, a prompt that still reaches it is
+        answered `503 draining` and its task acquires again."""
+        client = WorkerClient(str(entry.url), entry.instance_id)
+        try:
+            client.drain("evicted", unless_used_within=ACQUIRED_GRACE)
+        except (WorkerUnreachable, WorkerReplyError):
+            return False  # in use, or not answering (found gone, it is recorded next round)
+        self.distrust(entry.instance_id)
+        self._wait_gone(entry)
+        self._reap(entry.instance_id)
+        detail = f"max_processes {max_processes} reached; least recently used, not in use"
+        ended_ids = {**ids, "worker_id": entry.worker_id}
+        self._record_end(
+            WorkerStopped(
+                **ended_ids, instance_id=entry.instance_id, reason="evicted", detail=detail
+            )
+        )
+        self.prune(entry.instance_id)
+        return True
 
     def _launch(
         self, spec: WorkerSpec, instance_id: str, idle_timeout: float
@@ -449,14 +505,59 @@ class WorkerPool:
         """Record that a process was found dead (or, with an exit marker, why it left)."""
         self._reap(entry.instance_id)
         self.distrust(entry.instance_id)
-        reason = self._exit_marker(entry.instance_id)
-        if reason is not None:
-            event: Event = WorkerStopped(
-                **ids, instance_id=entry.instance_id, reason=reason, detail=detail
+        probe = Probe("gone", stopped_reason=self.exit_marker(entry.instance_id))
+        self._record_end(ended(entry, probe, ids, detail))
+
+    def _record_end(self, event: WorkerStopped | WorkerExited) -> bool:
+        """Record how a process ended, once: not when the registry already has it stopped
+        (or exited, for `WorkerExited`), whoever recorded that first."""
+        while True:
+            with self.registry.lock:
+                entry = self.registry.refresh().entries.get(event.instance_id)
+                if entry is None or (isinstance(event, WorkerExited) and not entry.live):
+                    return False
+                try:
+                    self.log.append(REGISTRY_STREAM, [event], self.registry.version)
+                except StreamConflict:
+                    continue
+                return True
+
+    def found_gone(
+        self, session_id: str, worker_id: str | None = None
+    ) -> list[WorkerStopped | WorkerExited]:
+        """Check each process of this host (of one worker id, or all) the registry shows
+        running, by pid and start time (no HTTP): the events that would record those found
+        gone, recorded by nobody yet (a read-only reader shows them without recording)."""
+        found: list[WorkerStopped | WorkerExited] = []
+        for entry in live_on_host(self.registry.refresh(), self.host):
+            if worker_id not in (None, entry.worker_id):
+                continue
+            proc = process_state(entry.pid, entry.pid_started_at)
+            if proc == "alive":
+                continue
+            self._reap(entry.instance_id)
+            detail = (
+                f"pid {entry.pid} now belongs to another process"
+                if proc == "recycled"
+                else f"pid {entry.pid} no longer exists"
             )
-        else:
-            event = WorkerExited(**ids, instance_id=entry.instance_id, detail=detail)
-        self._record(event)
+            ids = {"session_id": session_id, "worker_id": entry.worker_id}
+            probe = Probe(proc, stopped_reason=self.exit_marker(entry.instance_id))
+            found.append(ended(entry, probe, ids, detail))
+        return found
+
+    def settle_host(
+        self, session_id: str, worker_id: str | None = None
+    ) -> list[WorkerStopped | WorkerExited]:
+        """The registry tells the truth when read: record what `found_gone` finds (each
+        once), so no process that is gone is shown running. Returns what it recorded."""
+        found = self.found_gone(session_id, worker_id)
+        recorded = [e for e in found if self._record_end(e)]
+        for event in recorded:
+            self.distrust(event.instance_id)
+            if isinstance(event, WorkerStopped):  # it left on purpose: nothing to debug
+                self.prune(event.instance_id)
+        return recorded
 
     def live_entries(self, worker_id: str | None = None) -> list[RegistryEntry]:
         """Processes on this host recorded as running (optionally of one worker id)."""
@@ -499,15 +600,15 @@ class WorkerPool:
             WorkerClient(str(entry.url), entry.instance_id).shutdown()
         self._wait_gone(entry)
         self._reap(entry.instance_id)
-        self._record(
+        self._record_end(
             WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason, detail=detail)
         )
         self.prune(entry.instance_id)
         return True
 
     def prune(self, instance_id: str) -> None:
-        """Remove a stopped process's log and exit marker (a crashed one keeps its log)."""
-        for suffix in (".log", ".exit"):
+        """Remove a stopped process's log and markers (a crashed one keeps its log)."""
+        for suffix in (".log", ".exit", ".acquired"):
             (self.log_dir / f"{instance_id}{suffix}").unlink(missing_ok=True)
 
     def retire(self, entry: RegistryEntry, ids: dict[str, Any], detail: str) -> None:
@@ -529,14 +630,9 @@ class WorkerPool:
                 self._reap(entry.instance_id)
                 time.sleep(WAIT_POLL * 4)
             self._reap(entry.instance_id)
-            with self.registry.lock:
-                now = self.registry.refresh().entries.get(entry.instance_id)
-                if now is not None and now.status == "draining":
-                    self._record(
-                        WorkerStopped(
-                            **ids, instance_id=entry.instance_id, reason="respawn", detail=detail
-                        )
-                    )
+            self._record_end(
+                WorkerStopped(**ids, instance_id=entry.instance_id, reason="respawn", detail=detail)
+            )
 
         watcher = threading.Thread(target=watch, daemon=True, name=f"drain-{entry.instance_id}")
         watcher.start()
@@ -565,7 +661,7 @@ class WorkerPool:
     def _reap(self, instance_id: str) -> None:
         child = self._children.get(instance_id)
         if child is not None and child.poll() is not None:
-            del self._children[instance_id]
+            self._children.pop(instance_id, None)  # another thread may have reaped it too
 
     def abandon(self) -> None:
         """Stop every process this pool started, recording nothing: the store it would be

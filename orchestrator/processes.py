@@ -58,6 +58,19 @@ def process_state(pid: int, started_at: float) -> ProcessState:
     return "alive" if abs(created - started_at) <= START_TIME_TOLERANCE else "recycled"
 
 
+def settled_state(pid: int, started_at: float, within: float) -> ProcessState:
+    """`process_state`, giving a process that may be exiting up to `within` seconds to be
+    gone: a process killed mid-request closes its sockets a moment before it is gone."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        state = process_state(pid, started_at)
+        if state != "alive" or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.02)
+
+
 @lru_cache(maxsize=16)
 def _host_key(state: Path) -> bytes:
     """The host key of a state directory, created on first use."""

@@ -179,18 +179,24 @@ def _gone(
         reason, detail = "health_failed", probe.detail
     if entry.status != "draining" and static_rejection(entry, request) in (None, "force_new"):
         events.append(_rejected(entry, request, reason, detail, ids))
+    events.append(ended(entry, probe, ids, detail))
+    return events
+
+
+def ended(
+    entry: RegistryEntry, probe: Probe, ids: Mapping[str, Any], detail: str
+) -> WorkerStopped | WorkerExited:
+    """The event that ends the entry of a process found unusable: stopped with the reason it
+    left by itself (its exit marker; a draining one that is gone was drained), stopped
+    `unhealthy` when it was ours and had to be killed, else exited."""
     iid = entry.instance_id
     if probe.killed:
-        events.append(WorkerStopped(**ids, instance_id=iid, reason="unhealthy", detail=detail))
-    elif probe.stopped_reason is not None:
-        events.append(
-            WorkerStopped(**ids, instance_id=iid, reason=probe.stopped_reason, detail="exited")
-        )
-    elif entry.status == "draining" and probe.process == "gone":
-        events.append(WorkerStopped(**ids, instance_id=iid, reason="respawn", detail="drained"))
-    else:
-        events.append(WorkerExited(**ids, instance_id=iid, detail=detail))
-    return events
+        return WorkerStopped(**ids, instance_id=iid, reason="unhealthy", detail=detail)
+    if probe.stopped_reason is not None:
+        return WorkerStopped(**ids, instance_id=iid, reason=probe.stopped_reason, detail="exited")
+    if entry.status == "draining" and probe.process == "gone":
+        return WorkerStopped(**ids, instance_id=iid, reason="respawn", detail="drained")
+    return WorkerExited(**ids, instance_id=iid, detail=detail)
 
 
 def _rejected(

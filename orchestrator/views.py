@@ -57,7 +57,9 @@ def tasks(orch: Orchestrator) -> list[TaskRecord]:
 
 
 def workers(orch: Orchestrator) -> list[WorkerView]:
-    """Every profile with this session's effective model and its running process, if any."""
+    """Every profile with this session's effective model and its running process, if any
+    (this host's processes are checked first: one found gone is recorded, never shown)."""
+    orch.pool.settle_host(orch.session_id)
     rows = []
     for worker_id, profile in orch.config.profiles.items():
         try:
@@ -104,7 +106,9 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
 
 def registry(orch: Orchestrator) -> list[RegistryEntry]:
     """Every worker process the device registry knows, on every host, oldest first (the
-    stopped ones too: they are read from the registry's history, not the live state)."""
+    stopped ones too: they are read from the registry's history, not the live state). This
+    host's processes are checked first, and one found gone is recorded as such."""
+    orch.pool.settle_host(orch.session_id)
     state, retired = registry_history(orch.log)
     return sorted([*state.entries.values(), *retired.values()], key=lambda e: e.started_at)
 

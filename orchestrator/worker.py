@@ -8,12 +8,16 @@ never argv), prints one `READY {json}` line, then serves (HTTP/1.1, keep-alive):
   `{text, model, instance_id, fingerprint, usage, tool_calls}`
 - `POST /cancel` `{task_id}`: the prompt of that task answers 409 at once
 - `POST /adopt`: the spawner has registered this process (until then it watches its parent)
-- `POST /drain` `{reason}`: take no new prompts, finish the running ones, then exit
+- `POST /drain` `{reason, unless_used_within?}`: take no new prompts, finish the running ones,
+  then exit. With `unless_used_within` (seconds) it is refused (409, nothing changes) while a
+  prompt is in flight or the process was acquired or used that recently: eviction asks so.
 - `POST /shutdown`
 
 Its environment holds no API key: each `/prompt` brings the credentials it needs. When it
 exits on its own (idle, drained, spawner gone) it leaves `<instance_id>.exit` in its log
-directory with the reason, so whoever finds it gone records why.
+directory with the reason, so whoever finds it gone records why. An orchestrator that acquires
+it touches `<instance_id>.acquired` there first: that counts as use, for the idle timeout and
+for eviction, in every orchestrator process of the host, at no HTTP round trip.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class WorkerServer(ThreadingHTTPServer):
         # Open connections: what each is doing ("idle", "reading", "serving") and since when.
         self.conns: dict[socket.socket, tuple[str, float]] = {}
         self.conns_lock = threading.Lock()
+        self.acquired_mark = Path(spec["log_dir"]) / f"{spec['instance_id']}.acquired"
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.conns_lock:
@@ -167,6 +172,15 @@ class WorkerServer(ThreadingHTTPServer):
             "in_flight": self.in_flight,
             "adopted": self.adopted.is_set(),
         }
+
+    def idle_for(self) -> float:
+        """Seconds since this process was last used or acquired (the caller holds the lock)."""
+        since_use = time.monotonic() - self.last_used
+        try:
+            acquired = os.stat(self.acquired_mark).st_mtime
+        except OSError:
+            return since_use
+        return min(since_use, time.time() - acquired)
 
     def exit_on_own(self, reason: str) -> None:
         """Leave the reason for whoever finds this process gone, then stop serving."""
@@ -333,11 +347,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def _drain(self, body: dict[str, Any]) -> None:
         reason = str(body.get("reason") or "respawn")
+        quiet = _optional(body, "unless_used_within", (int, float))
         with self.server.lock:
-            self.server.draining = reason
-            idle = self.server.in_flight == 0
+            # Checked and set under the prompts' lock: a prompt is either in flight (and
+            # this is refused) or comes later and is answered 503 draining.
+            busy, idle_for = self.server.in_flight, self.server.idle_for()
+            refused = quiet is not None and bool(busy or self.server.draining or idle_for < quiet)
+            if not refused:
+                self.server.draining = reason
+        if refused:
+            error = f"in use: {busy} prompts in flight, last used {idle_for:.1f} s ago"
+            self._reply(409, {"error": error, "in_flight": busy, "idle_for": idle_for})
+            return
         self._reply(200, self.server.health())
-        if idle:
+        if busy == 0:
             self.server.exit_on_own(reason)
 
     def _cancel(self, body: dict[str, Any]) -> None:
@@ -438,10 +461,11 @@ def _field(body: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = body.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise BadRequest(f'"{name}" must be a {kind.__name__}')
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadRequest(f'"{name}" must be a {names}')
     return value
 
 
@@ -461,7 +485,7 @@ def _watch(server: WorkerServer, spawner_pid: int, idle_timeout: float) -> None:
                 return
             continue
         with server.lock:
-            idle = server.in_flight == 0 and time.monotonic() - server.last_used > idle_timeout
+            idle = server.in_flight == 0 and server.idle_for() > idle_timeout
         if idle:
             server.exit_on_own("idle")
             return

@@ -64,8 +64,10 @@ def reset_model(orch: Orchestrator, worker_id: str, **extra: Any) -> Any:
 def assert_replay_view_matches(orchs: Iterable[Orchestrator]) -> None:
     """The `replay` view of the whole log equals the live registry, tasks and overrides."""
     orchs = list(orchs)
+    # The registry view first: reading it records processes found gone, replay reads after.
+    registry = orchs[0].task_list(view="registry")
     view = orchs[0].task_list(view="replay")[0]
-    assert view.registry == orchs[0].task_list(view="registry")
+    assert view.registry == registry
     for orch in orchs:
         sid = orch.session_id
         assert [t for t in view.tasks if t.session_id == sid] == orch.task_list(view="tasks")

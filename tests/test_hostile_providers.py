@@ -381,6 +381,8 @@ def broken(self, view="tasks", **filters):  # a bug, with the key in a local and
     credentials = {"EVIL_KEY": os.environ["EVIL_KEY"]}
     raise KeyError(credentials["EVIL_KEY"])
 Orchestrator.task_list = broken
+from events import EventLog
+EventLog(sys.argv[1]).close()  # a store to read: reading never creates one
 sys.argv = ["orchestrator", "--store", sys.argv[1], "events"]
 from orchestrator.cli import main
 main()

@@ -3,7 +3,8 @@
 The oracle keeps which processes are alive and what (model, policy) each was started for.
 A request must reuse a live process with the session's (model, policy) when one exists and
 spawn otherwise; every task must be served by the session's effective model; and the live
-registry and sessions must equal a replay of the log.
+registry and sessions must equal a replay of the log. Few processes may run at once, so
+spawns evict: no task ever fails because the process serving it was evicted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from events import EventLog, SessionState, replay
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, pool
 from orchestrator.history import apply_diff, flatten
 from tests.helpers import (
     assert_replay_view_matches,
@@ -36,6 +37,10 @@ SESSIONS = ["s1", "s2"]
 WORKERS = ["coder", "explorer"]
 DEFAULTS = {"coder": "local/echo-large", "explorer": "local/echo-small"}
 MODELS = ["local/echo-large", "local/echo-small"]
+# Room for fewer processes than the machine asks for, so spawns evict; and a short grace
+# for recently acquired processes, so a spawn waits a fraction of a second, not 5 s.
+MAX_PROCESSES = 2
+GRACE = 0.3
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -46,6 +51,8 @@ class PoolMachine(RuleBasedStateMachine):
         self._tmp = tempfile.TemporaryDirectory()
         self.log = EventLog(f"sqlite:///{Path(self._tmp.name) / 'e.db'}")
         cfg = config_with("server")
+        cfg.pool.max_processes = MAX_PROCESSES
+        self._grace, pool.ACQUIRED_GRACE = pool.ACQUIRED_GRACE, GRACE
         self.orchs = {
             s: Orchestrator.open(config=cfg, store=self.log, session_id=s) for s in SESSIONS
         }
@@ -60,11 +67,20 @@ class PoolMachine(RuleBasedStateMachine):
             return self.overrides[(session, worker)], "sticky"
         return DEFAULTS[worker], "dynamic"
 
+    def forget_evicted(self) -> None:
+        """Evictions are the pool's to choose: learn them from the log."""
+        stops = self.orchs["s1"].task_list(view="events", type="WorkerStopped")
+        for stop in stops:
+            if stop.data["reason"] == "evicted":
+                self.live.pop(stop.data["instance_id"], None)
+
     def matching(self, session: str, worker: str) -> set[str]:
         model, policy = self.wanted(session, worker)
         return {i for i, (w, m, p, _) in self.live.items() if (w, m, p) == (worker, model, policy)}
 
     def check_acquired(self, session: str, worker: str, instance_id: str, pid: int) -> None:
+        # Only a spawn evicts, and only when nothing matched: no match is forgotten here.
+        self.forget_evicted()
         before = self.matching(session, worker)
         if before:
             assert instance_id in before, "a matching live process existed but was not reused"
@@ -105,6 +121,7 @@ class PoolMachine(RuleBasedStateMachine):
     )
     def respawn_with_a_task_in_flight(self, session: str, worker: str, model: str) -> None:
         """The other session has a task in flight; this one sets a model with respawn."""
+        self.forget_evicted()
         other = next(s for s in SESSIONS if s != session)
         orch = self.orchs[other]
         handle = orch.task_start(kind="worker", worker_id=worker, task="in flight")
@@ -174,6 +191,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @rule(session=st.sampled_from(SESSIONS), worker=st.sampled_from(WORKERS))
     def stop(self, session: str, worker: str) -> None:
+        self.forget_evicted()
         result = op(self.orchs[session], "worker.stop", worker={"worker_id": worker}).result
         expected = {i for i, v in self.live.items() if v[0] == worker}
         assert set(result["stopped"]) == expected
@@ -181,8 +199,44 @@ class PoolMachine(RuleBasedStateMachine):
         for instance_id in expected:
             del self.live[instance_id]
 
+    @rule(
+        session=st.sampled_from(SESSIONS),
+        worker=st.sampled_from(WORKERS),
+        force_new=st.booleans(),
+    )
+    def task_while_another_session_spawns(self, session: str, worker: str, force_new: bool) -> None:
+        """A task runs while the other session spawns a process for the other worker (with
+        force_new, always a spawn that needs room): the task completes, whatever is evicted."""
+        other = next(s for s in SESSIONS if s != session)
+        other_worker = next(w for w in WORKERS if w != worker)
+        orch = self.orchs[session]
+        handle = orch.task_start(kind="worker", worker_id=worker, task="busy")
+        spawned = op(
+            self.orchs[other],
+            "worker.spawn",
+            worker={"worker_id": other_worker, "force_new": force_new},
+        )
+        rec = orch.task_await(handle.task_id, timeout=60)
+        assert rec.status == "completed", rec.error  # never "stopped answering while serving"
+        assert rec.response == f"[{self.wanted(session, worker)[0]}] busy"
+        assert spawned.status == "completed", spawned.error
+        # Which of the two acquired first is a race: learn what each got, without judging
+        # reuse against spawn.
+        self.forget_evicted()
+        done = orch.task_list(view="events", type="TaskCompleted", task_id=rec.task_id)[0]
+        got = [
+            (session, worker, done.data["instance_id"], done.data["pid"]),
+            (other, other_worker, spawned.result["instance_id"], spawned.result["pid"]),
+        ]
+        stopped = self._stopped(orch)
+        for sid, wid, instance_id, pid in got:
+            if instance_id not in stopped and instance_id not in self.live:
+                self.live[instance_id] = (wid, *self.wanted(sid, wid), pid)
+            self.used.setdefault(instance_id, set()).add(sid)
+
     @rule(data=st.data())
     def crash(self, data: st.DataObject) -> None:
+        self.forget_evicted()
         if not self.live:
             return
         instance_id = data.draw(st.sampled_from(sorted(self.live)))
@@ -221,6 +275,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert_replay_view_matches(self.orchs.values())
 
     def teardown(self) -> None:
+        pool.ACQUIRED_GRACE = self._grace
         for orch in self.orchs.values():
             for entry in orch.pool.live_entries():
                 orch.pool.stop(entry, {"session_id": orch.session_id})

@@ -23,9 +23,10 @@ CONTROL_REPLY_MAX = 1024 * 1024
 class WorkerUnreachable(OrchestratorError, RuntimeError):
     """The worker process did not answer on its url (refused, reset or timed out)."""
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, refused: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.refused = refused  # no connection was made: the request never reached it
 
 
 class WorkerReplyError(OrchestratorError, RuntimeError):
@@ -105,9 +106,14 @@ class WorkerClient:
         """Tell the worker it is registered, so it stops watching its spawner."""
         return _parse(Health, self._call("POST", "/adopt", {}, 5.0), "/adopt")
 
-    def drain(self, reason: str) -> None:
-        """No new prompts; exit once the running ones are done."""
-        self._call("POST", "/drain", {"reason": reason}, 5.0)
+    def drain(self, reason: str, unless_used_within: float | None = None) -> None:
+        """No new prompts; exit once the running ones are done. With `unless_used_within`
+        the worker refuses (`WorkerReplyError`, status 409) while a prompt is in flight or
+        it was acquired or used that many seconds ago or less."""
+        body: dict[str, Any] = {"reason": reason}
+        if unless_used_within is not None:
+            body["unless_used_within"] = unless_used_within
+        self._call("POST", "/drain", body, 5.0)
 
     def shutdown(self) -> None:
         """Stop now."""
@@ -131,6 +137,8 @@ class WorkerClient:
                 raw = _read(resp, max_bytes)
         except httpx.TimeoutException as exc:
             raise WorkerUnreachable(f"{where}: no answer within {timeout:g} s", True) from exc
+        except httpx.ConnectError as exc:
+            raise WorkerUnreachable(f"{where}: {exc}", refused=True) from exc
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"{where}: {exc}") from exc
         if raw is None:

@@ -16,7 +16,7 @@ from orchestrator.backends import (
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.config import BackendKind, OrchestratorConfig
 from orchestrator.pool import Acquired, WorkerPool, WorkerSpec
-from orchestrator.processes import process_state
+from orchestrator.processes import settled_state
 from orchestrator.providers import (
     Completion,
     ProviderError,
@@ -29,6 +29,8 @@ from orchestrator.providers import (
 
 # Beyond the provider's own budget, what a loopback hop and a busy worker may add.
 PROMPT_MARGIN = 10.0
+# A worker whose connection broke may be exiting: this long for it to be gone.
+EXIT_GRACE = 1.0
 # A process that began draining between acquire and prompt: acquire again, this often.
 DRAINING_RETRIES = 3
 
@@ -118,10 +120,17 @@ class ServerBackend:
 
     def _unreachable(self, lease: Lease, exc: WorkerUnreachable, budget: float) -> TaskError:
         entry = self.pool.registry.refresh().entries.get(lease.instance_id)
+        if not exc.timed_out and (exc.refused or self.pool.exit_marker(lease.instance_id)):
+            # The prompt never reached it, or it was leaving by itself (idle, evicted,
+            # drained: none of those leaves with a prompt in flight): acquire again. The
+            # next acquisition records what became of it.
+            self.pool.distrust(lease.instance_id)
+            return Draining(f"process {lease.instance_id} left before the prompt reached it")
         if entry is None:
             return TaskError(str(exc))
         ids = {"session_id": entry.session_id, "worker_id": lease.worker_id}
-        if process_state(entry.pid, entry.pid_started_at) != "alive":
+        self.pool.reap_children()  # ours, killed: collected, so it reads as gone
+        if settled_state(entry.pid, entry.pid_started_at, EXIT_GRACE) != "alive":
             self.pool.mark_exited(entry, ids, f"did not answer /prompt: {exc}")
             return TaskError(
                 f'Worker "{lease.worker_id}" process {lease.instance_id} (pid {lease.pid}) '
@@ -168,7 +177,8 @@ class ServerBackend:
 
 
 class Draining(TaskError):
-    """The acquired process began draining before the prompt reached it: acquire again."""
+    """The acquired process began draining (or left) before the prompt reached it: acquire
+    again."""
 
 
 def _tell_cancel(client: WorkerClient, task_id: str) -> None:
