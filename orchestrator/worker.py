@@ -4,7 +4,7 @@ Listens on 127.0.0.1 at an ephemeral port, requires its bearer token (from the e
 never argv), prints one `READY {json}` line, then serves (HTTP/1.1, keep-alive):
 
 - `GET /health` -> `{worker_id, instance_id, pid, fingerprint, model, status, in_flight}`
-- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?}` ->
+- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?, base_url?}` ->
   `{text, model, instance_id, fingerprint, usage, tool_calls}`
 - `POST /cancel` `{task_id}`: the prompt of that task answers 409 at once
 - `POST /adopt`: the spawner has registered this process (until then it watches its parent)
@@ -32,7 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.providers import Completion, ProviderError, ProviderSettings, complete
+from orchestrator.providers import (
+    Completion,
+    ProviderError,
+    ProviderSettings,
+    complete,
+    with_base_url,
+)
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
 TYPE_CHECKING = False  # `typing` is for the type checker only: no import at start-up
@@ -218,6 +224,10 @@ class Handler(BaseHTTPRequestHandler):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
             raise BadRequest('"credentials" must map strings to strings')
         task_id = _optional(body, "task_id", str)
+        # A managed model's server, on this host only (ADR-0012).
+        base_url = _optional(body, "base_url", str)
+        if base_url is not None and not base_url.startswith("http://127.0.0.1:"):
+            raise BadRequest('"base_url" must be a loopback http://127.0.0.1: url')
         with self.server.lock:
             if self.server.draining:
                 self._reply(503, {"error": "worker is draining: it takes no new tasks"})
@@ -228,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
         if task_id:
             self.server.cancels[task_id] = cancel
         try:
-            self._answer(text, str(model), tools, credentials, cancel)
+            self._answer(text, str(model), tools, credentials, cancel, base_url)
         finally:
             if task_id:
                 self.server.cancels.pop(task_id, None)
@@ -241,6 +251,7 @@ class Handler(BaseHTTPRequestHandler):
         tools: list[Any] | None,
         credentials: dict[str, str],
         cancel: threading.Event,
+        base_url: str | None = None,
     ) -> None:
         outcome: list[Completion | ProviderError] = []
         done = threading.Event()
@@ -249,7 +260,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 outcome.append(
                     complete(
-                        self.server.providers,
+                        with_base_url(self.server.providers, model, base_url),
                         model,
                         text,
                         self.server.spec["system_prompt"],

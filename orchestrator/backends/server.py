@@ -68,6 +68,8 @@ class ServerBackend:
             "task_id": request.task_id,
             "credentials": credentials_for(self.config.providers, request.model, self._environ()),
         }
+        if request.base_url is not None:  # a managed model's server
+            body["base_url"] = request.base_url
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
             reply = client.prompt(body, timeout=budget)
