@@ -415,6 +415,17 @@ def server_problems(cfg: OrchestratorConfig) -> list[str]:
                     used.setdefault(name, key)
             except ValueError as exc:
                 problems.append(f"{where}.{key}: bad placeholder {exc}")
+        known = {*SERVER_PLACEHOLDERS, *ModelInfo.model_fields, *(k for _, k in extras)}
+        unknown = {name: key for name, key in used.items() if name not in known}
+        for name, key in unknown.items():
+            hint = did_you_mean(name, sorted(known), lead="; did you mean", limit=1)
+            problems.append(
+                f'{where}.{key}: unknown placeholder "{{{name}}}"'
+                + (hint.replace('"', '"{', 1).replace('"?', '}"?') if hint else "")
+                + ("" if hint else f" (known: {', '.join(sorted(known))})")
+            )
+        if unknown:
+            continue  # its model keys are judged once the command is right
         for (mid, key), value in extras.items():
             if key not in used:
                 problems.append(
@@ -423,14 +434,7 @@ def server_problems(cfg: OrchestratorConfig) -> list[str]:
                 )
             elif not isinstance(value, str | int | float | bool):
                 problems.append(f"{where}.models.{mid}.{key}: must be a string or a number")
-        known = {*SERVER_PLACEHOLDERS, *ModelInfo.model_fields, *(k for _, k in extras)}
         for name, key in used.items():
-            if name not in known:
-                problems.append(
-                    f'{where}.{key}: unknown placeholder "{{{name}}}" (known: '
-                    f"{', '.join(sorted(known))})"
-                )
-                continue
             for mid, info in provider.models.items():
                 if name != "port" and name not in model_values(pid, mid, info):
                     problems.append(

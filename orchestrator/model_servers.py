@@ -611,8 +611,7 @@ class ModelServers:
         directory = Path(server.log_path).parent
         proc = process_state(server.pid, server.pid_started_at)
         if proc != "alive":
-            self._reap(server.instance_id)
-            reason, status = _exit_marker(directory)
+            reason, status = self._last_word(server, directory)
             return ServerProbe(proc, exit_reason=reason, exit_status=status)
         busy = _busy(directory)
         last_used = _mtime(directory / "used")
@@ -627,6 +626,20 @@ class ModelServers:
         detail = f"GET {ready_path} on port {server.port}: {problem}"
         killed = self._kill(server)
         return ServerProbe("alive", healthy=False, detail=detail, killed=killed)
+
+    def _last_word(
+        self, server: ModelServerEntry, directory: Path
+    ) -> tuple[str | None, int | None]:
+        """Why a server that is gone ended, as its supervisor wrote it: the supervisor
+        reaps the server, then writes, so a supervisor still running gets a moment."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            reason, status = _exit_marker(directory)
+            sup = process_state(server.supervisor_pid, server.supervisor_started_at)
+            if reason is not None or sup != "alive" or time.monotonic() > deadline:
+                self._reap(server.instance_id)
+                return reason, status
+            time.sleep(0.02)
 
     # --- leasing -----------------------------------------------------------------------------
 
@@ -931,7 +944,7 @@ class ModelServers:
             if not _lock_exclusive(fd, 0.0 if not wait else 5.0) and not wait:
                 return False
             if process_state(server.pid, server.pid_started_at) != "alive":
-                reason_left, status = _exit_marker(directory)
+                reason_left, status = self._last_word(server, directory)
                 probe = ServerProbe("gone", exit_reason=reason_left, exit_status=status)
                 self._record_gone(server, probe, ids)
                 return True
@@ -995,10 +1008,9 @@ class ModelServers:
         """Record what became of this host's servers that look live: found dead, or
         stopped by their supervisor (idle). The registry tells the truth when read."""
         for server in self.stoppable():
-            if server.status == "starting":
-                claim = self.registry.state.server_claims.get(server.claim_id or "")
-                if claim is not None:
-                    continue  # its starter is on it
+            claim = self.registry.state.server_claims.get(server.claim_id or "")
+            if claim is not None and self._claimants([claim]).get(claim.claim_id) == "alive":
+                continue  # starting, and its starter is on it
             probe = self.probe(server, health=False)
             if probe.process != "alive":
                 self._record_gone(server, probe, ids)

@@ -1,11 +1,11 @@
 """A stand-in for a local inference server (llama-server, vllm serve): one model per process.
 
-`python tests/model_server.py --model PATH --port N [--startup S] [--crash] [--never-ready]
+`python tests/model_server.py --model PATH --port N [--startup S] [--mode MODE]
 [--ready-path /v1/models]`: "loads" the model at PATH (sleeps S seconds, answering the ready
 path 503 meanwhile), then answers it 200 and serves the OpenAI chat-completions protocol,
 each reply naming the model it loaded: `[loaded <basename of PATH>] <last user text>`.
-`--crash` prints an error and exits with status 3 instead of loading; `--never-ready` never
-finishes loading. Standard library only, so it starts fast in any environment.
+`--mode crash` prints an error and exits with status 3 instead of loading; `--mode
+never-ready` never finishes loading. Standard library only, so it starts fast in any environment.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--startup", type=float, default=0.0)
     parser.add_argument("--ready-path", default="/v1/models")
-    parser.add_argument("--crash", action="store_true")
-    parser.add_argument("--never-ready", action="store_true")
+    parser.add_argument("--mode", choices=["normal", "crash", "never-ready"], default="normal")
     args = parser.parse_args()
     name = os.path.basename(args.model)
     print(f"model_server pid {os.getpid()}: loading {args.model}", flush=True)
-    if args.crash:
+    if args.mode == "crash":
         print(f"error: cannot load {args.model}: bad magic number", file=sys.stderr, flush=True)
         sys.exit(CRASH_STATUS)
     ready = threading.Event()
@@ -90,7 +89,7 @@ def main() -> None:
     server.daemon_threads = True
 
     def load() -> None:
-        if args.never_ready:
+        if args.mode == "never-ready":
             return
         time.sleep(args.startup)
         print(f"model {name} loaded; listening on 127.0.0.1:{args.port}", flush=True)
