@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -619,7 +618,7 @@ class ModelServers:
         if busy or not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
             return ServerProbe("alive", busy=busy, last_used=last_used)
         ready_path = str(server.identity.get("ready_path", "/v1/models"))
-        problem = _get(server.port, ready_path, HEALTH_TIMEOUT)
+        problem = ready_probe(server.port, ready_path, HEALTH_TIMEOUT)
         if problem is None:
             self._proven[server.instance_id] = time.monotonic()
             return ServerProbe("alive", busy=busy, last_used=last_used, healthy=True)
@@ -685,7 +684,7 @@ class ModelServers:
             self._make_room(request, claim_id, ids)
             directory.mkdir(mode=0o700)
             log_path = directory / "server.log"
-            port = _free_port()
+            port = free_port()
             began = time.monotonic()
             launched = self._launch(spec, directory, log_path, port, claim_id, ids)
             sup, pid, pid_started = launched
@@ -847,7 +846,7 @@ class ModelServers:
         deadline = began + spec.start_timeout
         pause = 0.005
         while True:
-            if _get(port, spec.ready_path, 1.0) is None:
+            if ready_probe(port, spec.ready_path, 1.0) is None:
                 return
             if sup.poll() is not None:
                 _, status = _exit_marker(directory)
@@ -1133,8 +1132,10 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def _get(port: int, path: str, timeout: float) -> str | None:
-    """GET `path` on the loopback port: None when it answers 200, else what happened."""
+def ready_probe(port: int, path: str, timeout: float) -> str | None:
+    """GET `path` on a loopback port: None when it answers 200, else what happened."""
+    import http.client  # it loads ssl: only a command that talks to a server pays for it
+
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path)
@@ -1147,7 +1148,8 @@ def _get(port: int, path: str, timeout: float) -> str | None:
         conn.close()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free right now (the server binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
