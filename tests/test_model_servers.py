@@ -554,4 +554,4 @@ class ModelServerMachine(RuleBasedStateMachine):
 
 
 TestModelServerMachine = ModelServerMachine.TestCase
-TestModelServerMachine.settings = settings(max_examples=6, stateful_step_count=8, deadline=None)
+TestModelServerMachine.settings = settings(max_examples=20, stateful_step_count=10, deadline=None)
