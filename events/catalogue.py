@@ -334,6 +334,99 @@ class WorkerExited(RegistryEvent):
     detail: str = ""
 
 
+# --- registry stream: managed model servers (ADR-0012) -----------------------------------------
+
+
+class ModelServerStartRequested(RegistryEvent):
+    """A claim to start the one server of (model, fingerprint, host); others wait for it.
+    A claim outlives `start_timeout` plus a margin only when its claimant is gone."""
+
+    claim_id: str
+    fingerprint: str
+    model: str
+    host: str
+    claimant_pid: int
+    claimant_started_at: float
+    start_timeout: float
+
+
+class ModelServerStarted(RegistryEvent):
+    """A model server's process was launched for a claim (status `starting` until ready).
+    `pid` is the server's own process; its supervisor stops it when its starter dies
+    before it is ready, or when it sits idle past `idle_timeout`."""
+
+    claim_id: str
+    instance_id: str
+    model: str
+    host: str
+    pid: int
+    pid_started_at: float
+    supervisor_pid: int
+    supervisor_started_at: float
+    port: int
+    url: str
+    fingerprint: str
+    identity: dict[str, Any] = Field(default_factory=dict)
+    command: list[str] = Field(default_factory=list)
+    memory_mb: int = 0
+    log_path: str
+    idle_timeout: float
+
+
+class ModelServerReady(RegistryEvent):
+    """The server answered its `ready_path` with 200; its claim ends here."""
+
+    claim_id: str
+    instance_id: str
+    ready_seconds: float
+
+
+class ModelServerStartFailed(RegistryEvent):
+    """A start claim ended without a ready server (crashed, not ready in time, claimant
+    gone). `instance_id` names the server that was launched, if one was; `stopped` says
+    it was stopped on purpose rather than found dead."""
+
+    claim_id: str
+    error: str
+    instance_id: str | None = None
+    exit_status: int | None = None
+    stopped: bool = False
+
+
+class ModelServerReused(RegistryEvent):
+    """A running model server was taken for a request."""
+
+    instance_id: str
+    fingerprint: str
+
+
+class ModelServerReuseRejected(RegistryEvent):
+    """A running server of the requested model was not reused, and why (recorded once per
+    requested fingerprint)."""
+
+    instance_id: str
+    reason: RejectReason
+    detail: str = ""
+    fingerprint: str = ""
+    requested_fingerprint: str = ""
+
+
+class ModelServerStopped(RegistryEvent):
+    """A model server was stopped on purpose (asked to, idle, evicted) and is gone."""
+
+    instance_id: str
+    reason: StopReason = "requested"
+    detail: str = ""
+
+
+class ModelServerExited(RegistryEvent):
+    """A model server was found dead (or its pid taken by another process)."""
+
+    instance_id: str
+    detail: str = ""
+    exit_status: int | None = None
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type_name(): cls
     for cls in (
@@ -362,6 +455,14 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WorkerDraining,
         WorkerStopped,
         WorkerExited,
+        ModelServerStartRequested,
+        ModelServerStarted,
+        ModelServerReady,
+        ModelServerStartFailed,
+        ModelServerReused,
+        ModelServerReuseRejected,
+        ModelServerStopped,
+        ModelServerExited,
     )
 }
 

@@ -24,6 +24,14 @@ from events.catalogue import (
     ModelAttemptFailed,
     ModelCooledDown,
     ModelPolicy,
+    ModelServerExited,
+    ModelServerReady,
+    ModelServerReused,
+    ModelServerReuseRejected,
+    ModelServerStarted,
+    ModelServerStartFailed,
+    ModelServerStartRequested,
+    ModelServerStopped,
     SessionForked,
     TaskCancelled,
     TaskCompleted,
@@ -109,6 +117,7 @@ class SessionState(BaseModel):
 class RegistryEntry(BaseModel):
     """One worker process in the device registry."""
 
+    kind: Literal["worker"] = "worker"
     worker_id: str
     instance_id: str
     backend: Literal["server", "agent"] = "server"
@@ -149,11 +158,69 @@ class Claim(BaseModel):
     session_id: str
 
 
+class ModelServerEntry(BaseModel):
+    """One managed model server in the device registry (ADR-0012): `pid` is the server's
+    own process, `model` the `provider/model` it loaded, `url` its derived base_url."""
+
+    kind: Literal["model_server"] = "model_server"
+    worker_id: None = None  # a registry row's column; model servers serve every worker
+    instance_id: str
+    model: str
+    host: str
+    pid: int
+    pid_started_at: float
+    supervisor_pid: int
+    supervisor_started_at: float
+    port: int
+    url: str
+    status: WorkerStatus = "starting"
+    fingerprint: str
+    identity: dict[str, Any] = Field(default_factory=dict)
+    command: list[str] = Field(default_factory=list)
+    memory_mb: int = 0
+    log_path: str
+    idle_timeout: float
+    session_id: str
+    started_at: datetime
+    updated_at: datetime
+    ready_seconds: float | None = None
+    claim_id: str | None = None
+    sessions: list[str] = Field(default_factory=list)
+    last_used_at: datetime | None = None
+    rejected_for: list[str] = Field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        """Recorded as running (the process may still have died unseen)."""
+        return self.status in ("starting", "ready", "draining")
+
+
+class ServerClaim(BaseModel):
+    """A pending claim to start the one server of (model, fingerprint, host)."""
+
+    claim_id: str
+    model: str
+    fingerprint: str
+    host: str
+    claimant_pid: int
+    claimant_started_at: float
+    claimed_at: datetime
+    start_timeout: float
+    session_id: str
+    instance_id: str | None = None  # the server launched for it, once launched
+
+
+AnyRegistryEntry = RegistryEntry | ModelServerEntry
+
+
 class RegistryState(BaseModel):
-    """The device registry: worker processes and in-flight spawn claims."""
+    """The device registry: worker processes and in-flight spawn claims, and managed model
+    servers with their start claims."""
 
     entries: dict[str, RegistryEntry] = Field(default_factory=dict)
     claims: dict[str, Claim] = Field(default_factory=dict)
+    servers: dict[str, ModelServerEntry] = Field(default_factory=dict)
+    server_claims: dict[str, ServerClaim] = Field(default_factory=dict)
 
 
 class Note(BaseModel):
@@ -333,18 +400,26 @@ def _(event: TaskCancelled, task: TaskRecord) -> None:
 
 
 def apply_registry(
-    state: RegistryState, event: Event, retired: dict[str, RegistryEntry] | None = None
+    state: RegistryState, event: Event, retired: dict[str, AnyRegistryEntry] | None = None
 ) -> RegistryState:
     """Fold one registry-stream event. A stopped process leaves `state` (nothing brings it
     back, and the registry must not grow with every process ever run); it moves to
-    `retired` when the caller keeps one (the `registry` and `replay` views do)."""
+    `retired` when the caller keeps one (the `registry` and `replay` views do). A model
+    server found exited leaves too: a dead server is never started again, a new one is."""
     _on_registry(event, state)
     instance_id = getattr(event, "instance_id", None)
-    entry = state.entries.get(instance_id) if isinstance(instance_id, str) else None
+    if not isinstance(instance_id, str):
+        return state
+    entry = state.entries.get(instance_id)
     if entry is not None and entry.status == "stopped":
         del state.entries[entry.instance_id]
         if retired is not None:
             retired[entry.instance_id] = entry
+    server = state.servers.get(instance_id)
+    if server is not None and not server.live:
+        del state.servers[instance_id]
+        if retired is not None:
+            retired[instance_id] = server
     return state
 
 
@@ -436,6 +511,106 @@ _on_registry.register(WorkerDraining, _status("draining"))
 _on_registry.register(WorkerStopped, _status("stopped"))
 _on_registry.register(WorkerExited, _status("exited"))
 
+# --- model servers ------------------------------------------------------------------------------
+
+
+@_on_registry.register
+def _(event: ModelServerStartRequested, state: RegistryState) -> None:
+    state.server_claims[event.claim_id] = ServerClaim(
+        claim_id=event.claim_id,
+        model=event.model,
+        fingerprint=event.fingerprint,
+        host=event.host,
+        claimant_pid=event.claimant_pid,
+        claimant_started_at=event.claimant_started_at,
+        claimed_at=event.timestamp,
+        start_timeout=event.start_timeout,
+        session_id=event.session_id,
+    )
+
+
+@_on_registry.register
+def _(event: ModelServerStarted, state: RegistryState) -> None:
+    claim = state.server_claims.get(event.claim_id)
+    if claim is not None:
+        _set(claim, instance_id=event.instance_id)
+    state.servers[event.instance_id] = ModelServerEntry(
+        instance_id=event.instance_id,
+        model=event.model,
+        host=event.host,
+        pid=event.pid,
+        pid_started_at=event.pid_started_at,
+        supervisor_pid=event.supervisor_pid,
+        supervisor_started_at=event.supervisor_started_at,
+        port=event.port,
+        url=event.url,
+        fingerprint=event.fingerprint,
+        identity=event.identity,
+        command=event.command,
+        memory_mb=event.memory_mb,
+        log_path=event.log_path,
+        idle_timeout=event.idle_timeout,
+        session_id=event.session_id,
+        started_at=event.timestamp,
+        updated_at=event.timestamp,
+        claim_id=event.claim_id,
+        sessions=[event.session_id],
+        last_used_at=event.timestamp,
+    )
+
+
+@_on_registry.register
+def _(event: ModelServerReady, state: RegistryState) -> None:
+    state.server_claims.pop(event.claim_id, None)
+    server = state.servers.get(event.instance_id)
+    if server is not None and "ready" in _NEXT_STATUS[server.status]:
+        _set(server, status="ready", ready_seconds=event.ready_seconds, updated_at=event.timestamp)
+
+
+@_on_registry.register
+def _(event: ModelServerStartFailed, state: RegistryState) -> None:
+    state.server_claims.pop(event.claim_id, None)
+    server = state.servers.get(event.instance_id or "")
+    if server is not None and server.status == "starting":
+        _set(server, status="stopped" if event.stopped else "exited", updated_at=event.timestamp)
+
+
+@_on_registry.register
+def _(event: ModelServerReused, state: RegistryState) -> None:
+    server = state.servers.get(event.instance_id)
+    if server is not None:
+        if event.session_id not in server.sessions:
+            server.sessions.append(event.session_id)
+        _set(server, last_used_at=event.timestamp, updated_at=event.timestamp)
+
+
+@_on_registry.register
+def _(event: ModelServerReuseRejected, state: RegistryState) -> None:
+    server = state.servers.get(event.instance_id)
+    wanted = event.requested_fingerprint
+    if server is not None and wanted and wanted not in server.rejected_for:
+        server.rejected_for.append(wanted)
+
+
+def _server_status(status: WorkerStatus) -> Any:
+    def move(event: ModelServerStopped | ModelServerExited, state: RegistryState) -> None:
+        server = state.servers.get(event.instance_id)
+        if server is None:
+            return
+        if status in _NEXT_STATUS[server.status]:
+            _set(server, status=status)
+        _set(server, updated_at=event.timestamp)
+        if server.claim_id is not None:  # it died while starting: its claim ends with it
+            claim = state.server_claims.get(server.claim_id)
+            if claim is not None and claim.instance_id == server.instance_id:
+                del state.server_claims[server.claim_id]
+
+    return move
+
+
+_on_registry.register(ModelServerStopped, _server_status("stopped"))
+_on_registry.register(ModelServerExited, _server_status("exited"))
+
 # Which status may follow which. A process recorded exited that is later found alive and
 # stopped (`stop --all`) ends stopped; nothing brings a stopped one back.
 _NEXT_STATUS: dict[WorkerStatus, frozenset[WorkerStatus]] = {
@@ -492,7 +667,7 @@ class LogState(BaseModel):
 
     position: int = 0
     registry: RegistryState = Field(default_factory=RegistryState)
-    retired: dict[str, RegistryEntry] = Field(default_factory=dict)
+    retired: dict[str, AnyRegistryEntry] = Field(default_factory=dict)
     sessions: dict[str, SessionState] = Field(default_factory=dict)
     tasks: dict[str, TaskRecord] = Field(default_factory=dict)
     memory: MemoryState = Field(default_factory=MemoryState)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from events.catalogue import TERMINAL_TASK_EVENTS, ConfigRecorded, TaskStarted
 from events.projections import (
+    AnyRegistryEntry,
     Override,
     Owner,
-    RegistryEntry,
     RegistryState,
     SessionState,
     TaskRecord,
@@ -49,9 +49,10 @@ def session_tasks(log: EventLog, session_id: str) -> list[TaskRecord]:
     return list(tasks.values())
 
 
-def registry_history(log: EventLog) -> tuple[RegistryState, dict[str, RegistryEntry]]:
-    """The registry folded from its first event: the live state and every stopped process."""
-    state, retired = RegistryState(), dict[str, RegistryEntry]()
+def registry_history(log: EventLog) -> tuple[RegistryState, dict[str, AnyRegistryEntry]]:
+    """The registry folded from its first event: the live state and every stopped process
+    (and model server)."""
+    state, retired = RegistryState(), dict[str, AnyRegistryEntry]()
     for _, event in log.select(Filter(stream=REGISTRY_STREAM)):
         apply_registry(state, event, retired)
     return state, retired

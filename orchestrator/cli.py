@@ -497,7 +497,16 @@ def stop(
     if worker is not None and all_:
         raise fail("give a WORKER or --all, not both")
     with session(ctx) as orch:
-        ids = [worker] if worker else [p.worker_id for p in orch.task_list(view="profiles")]
+        profiles = [p.worker_id for p in orch.task_list(view="profiles")]
+        # Managed model servers: `stop --all`, or one named by instance id or model.
+        sids = {"session_id": orch.session_id}
+        if worker is not None and worker not in profiles:
+            stopped, gone = orch.servers.stop_matching(worker, sids)
+            if stopped or gone:
+                _print_server_stops(stopped, gone, as_json)
+                return
+        servers = orch.servers.stop_matching(None, sids) if all_ else ([], [])
+        ids = [worker] if worker else list(profiles)
         if all_:  # and every worker this host runs a process of, profile or not
             ids += sorted({e.worker_id for e in orch.pool.stoppable()} - set(ids))
         results = []
@@ -508,15 +517,56 @@ def stop(
                 raise fail(str(rec.error), code=1)
             results.append(rec.result)
         if as_json:
+            if all_:
+                results.append({"model_servers": {"stopped": servers[0], "exited": servers[1]}})
             out.print_json(_dumps(results))
             return
-        lines = []
+        lines = _server_stop_lines(*servers)
         for r in results:
             if r and r["stopped"]:
                 lines.append(f"{r['worker_id']}: stopped {', '.join(r['stopped'])}")
             if r and r["exited"]:
                 lines.append(f"{r['worker_id']}: already gone {', '.join(r['exited'])}")
         out.print("\n".join(lines) or "nothing to stop on this host", markup=False)
+
+
+def _server_stop_lines(stopped: list[str], gone: list[str]) -> list[str]:
+    lines = [f"model server: stopped {', '.join(stopped)}"] if stopped else []
+    return lines + ([f"model server: already gone {', '.join(gone)}"] if gone else [])
+
+
+def _print_server_stops(stopped: list[str], gone: list[str], as_json: bool) -> None:
+    if as_json:
+        out.print_json(_dumps([{"model_servers": {"stopped": stopped, "exited": gone}}]))
+    else:
+        out.print("\n".join(_server_stop_lines(stopped, gone)), markup=False)
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    instance: Annotated[
+        str, typer.Argument(metavar="SERVER_INSTANCE", help="A model server's instance id.")
+    ],
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", metavar="N", help="Last N lines (0: all).")
+    ] = 100,
+) -> None:
+    """Print a managed model server's log (its stdout and stderr)."""
+    from orchestrator.config import did_you_mean
+    from orchestrator.model_servers import read_log_tail
+
+    with session(ctx) as orch:
+        servers = [r for r in orch.task_list(view="registry") if r.kind == "model_server"]
+    found = next((s for s in servers if s.instance_id == instance), None)
+    if found is None:
+        hint = did_you_mean(instance, [s.instance_id for s in servers])
+        raise fail(f'no model server "{instance}" in the registry.{hint}')
+    path = Path(found.log_path)
+    if not path.is_file():
+        raise fail(f"the log of {instance} ({path}) is gone")
+    for line in read_log_tail(path, max(0, lines)):
+        typer.echo(printable(line))
 
 
 def _view_command(view: str, columns: list[str], doc: str, needs_store: bool = True) -> None:
@@ -537,8 +587,11 @@ _view_command(
 )
 _view_command(
     "registry",
-    ["worker_id", "instance_id", "host", "pid", "status", "model", "model_policy"],
-    "Every worker process in the device registry.",
+    [
+        *("kind", "worker_id", "instance_id", "host", "pid", "port"),
+        *("status", "model", "model_policy", "memory_mb"),
+    ],
+    "Every worker process and managed model server in the device registry.",
 )
 _view_command(
     "models",
@@ -1025,6 +1078,10 @@ def config_check(ctx: typer.Context) -> None:
             f"ok: {where}: {len(cfg.providers)} providers, {len(cfg.profiles)} profiles{warned}"
         )
     for line in report.tags:
+        typer.echo(line)
+    from orchestrator.model_servers import managed_commands
+
+    for line in managed_commands(cfg):
         typer.echo(line)
     if report.problems:
         raise typer.Exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,9 +20,13 @@ BackendKind = Literal["server", "agent"]
 
 
 class ModelInfo(BaseModel):
-    """One model a provider offers, with the capabilities the resolver scores."""
+    """One model a provider offers, with the capabilities the resolver scores.
 
-    model_config = ConfigDict(extra="forbid")
+    A managed provider's model may carry keys of its own (scalars) for its server's
+    `command` placeholders; any other provider's unknown key is an error (`server_problems`).
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     name: str = ""
     vision: bool = False
@@ -29,6 +34,29 @@ class ModelInfo(BaseModel):
     context: int = 8192
     cost_input: float = 0.0
     cost_output: float = 0.0
+    # For a managed provider: `{path}` of its server's command, and what it holds in memory
+    # (counted against `[pool] memory_mb`).
+    path: str | None = None
+    memory_mb: int = Field(default=0, ge=0, le=16 * 1024 * 1024)
+
+
+class ServerConfig(BaseModel):
+    """`[providers.X.server]`: the provider's models are served by processes the
+    orchestrator starts itself, one per model (a managed provider, docs/configuration.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    ready_path: str = "/v1/models"
+    start_timeout: float = Field(default=300.0, gt=0, le=24 * 3600)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ready_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f'must start with "/", got "{value}"')
+        return value
 
 
 class ProviderConfig(BaseModel):
@@ -43,10 +71,12 @@ class ProviderConfig(BaseModel):
     timeout: float = Field(default=120.0, gt=0, le=3600)
     max_retries: int = Field(default=2, ge=0, le=10)
     models: dict[str, ModelInfo] = Field(default_factory=dict)
+    server: ServerConfig | None = None
 
     def identity(self) -> dict[str, Any]:
         """Where and how a request to this provider goes (never a key): part of every
-        worker fingerprint, so a process never calls an endpoint its config no longer names."""
+        worker fingerprint, so a process never calls an endpoint its config no longer names.
+        A managed provider's `base_url` is its model server's, sent with each request."""
         return {
             "kind": self.kind,
             "base_url": self.base_url,
@@ -83,6 +113,11 @@ class PoolConfig(BaseModel):
     cooldown_after: int = Field(default=3, ge=1, le=100)
     cooldown_window: float = Field(default=60.0, gt=0, le=3600)
     cooldown_for: float = Field(default=60.0, gt=0, le=3600)
+    # Managed model servers (ADR-0012): how many may run on the host at once, and the sum of
+    # their models' `memory_mb` (None: unlimited). A start evicts the least recently used
+    # idle server first.
+    max_model_servers: int = Field(default=2, ge=1, le=256)
+    memory_mb: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(BaseModel):
@@ -311,9 +346,101 @@ def layered(raw: dict[str, Any], source: str) -> OrchestratorConfig:
         else:
             merged[key] = value
     try:
-        return OrchestratorConfig.model_validate(merged)
+        cfg = OrchestratorConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError("\n".join(_problems(exc, source))) from None
+    problems = server_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
+    return cfg
+
+
+# Placeholders every managed model has besides the keys of its model table.
+SERVER_PLACEHOLDERS = ("port", "model", "provider")
+
+
+def placeholders(text: str) -> list[str]:
+    """The `{name}` placeholders of one command word (`{{` is a literal brace); raises
+    `ValueError` for a malformed or formatted one."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(text):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f'"{{{name}{"!" + conversion if conversion else ""}}}" in "{text}"')
+        names.append(name)
+    return names
+
+
+def model_values(provider_id: str, model_id: str, info: ModelInfo) -> dict[str, str]:
+    """What each placeholder of a managed model's command stands for, but `{port}`."""
+    values = {"model": model_id, "provider": provider_id}
+    for key, value in info.model_dump().items():
+        if value is not None:
+            values[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return values
+
+
+def server_problems(cfg: OrchestratorConfig) -> list[str]:
+    """Problems of managed providers (and model keys), `key.path: what`, one per line:
+    checked at load so a bad command is a configuration error, not a failed task."""
+    problems: list[str] = []
+    for pid, provider in cfg.providers.items():
+        extras = {
+            (mid, key): value
+            for mid, info in provider.models.items()
+            for key, value in (info.model_extra or {}).items()
+        }
+        server = provider.server
+        if server is None:
+            for mid, key in extras:
+                problems.append(
+                    f"providers.{pid}.models.{mid}.{key}: unknown key"
+                    + did_you_mean(key, ModelInfo.model_fields, lead="; did you mean", limit=1)
+                )
+            continue
+        where = f"providers.{pid}"
+        if provider.kind != "openai":
+            problems.append(f'{where}.server: only a provider of kind "openai" can be managed')
+        if provider.base_url:
+            problems.append(
+                f"{where}.base_url: a managed provider's base_url is its model server's; remove it"
+            )
+        words = [(f"server.command[{i}]", w) for i, w in enumerate(server.command)]
+        words += [(f"server.env.{k}", v) for k, v in server.env.items()]
+        used: dict[str, str] = {}
+        for key, word in words:
+            try:
+                for name in placeholders(word):
+                    used.setdefault(name, key)
+            except ValueError as exc:
+                problems.append(f"{where}.{key}: bad placeholder {exc}")
+        known = {*SERVER_PLACEHOLDERS, *ModelInfo.model_fields, *(k for _, k in extras)}
+        unknown = {name: key for name, key in used.items() if name not in known}
+        for name, key in unknown.items():
+            hint = did_you_mean(name, sorted(known), lead="; did you mean", limit=1)
+            problems.append(
+                f'{where}.{key}: unknown placeholder "{{{name}}}"'
+                + (hint.replace('"', '"{', 1).replace('"?', '}"?') if hint else "")
+                + ("" if hint else f" (known: {', '.join(sorted(known))})")
+            )
+        if unknown:
+            continue  # its model keys are judged once the command is right
+        for (mid, key), value in extras.items():
+            if key not in used:
+                problems.append(
+                    f"{where}.models.{mid}.{key}: unknown key (and no placeholder of "
+                    f"{where}.server.command uses it)"
+                )
+            elif not isinstance(value, str | int | float | bool):
+                problems.append(f"{where}.models.{mid}.{key}: must be a string or a number")
+        for name, key in used.items():
+            for mid, info in provider.models.items():
+                if name != "port" and name not in model_values(pid, mid, info):
+                    problems.append(
+                        f'{where}.models.{mid}.{name}: required by "{{{name}}}" in {where}.{key}'
+                    )
+    return problems
 
 
 def _named(raw: dict[str, Any], key: str) -> dict[str, Any]:
@@ -361,6 +488,8 @@ def _suggest(loc: list[str]) -> str:
         model = ProfileConfig
     elif parent[:1] == ["providers"] and len(parent) == 2:
         model = ProviderConfig
+    elif parent[:1] == ["providers"] and len(parent) == 3 and parent[2] == "server":
+        model = ServerConfig
     elif parent[:1] == ["providers"] and len(parent) == 4:
         model = ModelInfo
     allowed = [*model.model_fields, *(["extends"] if model is OrchestratorConfig else [])]

@@ -11,7 +11,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from events.catalogue import TERMINAL_TASK_EVENTS, types_of
-from events.projections import LogState, Override, RegistryEntry, TaskRecord
+from events.projections import (
+    AnyRegistryEntry,
+    LogState,
+    Override,
+    RegistryEntry,
+    TaskRecord,
+)
 from events.store import EventRecord
 
 
@@ -30,7 +36,7 @@ class ReplayView(BaseModel):
     """The registry, the session overrides and the tasks as of one log position."""
 
     position: int
-    registry: list[RegistryEntry]
+    registry: list[AnyRegistryEntry]
     overrides: list[OverrideRow]
     tasks: list[TaskRecord]
 
@@ -67,6 +73,20 @@ class ProcessCause(BaseModel):
     position: int | None = None
 
 
+class ServerCause(BaseModel):
+    """A managed model server the task used (ADR-0012): `started` for it (and how long it
+    took to be ready), `reused`, `start_failed`, or `evicted` to make room for it."""
+
+    action: str
+    instance_id: str | None
+    model: str | None = None
+    pid: int | None = None
+    port: int | None = None
+    ready_seconds: float | None = None
+    detail: str = ""
+    position: int
+
+
 class TaskExplanation(BaseModel):
     """The chain of events behind one task (the `explain` view for a task_id)."""
 
@@ -82,6 +102,7 @@ class TaskExplanation(BaseModel):
     override: OverrideCause | None
     process: ProcessCause
     rejections: list[Rejection]
+    model_servers: list[ServerCause] = []
     error: str | None
     summary: list[str]
     chain: list[EventRecord]
@@ -110,7 +131,12 @@ def replay_view(state: LogState) -> ReplayView:
     ]
     tasks = sorted(state.tasks.values(), key=lambda t: t.started_at)
     registry = sorted(
-        [*state.registry.entries.values(), *state.retired.values()], key=lambda e: e.started_at
+        [
+            *state.registry.entries.values(),
+            *state.registry.servers.values(),
+            *state.retired.values(),
+        ],
+        key=lambda e: e.started_at,
     )
     return ReplayView(position=state.position, registry=registry, overrides=overrides, tasks=tasks)
 
@@ -189,6 +215,7 @@ def explain_task(
         override=cause,
         process=process,
         rejections=rejections,
+        model_servers=_server_causes(chain),
         error=end.data.get("error") if end else None,
         summary=[],
         chain=chain,
@@ -221,6 +248,68 @@ def _process_cause(chain: list[EventRecord], end: EventRecord | None) -> Process
             position=end.position,
         )
     return ProcessCause(action="none")
+
+
+def _server_causes(chain: list[EventRecord]) -> list[ServerCause]:
+    """The model servers behind a task, from its own registry events."""
+    causes: list[ServerCause] = []
+    started: dict[str, ServerCause] = {}
+    for r in chain:
+        d = r.data
+        if r.type == "ModelServerStarted":
+            cause = ServerCause(
+                action="started",
+                instance_id=d["instance_id"],
+                model=d["model"],
+                pid=d["pid"],
+                port=d["port"],
+                position=r.position,
+            )
+            started[d["instance_id"]] = cause
+            causes.append(cause)
+        elif r.type == "ModelServerReady" and d["instance_id"] in started:
+            started[d["instance_id"]].ready_seconds = d["ready_seconds"]
+        elif r.type == "ModelServerReused":
+            causes.append(
+                ServerCause(action="reused", instance_id=d["instance_id"], position=r.position)
+            )
+        elif r.type == "ModelServerStartFailed":
+            causes.append(
+                ServerCause(
+                    action="start_failed",
+                    instance_id=d.get("instance_id"),
+                    detail=str(d["error"]).splitlines()[0],
+                    position=r.position,
+                )
+            )
+        elif r.type == "ModelServerStopped" and d.get("reason") == "evicted":
+            causes.append(
+                ServerCause(
+                    action="evicted",
+                    instance_id=d["instance_id"],
+                    detail=d.get("detail", ""),
+                    position=r.position,
+                )
+            )
+    return causes
+
+
+def _server_lines(causes: list[ServerCause]) -> list[str]:
+    lines = []
+    for c in causes:
+        if c.action == "started":
+            ready = "" if c.ready_seconds is None else f", ready in {c.ready_seconds:.2f} s"
+            lines.append(
+                f"model server {c.instance_id} of {c.model} (pid {c.pid}, port {c.port}) was "
+                f"started for this task at position {c.position}{ready}"
+            )
+        elif c.action == "reused":
+            lines.append(f"served through running model server {c.instance_id} (reused)")
+        elif c.action == "start_failed":
+            lines.append(f"model server start failed at position {c.position}: {c.detail}")
+        elif c.action == "evicted":
+            lines.append(f"evicted model server {c.instance_id} to make room ({c.detail})")
+    return lines
 
 
 def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
@@ -267,6 +356,7 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
         lines.append(f"spawned process {p.instance_id} (pid {p.pid}) at position {p.position}")
     elif p.action == "in-process":
         lines.append(f"served in-process by agent worker {p.instance_id}")
+    lines += _server_lines(e.model_servers)
     if e.model:
         lines.append(f"served by model {e.model}")
     if e.error:

@@ -277,7 +277,8 @@ def flatten(state: LogState) -> Flat:
     for sid, session in state.sessions.items():
         for worker_id, override in session.overrides.items():
             flat[("override", f"{sid}/{worker_id}")] = override.model_dump(mode="json")
-    for iid, entry in [*state.registry.entries.items(), *state.retired.items()]:
+    rows = [*state.registry.entries.items(), *state.registry.servers.items()]
+    for iid, entry in [*rows, *state.retired.items()]:
         flat[("registry", iid)] = entry.model_dump(mode="json")
     for task_id, task in state.tasks.items():
         flat[("task", task_id)] = task.model_dump(mode="json")

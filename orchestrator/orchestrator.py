@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -72,6 +73,7 @@ from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean,
 from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
+from orchestrator.model_servers import ModelServers
 from orchestrator.pool import REGISTRY_STREAM, SpawnError, WorkerPool, WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
 from orchestrator.providers import Completion, ProviderError, internal_error
@@ -115,6 +117,10 @@ class Orchestrator:
         log.hold_host_lease(self.host)
         self.agent = AgentBackend(config, lambda: os.environ)
         self.server = ServerBackend(self.pool, config, lambda: os.environ)
+        # Managed model servers share the registry stream (and its view) with the workers.
+        self.servers = ModelServers(
+            log, self.pool.registry, config, lambda: log.private_dir("model_servers")
+        )
         self.backends: dict[str, Backend] = {"agent": self.agent, "server": self.server}
         slots = config.pool.max_concurrency
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="task")
@@ -179,6 +185,12 @@ class Orchestrator:
                         {"session_id": self.session_id, "worker_id": entry.worker_id},
                         reason="orchestrator closed",
                     )
+            for server in self.servers.stoppable():
+                if server.instance_id in self.servers.started_here:
+                    self.servers.stop(
+                        server, {"session_id": self.session_id}, reason="orchestrator closed"
+                    )
+        self.servers.reap_children()
         self.agent.agents.clear()
         self.pool.reap_children()
         if self._owns_log:
@@ -249,6 +261,7 @@ class Orchestrator:
             self._moved = exc
             _log.error("store moved", error=str(exc))
             self.pool.abandon()
+            self.servers.abandon()
 
     def _check_moved(self) -> None:
         if self._moved is not None:
@@ -540,6 +553,7 @@ class Orchestrator:
         spec = self.worker_spec(worker_id, self.session_decision(worker_id))
         ids = self._ids(task_id, worker_id)
         if self.profile(worker_id).backend == "agent":
+            self.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
             agent = self.agent.agents.get(worker_id)
             if agent is not None and agent.fingerprint == spec.fingerprint:
                 return False
@@ -555,6 +569,7 @@ class Orchestrator:
         lease = self._acquire(spec, ids, force_new=False, spawn=True)
         assert lease is not None
         self.pool.registry.append(list(lease.deferred))
+        self.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
         for entry in before:
             if set(entry.sessions) <= {self.session_id}:
                 self.pool.retire(
@@ -750,7 +765,16 @@ class Orchestrator:
                 if cancel.is_set():
                     raise Cancelled()
                 try:
-                    completion = backend.prompt(lease, replace(request, model=model), cancel)
+                    # A managed model's server is held (never evicted) while the request runs.
+                    with contextlib.ExitStack() as held:
+                        server = self.servers.acquire(model, ids)
+                        base_url = None
+                        if server is not None:
+                            held.enter_context(server)
+                            base_url = server.base_url
+                        completion = backend.prompt(
+                            lease, replace(request, model=model, base_url=base_url), cancel
+                        )
                 except Draining:
                     continue  # a respawn retired it just now: take (or start) its successor
                 except ProviderError as exc:
@@ -810,7 +834,7 @@ class Orchestrator:
         cancelled meanwhile keeps its cancel: the fold lets the first terminal event win, so
         a late result (even one racing a cancel from another process) changes nothing."""
         leased = self._leases.pop(task_id, None)
-        deferred = leased[1].deferred if leased else ()
+        deferred = (*(leased[1].deferred if leased else ()), *self.servers.take_deferred(task_id))
         traced = self._traced.pop(task_id, None)
         cancel = self._cancels.get(task_id)
         if cancel is not None and cancel.is_set():

@@ -123,6 +123,18 @@ def provider_of(providers: Providers, model: str) -> tuple[str, Provider]:
     return provider_id, provider
 
 
+def with_base_url(providers: Providers, model: str, base_url: str | None) -> Providers:
+    """`providers` with the provider of `model` sent to `base_url` (a managed model's
+    server, known only per request); unchanged when `base_url` is None."""
+    if base_url is None:
+        return providers
+    provider_id, provider = provider_of(providers, model)
+    moved = ProviderSettings(
+        provider.kind, base_url, provider.api_key_env, provider.timeout, provider.max_retries
+    )
+    return {**providers, provider_id: moved}
+
+
 def credentials_for(providers: Providers, model: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The credentials a request to `model` needs, read from `environ` now (may be empty)."""
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from events.catalogue import EVENT_TYPES, TaskCompleted
-from events.projections import RegistryEntry, TaskRecord
+from events.projections import AnyRegistryEntry, RegistryEntry, TaskRecord
 from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
 from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
@@ -104,13 +104,16 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
     return rows
 
 
-def registry(orch: Orchestrator) -> list[RegistryEntry]:
-    """Every worker process the device registry knows, on every host, oldest first (the
-    stopped ones too: they are read from the registry's history, not the live state). This
-    host's processes are checked first, and one found gone is recorded as such."""
+def registry(orch: Orchestrator) -> list[AnyRegistryEntry]:
+    """Every worker process and managed model server (`kind`) the device registry knows,
+    on every host, oldest first (the stopped ones too: they are read from the registry's
+    history, not the live state). This host's processes and model servers are checked
+    first, and one found gone is recorded as such."""
     orch.pool.settle_host(orch.session_id)
+    orch.servers.sweep({"session_id": orch.session_id})
     state, retired = registry_history(orch.log)
-    return sorted([*state.entries.values(), *retired.values()], key=lambda e: e.started_at)
+    rows = [*state.entries.values(), *state.servers.values(), *retired.values()]
+    return sorted(rows, key=lambda e: e.started_at)
 
 
 def models(orch: Orchestrator) -> list[CatalogueModel]:
@@ -319,7 +322,9 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
         model_policy=decision.model_policy,
         reason=decision.reason,
         override=override_cause(override, worker_id),
-        processes=[e for e in registry(orch) if e.worker_id == worker_id],
+        processes=[
+            e for e in registry(orch) if isinstance(e, RegistryEntry) and e.worker_id == worker_id
+        ],
         history=[record_from(*e) for e in history],
     )
 

@@ -4,7 +4,7 @@ Listens on 127.0.0.1 at an ephemeral port, requires its bearer token (from the e
 never argv), prints one `READY {json}` line, then serves (HTTP/1.1, keep-alive):
 
 - `GET /health` -> `{worker_id, instance_id, pid, fingerprint, model, status, in_flight}`
-- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?}` ->
+- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?, base_url?}` ->
   `{text, model, instance_id, fingerprint, usage, tool_calls}`
 - `POST /cancel` `{task_id}`: the prompt of that task answers 409 at once
 - `POST /adopt`: the spawner has registered this process (until then it watches its parent)
@@ -44,6 +44,7 @@ from orchestrator.providers import (
     ProviderSettings,
     complete,
     internal_error,
+    with_base_url,
 )
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
@@ -381,6 +382,10 @@ class Handler(BaseHTTPRequestHandler):
         max_reply = _optional(body, "max_reply", int)
         if max_reply is not None and not 1 <= max_reply <= MAX_REPLY:
             raise BadRequest(f'"max_reply" must be 1..{MAX_REPLY}')
+        # A managed model's server, on this host only (ADR-0012).
+        base_url = _optional(body, "base_url", str)
+        if base_url is not None and not base_url.startswith("http://127.0.0.1:"):
+            raise BadRequest('"base_url" must be a loopback http://127.0.0.1: url')
         with self.server.lock:
             if self.server.draining:
                 self._reply(503, {"error": "worker is draining: it takes no new tasks"})
@@ -391,7 +396,7 @@ class Handler(BaseHTTPRequestHandler):
         if task_id:
             self.server.cancels[task_id] = cancel
         try:
-            self._answer(text, str(model), tools, credentials, cancel, max_reply)
+            self._answer(text, str(model), tools, credentials, cancel, max_reply, base_url)
         finally:
             if task_id:
                 self.server.cancels.pop(task_id, None)
@@ -405,6 +410,7 @@ class Handler(BaseHTTPRequestHandler):
         credentials: dict[str, str],
         cancel: threading.Event,
         max_reply: int | None,
+        base_url: str | None = None,
     ) -> None:
         outcome: list[Completion | ProviderError | Exception] = []
         done = threading.Event()
@@ -413,7 +419,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 outcome.append(
                     complete(
-                        self.server.providers,
+                        with_base_url(self.server.providers, model, base_url),
                         model,
                         text,
                         self.server.spec["system_prompt"],

@@ -63,6 +63,8 @@ class PromptRequest:
     system_prompt: str = ""
     attachments: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    # A managed model's server (ADR-0012): where its provider's requests go this time.
+    base_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator.backends import Lease, PromptRequest, StopResult, interruptible
 from orchestrator.config import BackendKind, OrchestratorConfig
 from orchestrator.pool import WorkerSpec
-from orchestrator.providers import Completion, complete, credentials_for
+from orchestrator.providers import Completion, complete, credentials_for, with_base_url
 
 
 class AgentBackend:
@@ -55,7 +55,7 @@ class AgentBackend:
         credentials = credentials_for(self.config.providers, request.model, self._environ())
         return interruptible(
             lambda: complete(
-                self.config.providers,
+                with_base_url(self.config.providers, request.model, request.base_url),
                 request.model,
                 request.text,
                 request.system_prompt,

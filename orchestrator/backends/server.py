@@ -82,6 +82,8 @@ class ServerBackend:
             "max_reply": max_reply,
         }
         secrets = list(credentials.values())
+        if request.base_url is not None:  # a managed model's server
+            body["base_url"] = request.base_url
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
             # Twice the provider's bound: the worker re-escapes the text (`\uXXXX`, and

@@ -33,7 +33,7 @@ from events.catalogue import (
     WorkerModelSet,
     types_of,
 )
-from events.projections import Override, RegistryEntry, TaskRecord
+from events.projections import AnyRegistryEntry, Override, TaskRecord
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
 from orchestrator import history, views
 from orchestrator.api import InvalidTaskArgs, check_session_id
@@ -111,7 +111,7 @@ class TravelState:
     index: int  # which stop of the slider
     overrides: dict[str, Override]
     tasks: list[TaskRecord]
-    processes: list[RegistryEntry]
+    processes: list[AnyRegistryEntry]
 
 
 class Inspector:
@@ -362,7 +362,7 @@ class Inspector:
             e = proc.entry
             if not e.live:
                 seen = ""
-            elif e.backend == "agent":
+            elif getattr(e, "backend", None) == "agent":
                 seen = "in its orchestrator"
             elif e.host == self.host:
                 seen = process_state(e.pid, e.pid_started_at)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from events.catalogue import (
     Event,
     ModelAttemptFailed,
@@ -38,8 +40,8 @@ from events.catalogue import (
     WorkerStopped,
 )
 from events.projections import (
+    AnyRegistryEntry,
     Override,
-    RegistryEntry,
     RegistryState,
     SessionState,
     TaskRecord,
@@ -49,6 +51,7 @@ from events.projections import (
 )
 
 REGISTRY_CHECKPOINT_EVERY = 256
+_ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server
 # Also a checkpoint at a registry event this many positions after the last one, so the
 # events between two checkpoints lie within this many positions (the read after one is a
 # short range of the log, however sparse the registry's events are).
@@ -173,7 +176,7 @@ class SessionHistory:
 class Process:
     """A registry entry and how it started and stopped (the `processes` page's row)."""
 
-    entry: RegistryEntry
+    entry: AnyRegistryEntry
     started_by: str
     stopped_why: str | None = None
 
@@ -191,7 +194,7 @@ class RegistryHistory:
 
     position: int = 0
     state: RegistryState = field(default_factory=RegistryState)
-    retired: dict[str, RegistryEntry] = field(default_factory=dict)
+    retired: dict[str, AnyRegistryEntry] = field(default_factory=dict)
     started_by: dict[str, str] = field(default_factory=dict)
     stopped_why: dict[str, str] = field(default_factory=dict)
     every: int = REGISTRY_CHECKPOINT_EVERY
@@ -243,7 +246,7 @@ class RegistryHistory:
 
     def at(
         self, position: int, read: Callable[[int, int], Iterable[tuple[int, Event]]]
-    ) -> list[RegistryEntry]:
+    ) -> list[AnyRegistryEntry]:
         """The registry's processes (running and stopped) as of a position: the nearest
         checkpoint, then `read(after, until)`'s registry events up to the position (all
         within `REGISTRY_CHECKPOINT_SPAN` positions of the checkpoint)."""
@@ -253,7 +256,7 @@ class RegistryHistory:
         i = bisect.bisect_right(self._checkpoint_at, position) - 1
         base = self._checkpoints[max(i, 0)]
         state = RegistryState.model_validate(base.state)
-        retired = {k: RegistryEntry.model_validate(v) for k, v in base.retired.items()}
+        retired = {k: _ENTRY.validate_python(v) for k, v in base.retired.items()}
         if base.position < position:
             until = min(position, base.position + REGISTRY_CHECKPOINT_SPAN)
             for _, event in read(base.position, until):
