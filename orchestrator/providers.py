@@ -145,17 +145,26 @@ def complete(
     system_prompt: str = "",
     credentials: Mapping[str, str] | None = None,
     tools: list[dict[str, Any]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
 ) -> Completion:
-    """Send one message to `model` (a `provider/model`) and return the answer."""
+    """Send one message to `model` (a `provider/model`) and return the answer. `messages`
+    (a conversation: every message after the system prompt, the new one included) replaces
+    the single user message `text`."""
     provider_id, provider = provider_of(providers, model)
     _, name = split_model(model)
+    if messages is None:
+        messages = [{"role": "user", "content": text}]
     if provider.kind == "echo":
-        reply = f"[{model}] {text}"
+        # The last user message is what it answers; every message's words are its input.
+        said = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
+        reply = f"[{model}] {said}"
+        words = sum(len(str(m.get("content") or "").split()) for m in messages)
         return Completion(
-            text=reply,
-            usage={"input_tokens": len(text.split()), "output_tokens": len(reply.split())},
+            text=reply, usage={"input_tokens": words, "output_tokens": len(reply.split())}
         )
-    return _openai_chat(provider_id, provider, name, text, system_prompt, credentials or {}, tools)
+    return _openai_chat(
+        provider_id, provider, name, messages, system_prompt, credentials or {}, tools
+    )
 
 
 @cache
@@ -181,7 +190,7 @@ def _openai_chat(
     provider_id: str,
     provider: Provider,
     name: str,
-    text: str,
+    messages: list[dict[str, Any]],
     system_prompt: str,
     credentials: Mapping[str, str],
     tools: list[dict[str, Any]] | None,
@@ -197,9 +206,8 @@ def _openai_chat(
                 f'Provider "{provider_id}" needs an API key: set {provider.api_key_env}.'
             )
         headers["Authorization"] = f"Bearer {secret}"
-    messages = [{"role": "user", "content": text}]
     if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     body: dict[str, Any] = {"model": name, "messages": messages}
     if tools:
         body["tools"] = tools

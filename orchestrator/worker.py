@@ -4,7 +4,7 @@ Listens on 127.0.0.1 at an ephemeral port, requires its bearer token (from the e
 never argv), prints one `READY {json}` line, then serves (HTTP/1.1, keep-alive):
 
 - `GET /health` -> `{worker_id, instance_id, pid, fingerprint, model, status, in_flight}`
-- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?}` ->
+- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?, messages?}` ->
   `{text, model, instance_id, fingerprint, usage, tool_calls}`
 - `POST /cancel` `{task_id}`: the prompt of that task answers 409 at once
 - `POST /adopt`: the spawner has registered this process (until then it watches its parent)
@@ -214,6 +214,12 @@ class Handler(BaseHTTPRequestHandler):
         text = _field(body, "text", str)
         model = _optional(body, "model", str) or self.server.spec["model"]
         tools = _optional(body, "tools", list)
+        # A conversation: the messages after the system prompt, built by the orchestrator.
+        messages = _optional(body, "messages", list)
+        if messages is not None and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+        ):
+            raise BadRequest('"messages" must be a list of objects with a "role"')
         credentials = _optional(body, "credentials", dict) or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
             raise BadRequest('"credentials" must map strings to strings')
@@ -228,7 +234,7 @@ class Handler(BaseHTTPRequestHandler):
         if task_id:
             self.server.cancels[task_id] = cancel
         try:
-            self._answer(text, str(model), tools, credentials, cancel)
+            self._answer(text, str(model), tools, credentials, cancel, messages)
         finally:
             if task_id:
                 self.server.cancels.pop(task_id, None)
@@ -241,6 +247,7 @@ class Handler(BaseHTTPRequestHandler):
         tools: list[Any] | None,
         credentials: dict[str, str],
         cancel: threading.Event,
+        messages: list[dict[str, Any]] | None = None,
     ) -> None:
         outcome: list[Completion | ProviderError] = []
         done = threading.Event()
@@ -255,6 +262,7 @@ class Handler(BaseHTTPRequestHandler):
                         self.server.spec["system_prompt"],
                         credentials=credentials,
                         tools=tools,
+                        messages=messages,
                     )
                 )
             except ProviderError as exc:

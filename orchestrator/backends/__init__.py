@@ -63,6 +63,9 @@ class PromptRequest:
     system_prompt: str = ""
     attachments: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    # A continued conversation: every message after the system prompt, the new one last
+    # (None: `text` alone is the user message).
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

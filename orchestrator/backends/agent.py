@@ -61,6 +61,7 @@ class AgentBackend:
                 request.system_prompt,
                 credentials=credentials,
                 tools=request.tools,
+                messages=request.messages,
             ),
             cancel,
         )

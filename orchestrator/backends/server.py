@@ -60,7 +60,7 @@ class ServerBackend:
         assert lease.url is not None
         client = WorkerClient(lease.url, lease.instance_id)
         budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
-        body = {
+        body: dict[str, Any] = {
             "text": request.text,
             "model": request.model,
             "attachments": request.attachments,
@@ -68,6 +68,8 @@ class ServerBackend:
             "task_id": request.task_id,
             "credentials": credentials_for(self.config.providers, request.model, self._environ()),
         }
+        if request.messages is not None:
+            body["messages"] = request.messages
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
             reply = client.prompt(body, timeout=budget)
