@@ -246,12 +246,25 @@ def run(
     force_new: Annotated[
         bool, typer.Option("--force-new", metavar="", help="Never reuse a process.")
     ] = False,
+    continue_from: Annotated[
+        str | None,
+        typer.Option(
+            "--continue",
+            metavar="TASK_ID",
+            help="Continue that worker task's conversation: the model gets its history first.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a task on a worker and print its reply."""
     with session(ctx) as orch:
         handle = orch.task_start(
-            kind="worker", worker_id=worker, task=text, model=model, force_new=force_new
+            kind="worker",
+            worker_id=worker,
+            task=text,
+            model=model,
+            force_new=force_new,
+            continue_from=continue_from,
         )
         finish_task(orch, handle.task_id, as_json, f"running on {worker}")
 
@@ -532,7 +545,7 @@ def whatif(
     emit(
         rows,
         as_json,
-        ["task_id", "worker_id", "served_model", "whatif_model", "changed", "reason"],
+        ["task_id", "turn", "worker_id", "served_model", "whatif_model", "changed", "reason"],
     )
 
 
@@ -643,6 +656,23 @@ def explain_worker(ctx: typer.Context, worker_id: WorkerArg, as_json: JsonOpt = 
         title="processes",
     )
     emit(expl.history, False, EVENT_COLUMNS, title="history")
+
+
+@app.command("conversation")
+def conversation(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="A worker task id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The messages a worker task's request carried, and its reply, turn by turn."""
+    with session(ctx) as orch:
+        rows = orch.task_list(view="conversation", task_id=task_id)
+    emit(
+        rows,
+        as_json,
+        ["task_id", "role", "model", "content", "tool_calls", "tool_call_id"],
+        title=f"conversation of {task_id}",
+    )
 
 
 @app.command()

@@ -17,10 +17,18 @@ from typing import Any
 
 import orjson
 
-from events.catalogue import TERMINAL_TASK_EVENTS, ConversationTrimmed, TaskCompleted, TaskStarted
+from events.catalogue import (
+    TERMINAL_TASK_EVENTS,
+    ConversationTrimmed,
+    Event,
+    TaskCompleted,
+    TaskStarted,
+)
 from events.reads import TASK_RECORD_TYPES
 from events.store import EventLog, Filter
+from orchestrator.api import ConversationRow
 from orchestrator.backends import TaskError
+from orchestrator.explain import TurnModel
 
 Message = dict[str, Any]
 # Ids per select of a long history: under every driver's limit on parameters.
@@ -99,14 +107,7 @@ def call_ids(tool_calls: Sequence[dict[str, Any]] | None) -> list[str]:
 def read_parent(log: EventLog, task_id: str) -> Parent:
     """The task a new one continues, from its own events (one indexed read); raises
     `ConversationError` unless it is a worker task that completed."""
-    started: TaskStarted | None = None
-    end = None
-    where = Filter(task_id=task_id, types=(*TASK_RECORD_TYPES, "ModelResolved"))
-    for _, event in log.select(where):
-        if isinstance(event, TaskStarted):
-            started = event
-        elif end is None and event.type_name() in TERMINAL_TASK_EVENTS:
-            end = event
+    started, end, _ = _own_events(log, task_id)
     if started is None:
         raise ConversationError(f'continue_from: no task "{task_id}" in this store.')
     if started.kind != "worker":
@@ -125,6 +126,26 @@ def read_parent(log: EventLog, task_id: str) -> Parent:
         )
     turn = Turn(task_id, end.model, [*new_messages(started.args), reply_message(end)])
     return Parent(task_id, turn, list(started.conversation), list(end.tool_calls or []))
+
+
+def _own_events(
+    log: EventLog, task_id: str
+) -> tuple[TaskStarted | None, Event | None, ConversationTrimmed | None]:
+    """A task's start, its end (the first terminal event) and its last `ConversationTrimmed`
+    before that end, in one indexed read of its own events."""
+    started: TaskStarted | None = None
+    end: Event | None = None
+    trimmed: ConversationTrimmed | None = None
+    where = Filter(task_id=task_id, types=(*TASK_RECORD_TYPES, "ConversationTrimmed"))
+    for _, event in log.select(where):
+        if isinstance(event, TaskStarted):
+            started = event
+        elif isinstance(event, ConversationTrimmed):
+            if end is None:
+                trimmed = event
+        elif end is None and event.type_name() in TERMINAL_TASK_EVENTS:
+            end = event
+    return started, end, trimmed
 
 
 def check_tool_results(parent: Parent, results: Sequence[dict[str, Any]]) -> None:
@@ -156,13 +177,17 @@ def check_tool_results(parent: Parent, results: Sequence[dict[str, Any]]) -> Non
         )
 
 
-def read_turns(log: EventLog, parent: Parent) -> list[Turn]:
-    """Every earlier turn of a conversation, the first first: the parent's from its own read,
-    the others in one select over their task ids (a page of ids per select when there are
-    very many)."""
+def history(log: EventLog, parent: Parent) -> list[Turn]:
+    """Every earlier turn of the task continuing `parent`, the first first: the parent's
+    from its own read, the others in one select over their task ids."""
+    return [*read_turns(log, parent.ancestors), parent.turn]
+
+
+def read_turns(log: EventLog, ids: Sequence[str]) -> list[Turn]:
+    """The turns (completed worker tasks) of `ids`, in that order, in one select over their
+    task ids (a page of ids per select when there are very many)."""
     started: dict[str, TaskStarted] = {}
     completed: dict[str, TaskCompleted] = {}
-    ids = parent.ancestors
     for i in range(0, len(ids), IDS_PER_SELECT):
         chunk = tuple(ids[i : i + IDS_PER_SELECT])
         for _, event in log.select(Filter(task_ids=chunk, types=TURN_TYPES)):
@@ -179,7 +204,7 @@ def read_turns(log: EventLog, parent: Parent) -> list[Turn]:
             )
         messages = [*new_messages(begun.args), reply_message(reply)]
         turns.append(Turn(task_id, reply.model, messages))
-    return [*turns, parent.turn]
+    return turns
 
 
 def estimate_tokens(messages: Sequence[Message]) -> int:
@@ -247,3 +272,65 @@ def trimmed_event(
         dropped_turns=fitted.dropped,
         kept_turns=fitted.kept,
     )
+
+
+@dataclass
+class Recorded:
+    """What the log says of one worker task's conversation: its own events and turns."""
+
+    started: TaskStarted
+    end: Event | None
+    trimmed: ConversationTrimmed | None
+    turns: list[Turn]  # every earlier turn, the first first (trimmed ones included)
+
+
+def read_recorded(log: EventLog, task_id: str) -> Recorded | None:
+    """A worker task's conversation as recorded: one read of its own events, one select
+    over its earlier turns. None for a task that was never started."""
+    started, end, trimmed = _own_events(log, task_id)
+    if started is None:
+        return None
+    turns = read_turns(log, started.conversation) if started.conversation else []
+    if trimmed is not None and isinstance(end, TaskCompleted) and trimmed.model != end.model:
+        trimmed = None  # trimmed for a model that failed; the one that served took it all
+    return Recorded(started, end, trimmed, turns)
+
+
+def rows_of(recorded: Recorded, system_prompt: str) -> list[ConversationRow]:
+    """The `conversation` view of a task: the messages its request carried (the system
+    prompt, the turns kept, its own tool results and message), then its reply."""
+    task_id = str(recorded.started.task_id)
+    end = recorded.end
+    model = end.model if isinstance(end, TaskCompleted) else None
+    rows: list[ConversationRow] = []
+    if system_prompt:
+        rows.append(_row(task_id, model, {"role": "system", "content": system_prompt}))
+    dropped = recorded.trimmed.dropped_turns if recorded.trimmed else 0
+    for turn in recorded.turns[dropped:]:
+        rows += [_row(turn.task_id, turn.model, m) for m in turn.messages]
+    rows += [_row(task_id, model, m) for m in new_messages(recorded.started.args)]
+    if isinstance(end, TaskCompleted):
+        rows.append(_row(task_id, model, reply_message(end)))
+    return rows
+
+
+def _row(task_id: str, model: str | None, message: Message) -> ConversationRow:
+    return ConversationRow(
+        task_id=task_id,
+        role=message["role"],
+        content=message.get("content"),
+        tool_calls=message.get("tool_calls"),
+        tool_call_id=message.get("tool_call_id"),
+        model=model,
+    )
+
+
+def conversation_models(log: EventLog, ids: Sequence[str]) -> list[TurnModel]:
+    """The model that served each of the turns `ids` (one select over their replies)."""
+    served: dict[str, str | None] = {}
+    for i in range(0, len(ids), IDS_PER_SELECT):
+        where = Filter(task_ids=tuple(ids[i : i + IDS_PER_SELECT]), types=("TaskCompleted",))
+        for _, event in log.select(where):
+            assert isinstance(event, TaskCompleted)
+            served.setdefault(str(event.task_id), event.model)
+    return [TurnModel(task_id=t, model=served.get(t)) for t in ids]

@@ -751,7 +751,7 @@ class Orchestrator:
         out. Fallbacks keep the history."""
         if parent is None:
             return lambda model: replace(request, model=model)
-        turns = conversation.read_turns(self.log, parent)
+        turns = conversation.history(self.log, parent)
         new = conversation.new_messages(args.model_dump(mode="json", exclude_none=True))
         tools = len(orjson.dumps(args.tools)) // conversation.CHARS_PER_TOKEN if args.tools else 0
         contexts = {m.model: m.context for m in catalogue}

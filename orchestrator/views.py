@@ -15,8 +15,16 @@ from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history
-from orchestrator.api import InvalidTaskArgs, MemoryItem, ProfileView, UsageRow, WorkerView
+from orchestrator.api import (
+    ConversationRow,
+    InvalidTaskArgs,
+    MemoryItem,
+    ProfileView,
+    UsageRow,
+    WorkerView,
+)
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
+from orchestrator.conversation import conversation_models, read_recorded, rows_of
 from orchestrator.explain import (
     HISTORY_TYPES,
     ReplayView,
@@ -260,7 +268,8 @@ def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
         override = _override_record(
             orch.log, str(started.session_id), str(started.worker_id), resolved.position
         )
-    found = explain_task(chain, override)
+    ids = started.data.get("conversation") or [] if started is not None else []
+    found = explain_task(chain, override, conversation_models(orch.log, ids))
     if found is None:
         raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
     return found
@@ -319,6 +328,25 @@ def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
     return task
 
 
+def conversation(orch: Orchestrator, task_id: str | None = None) -> list[ConversationRow]:
+    """The messages a worker task's request carried (system prompt, the earlier turns it
+    kept, its tool results and message) and its reply, each with the task (turn) it
+    belongs to and the model that served that turn."""
+    if task_id is None:
+        raise InvalidTaskArgs("Invalid task_list arguments: conversation needs task_id.")
+    recorded = read_recorded(orch.log, task_id)
+    if recorded is None:
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+    if recorded.started.kind != "worker":
+        raise InvalidTaskArgs(
+            f'Invalid task_list arguments: task_id: "{task_id}" is an op; only a worker task '
+            "has a conversation."
+        )
+    worker_id = str(recorded.started.worker_id)
+    profile = orch.config.profiles.get(worker_id)
+    return rows_of(recorded, profile.system_prompt if profile else "")
+
+
 def filters_of(view: Callable[..., list[Any]]) -> list[str]:
     """The filters (keyword parameters) a view takes."""
     params = list(inspect.signature(view).parameters)
@@ -338,4 +366,5 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "usage": usage,
     "whatif": whatif,
     "diff": diff,
+    "conversation": conversation,
 }
