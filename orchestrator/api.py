@@ -158,7 +158,10 @@ class TaskStartArgs(_Args):
                 {
                     "if": {"properties": {"kind": {"const": "op"}}, "required": ["kind"]},
                     "then": {"required": ["op"]},
-                    "else": {"required": ["workerId", "task"]},
+                    "else": {
+                        "required": ["workerId"],
+                        "anyOf": [{"required": ["task"]}, {"required": ["toolResults"]}],
+                    },
                 }
             ]
         }
@@ -173,7 +176,10 @@ class TaskStartArgs(_Args):
         description="kind=worker (required): the worker profile to send the task to, e.g. "
         "`coder` or `docs`.",
     )
-    task: str | None = Field(None, description="kind=worker (required): the prompt text.")
+    task: str | None = Field(
+        None,
+        description="kind=worker (required unless tool_results are given): the prompt text.",
+    )
     model: str | None = Field(
         None,
         max_length=200,
