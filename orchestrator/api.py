@@ -324,6 +324,10 @@ def _both_spellings(payload: dict[str, Any], prefix: str = "") -> list[str]:
             problems.append(f"{prefix}{key}: given twice, as {key} and {camel}; give one")
         if isinstance(value, dict) and key in ("memory", "worker", "session"):
             problems += _both_spellings(value, f"{key}.")
+        if isinstance(value, list) and camel == "toolResults":
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    problems += _both_spellings(item, f"{key}.{i}.")
     return problems
 
 

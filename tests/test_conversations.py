@@ -312,6 +312,12 @@ def test_continuing_what_cannot_be_continued_fails_and_says_why(
         orch.task_start(worker_id="coder", tool_results=[{"tool_call_id": "a", "content": "b"}])
     with pytest.raises(InvalidTaskArgs, match=r"task: Field required"):
         orch.task_start(worker_id="coder", continue_from=done.task_id)
+    with pytest.raises(InvalidTaskArgs, match=r"tool_results\.0\.tool_call_id: given twice"):
+        orch.task_start(
+            worker_id="coder",
+            continue_from=done.task_id,
+            tool_results=[{"tool_call_id": "a", "toolCallId": "a", "content": "b"}],
+        )
 
 
 # --- trimming ------------------------------------------------------------------------------------
