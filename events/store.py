@@ -512,6 +512,9 @@ class _SQLIndex(_Index):
         if where.task_ids:  # one index probe per id, then ordered by position
             clauses.append(f"i.task_id IN ({', '.join(m for _ in where.task_ids)})")
             params.extend(where.task_ids)
+            # Two IN lists look alike to SQLite's planner, which may take the type index
+            # (every task's events of that type): `|| ''` keeps it on the task ids.
+            topic = "(i.topic || '')"
         if where.types:
             clauses.append(f"{topic} IN ({', '.join(m for _ in where.types)})")
             params.extend(where.types)

@@ -4,8 +4,10 @@ the Python API, the CLI and MCP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -661,3 +663,37 @@ def test_property_a_history_is_its_ancestors_prompts_and_replies_in_order(
                 expected[:0] = [user(text), assistant(f"big says {text}")]
                 at = up
             assert messages == [sys_msg(), *expected]
+
+
+def test_sqlite_reads_a_history_through_the_task_id_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner must probe the task ids, not walk every event of the selected types."""
+    from events.store import _SQLIndex
+
+    path = tmp_path / "events.db"
+    with Orchestrator.open(store=f"sqlite:///{path}") as orch:
+        parent = None
+        for text in ("one", "two", "three", "four"):
+            parent = run(orch, "coder", text, continue_from=parent).task_id
+        captured: list[tuple[str, list[Any]]] = []
+        real = _SQLIndex._transaction
+
+        @contextlib.contextmanager
+        def spy(self: Any, commit: bool) -> Any:
+            with real(self, commit) as cursor:
+                execute = cursor.execute
+
+                def recording(sql: str, params: list[Any]) -> Any:
+                    captured.append((sql, params))
+                    return execute(sql, params)
+
+                cursor.execute = recording
+                yield cursor
+
+        monkeypatch.setattr(_SQLIndex, "_transaction", spy)
+        run(orch, "coder", "five", continue_from=parent)
+    (sql, params), *_ = [(s, p) for s, p in captured if " IN (" in s and "task_id IN" in s]
+    with sqlite3.connect(path) as db:
+        plan = " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+    assert "USING INDEX event_index_task_id" in plan, plan
