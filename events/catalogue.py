@@ -141,6 +141,9 @@ class TaskStarted(SessionEvent):
     host: str | None = None
     pid: int | None = None
     pid_started_at: float | None = None
+    # A worker task that continues a conversation: the task ids of its earlier turns, the
+    # first turn first and `args.continue_from` last, so its history is one indexed read.
+    conversation: list[str] = Field(default_factory=list)
 
 
 class TaskQueued(SessionEvent):
@@ -175,6 +178,18 @@ class TaskCompleted(SessionEvent):
     reused: bool | None = None
     usage: dict[str, Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
+
+
+class ConversationTrimmed(SessionEvent):
+    """A continued task's history was longer than the serving model's `context`: its oldest
+    turns after the system prompt were left out of the request to `model` (an assistant
+    message is never parted from its tool results)."""
+
+    model: str
+    context: int
+    estimated_tokens: int
+    dropped_turns: int
+    kept_turns: int
 
 
 class ModelAttemptFailed(SessionEvent):
@@ -438,6 +453,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TaskStarted,
         TaskQueued,
         ModelResolved,
+        ConversationTrimmed,
         TaskCompleted,
         ModelAttemptFailed,
         ModelCooledDown,

@@ -458,6 +458,9 @@ class Filter:
     task_id: str | None = None
     stream: str | None = None
     types: tuple[str, ...] = ()
+    # Any of these tasks: a conversation's turns in one read. A few hundred ids per select
+    # at most, to stay under every driver's limit on parameters.
+    task_ids: tuple[str, ...] = ()
 
     def matches(self, row: IndexRow) -> bool:
         """Does an index row pass this filter? (The memory store's way; SQL elsewhere.)"""
@@ -466,6 +469,7 @@ class Filter:
             self.session_id in (None, session_id)
             and self.worker_id in (None, worker_id)
             and self.task_id in (None, task_id)
+            and (not self.task_ids or task_id in self.task_ids)
             and self.stream in (None, stream)
             and (not self.types or topic in self.types)
         )
@@ -508,7 +512,7 @@ class _SQLIndex(_Index):
             for column in ("session_id", "worker_id", "task_id", "stream")
             if getattr(where, column) is not None
         }
-        if ids:
+        if ids or where.task_ids:
             # Through the index. `+i.position` keeps SQLite off the position index for the
             # range: the id or stream index, paired with the position, gives both the filter
             # and the order.
@@ -527,6 +531,12 @@ class _SQLIndex(_Index):
         for column, value in ids.items():
             clauses.append(f"i.{column} = {m}")
             params.append(value)
+        if where.task_ids:  # one index probe per id, then ordered by position
+            clauses.append(f"i.task_id IN ({', '.join(m for _ in where.task_ids)})")
+            params.extend(where.task_ids)
+            # Two IN lists look alike to SQLite's planner, which may take the type index
+            # (every task's events of that type): `|| ''` keeps it on the task ids.
+            topic = "(i.topic || '')"
         if where.types:
             clauses.append(f"{topic} IN ({', '.join(m for _ in where.types)})")
             params.extend(where.types)

@@ -36,6 +36,7 @@ View = Literal[
     "usage",
     "whatif",
     "diff",
+    "conversation",
 ]
 
 
@@ -52,6 +53,7 @@ MAX_ATTACHMENT = 200_000  # characters of one attachment
 MAX_TOOLS = 64
 MAX_DEPTH = 64  # levels of nesting in a task's arguments (tool definitions nest)
 MAX_POSITION = 2**63 - 1  # a log position a store can hold
+MAX_TOOL_RESULTS = 128  # tool results one task sends back
 
 WorkerId = Annotated[
     str,
@@ -129,14 +131,29 @@ class SessionPayload(_Args):
     )
 
 
+class ToolResult(_Args):
+    """The result of one tool call the previous turn's reply asked for."""
+
+    tool_call_id: str = Field(
+        min_length=1,
+        max_length=200,
+        description="The `id` of the call in the continued task's `tool_calls`.",
+    )
+    content: str = Field(
+        description="What the tool returned, as text (JSON as a string if it is structured)."
+    )
+
+
 class TaskStartArgs(_Args):
     """Start a task on the LLM worker orchestrator.
 
     `kind="worker"` sends `task` (a prompt) to the worker `worker_id` and needs both; the
-    reply is read with task_await. `kind="op"` runs an operation named by `op` with its
-    payload: `memory` for memory.put/link/done, `worker` for worker.model.set/reset,
-    worker.spawn and worker.stop, `session` for session.fork. Keys may be snake_case or
-    camelCase. The call returns at once with a task id; await it for the result.
+    reply is read with task_await. `continue_from` continues an earlier worker task's
+    conversation, and `tool_results` answers its tool calls (then `task` may be empty).
+    `kind="op"` runs an operation named by `op` with its payload: `memory` for
+    memory.put/link/done, `worker` for worker.model.set/reset, worker.spawn and worker.stop,
+    `session` for session.fork. Keys may be snake_case or camelCase. The call returns at
+    once with a task id; await it for the result.
     """
 
     model_config = ConfigDict(
@@ -145,7 +162,10 @@ class TaskStartArgs(_Args):
                 {
                     "if": {"properties": {"kind": {"const": "op"}}, "required": ["kind"]},
                     "then": {"required": ["op"]},
-                    "else": {"required": ["workerId", "task"]},
+                    "else": {
+                        "required": ["workerId"],
+                        "anyOf": [{"required": ["task"]}, {"required": ["toolResults"]}],
+                    },
                 }
             ]
         }
@@ -160,7 +180,10 @@ class TaskStartArgs(_Args):
         description="kind=worker (required): the worker profile to send the task to, e.g. "
         "`coder` or `docs`.",
     )
-    task: str | None = Field(None, description="kind=worker (required): the prompt text.")
+    task: str | None = Field(
+        None,
+        description="kind=worker (required unless tool_results are given): the prompt text.",
+    )
     model: str | None = Field(
         None,
         max_length=200,
@@ -182,6 +205,22 @@ class TaskStartArgs(_Args):
         max_length=MAX_TOOLS,
         description="kind=worker: OpenAI function-tool definitions, passed to the model as "
         "they are; tool calls come back in the record's `tool_calls`.",
+    )
+    continue_from: str | None = Field(
+        None,
+        max_length=MAX_ID,
+        description="kind=worker (optional): the task id of an earlier worker task (any "
+        "session) whose conversation this task continues: the model gets its whole history "
+        "(system prompt, earlier messages, replies and tool results), then `task`. "
+        "Continuing from an earlier turn of a chain branches the conversation there.",
+    )
+    tool_results: list[ToolResult] | None = Field(
+        None,
+        max_length=MAX_TOOL_RESULTS,
+        description="kind=worker, with continue_from (optional): the results of the tool "
+        "calls that task's reply asked for, one per call, each as "
+        "{toolCallId, content}; sent as `tool` messages. `task` may then be empty (no new "
+        "user message).",
     )
     op: Op | None = Field(None, description="kind=op (required): the operation to run.")
     memory: MemoryPayload | None = Field(
@@ -207,7 +246,17 @@ _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
     "session.fork": ("session", ("from_session_id", "position")),
 }
 _KIND_FIELDS = {
-    "worker": ("worker_id", "task", "model", "auto_spawn", "force_new", "attachments", "tools"),
+    "worker": (
+        "worker_id",
+        "task",
+        "model",
+        "auto_spawn",
+        "force_new",
+        "attachments",
+        "tools",
+        "continue_from",
+        "tool_results",
+    ),
     "op": ("op", "memory", "worker", "session"),
 }
 
@@ -239,11 +288,15 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
         if f in args.model_fields_set
     ]
     if args.kind == "worker":
+        # Tool results may stand alone: `task` is then optional.
+        required = ("worker_id",) if args.tool_results else ("worker_id", "task")
         problems += [
-            f'{f}: Field required for kind="worker"'
-            for f in ("worker_id", "task")
-            if getattr(args, f) is None
+            f'{f}: Field required for kind="worker"' for f in required if getattr(args, f) is None
         ]
+        if args.tool_results is not None and args.continue_from is None:
+            problems.append(
+                "tool_results: needs continue_from, the task whose tool calls they answer"
+            )
     elif args.op is None:
         problems.append('op: Field required for kind="op"')
     else:
@@ -282,6 +335,10 @@ def _both_spellings(payload: dict[str, Any], prefix: str = "") -> list[str]:
             problems.append(f"{prefix}{key}: given twice, as {key} and {camel}; give one")
         if isinstance(value, dict) and key in ("memory", "worker", "session"):
             problems += _both_spellings(value, f"{key}.")
+        if isinstance(value, list) and camel == "toolResults":
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    problems += _both_spellings(item, f"{key}.{i}.")
     return problems
 
 
@@ -297,6 +354,8 @@ def _message(err: Any) -> str:
 def check_limits(args: TaskStartArgs, max_text: int) -> None:
     """The configured text limit (`[limits] max_text`), below the schema's ceiling."""
     texts = {"task": args.task}
+    for i, result in enumerate(args.tool_results or ()):
+        texts[f"tool_results.{i}.content"] = result.content
     if args.memory is not None:
         texts |= {f"memory.{f}": getattr(args.memory, f) for f in ("key", "value", "summary")}
     problems = [
@@ -388,6 +447,17 @@ class MemoryItem(BaseModel):
     task_id: str | None = None
     summary: str | None = None
     session_id: str | None = None
+
+
+class ConversationRow(BaseModel):
+    """One message of a worker task's request, or its reply (the `conversation` view)."""
+
+    task_id: str  # the turn (task) the message belongs to
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    model: str | None  # the model that served the message's turn
 
 
 class UsageRow(BaseModel):

@@ -389,6 +389,14 @@ def finish_task(
         else:
             text = _dumps(rec.result, indent=2)
         typer.echo(printable(text or ""))  # as it is: rich would expand the tabs
+        for call in rec.tool_calls or ():  # what to answer with `run --continue --tool-result`
+            function = call.get("function") or {}
+            typer.echo(
+                printable(
+                    f"tool call {call.get('id')}: {function.get('name')}"
+                    f"({function.get('arguments', '')})"
+                )
+            )
     if rec.status != "completed":
         raise fail(str(rec.error or rec.status), code=1)
 
@@ -407,14 +415,64 @@ def run(
     force_new: Annotated[
         bool, typer.Option("--force-new", metavar="", help="Never reuse a process.")
     ] = False,
+    continue_from: Annotated[
+        str | None,
+        typer.Option(
+            "--continue",
+            metavar="TASK_ID",
+            help="Continue that worker task's conversation: the model gets its history first.",
+        ),
+    ] = None,
+    tool_result: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tool-result",
+            metavar="CALL_ID=TEXT",
+            help="With --continue: the result of one of that task's tool calls (repeat the "
+            "option for each call); TEXT may then be empty.",
+        ),
+    ] = None,
+    tools_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--tools", metavar="FILE", help="A JSON file of OpenAI function-tool definitions."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a task on a worker and print its reply."""
+    """Run a task on a worker and print its reply (and the tool calls it asks for)."""
+    results = None
+    if tool_result:
+        pairs = [r.partition("=") for r in tool_result]
+        bad = [r for r, (_, eq, _) in zip(tool_result, pairs, strict=True) if not eq]
+        if bad:
+            raise fail(f"--tool-result: expected CALL_ID=TEXT, got {bad[0]!r}")
+        results = [{"tool_call_id": i, "content": text} for i, _, text in pairs]
+    tools = _tools_file(tools_file) if tools_file is not None else None
     with session(ctx, create=True) as orch:
         handle = orch.task_start(
-            kind="worker", worker_id=worker, task=text, model=model, force_new=force_new
+            kind="worker",
+            worker_id=worker,
+            task=text,
+            model=model,
+            force_new=force_new,
+            continue_from=continue_from,
+            tool_results=results,
+            tools=tools,
         )
         finish_task(orch, handle.task_id, as_json, f"running on {worker}")
+
+
+def _tools_file(path: Path) -> Any:
+    """The tool definitions of a `--tools` file, or one line saying what is wrong with it."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise fail(f"--tools: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise fail(f"--tools: {path} is not JSON: {exc}") from None
 
 
 @app.command("set-model")
@@ -838,7 +896,7 @@ def whatif(
     emit(
         rows,
         as_json,
-        ["task_id", "worker_id", "served_model", "whatif_model", "changed", "reason"],
+        ["task_id", "turn", "worker_id", "served_model", "whatif_model", "changed", "reason"],
     )
 
 
@@ -949,6 +1007,23 @@ def explain_worker(ctx: typer.Context, worker_id: WorkerArg, as_json: JsonOpt = 
         title="processes",
     )
     emit(expl.history, False, EVENT_COLUMNS, title="history")
+
+
+@app.command("conversation")
+def conversation(
+    ctx: typer.Context,
+    task_id: Annotated[str, typer.Argument(metavar="TASK_ID", help="A worker task id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The messages a worker task's request carried, and its reply, turn by turn."""
+    with session(ctx) as orch:
+        rows = orch.task_list(view="conversation", task_id=task_id)
+    emit(
+        rows,
+        as_json,
+        ["task_id", "role", "model", "content", "tool_calls", "tool_call_id"],
+        title=f"conversation of {task_id}",
+    )
 
 
 @app.command()

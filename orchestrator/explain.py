@@ -87,6 +87,13 @@ class ServerCause(BaseModel):
     position: int
 
 
+class TurnModel(BaseModel):
+    """One earlier turn of a conversation and the model that served it."""
+
+    task_id: str
+    model: str | None
+
+
 class TaskExplanation(BaseModel):
     """The chain of events behind one task (the `explain` view for a task_id)."""
 
@@ -106,6 +113,8 @@ class TaskExplanation(BaseModel):
     error: str | None
     summary: list[str]
     chain: list[EventRecord]
+    # A continued conversation: the turns its history came from, the first first.
+    conversation: list[TurnModel] = []
 
 
 class WorkerExplanation(BaseModel):
@@ -172,11 +181,13 @@ def override_cause(record: EventRecord | None, worker_id: str) -> OverrideCause 
 
 
 def explain_task(
-    chain: list[EventRecord], override: EventRecord | None = None
+    chain: list[EventRecord],
+    override: EventRecord | None = None,
+    turns: list[TurnModel] | None = None,
 ) -> TaskExplanation | None:
-    """Explain a task from its own events (`chain`, in log order) and, when its model came
-    from the session, the override event in force when it was resolved; None if no such
-    task was started."""
+    """Explain a task from its own events (`chain`, in log order), when its model came
+    from the session the override event in force when it was resolved, and the earlier
+    turns of its conversation; None if no such task was started."""
     started = next((r for r in chain if r.type == "TaskStarted"), None)
     if started is None:
         return None
@@ -219,6 +230,7 @@ def explain_task(
         error=end.data.get("error") if end else None,
         summary=[],
         chain=chain,
+        conversation=turns or [],
     )
     expl.summary = _task_summary(expl, started)
     return expl
@@ -336,6 +348,18 @@ def _task_summary(e: TaskExplanation, started: EventRecord) -> list[str]:
         lines.append(f"no override: the profile's configured model {e.model_ref}")
     if e.resolver_reason:
         lines.append(f"resolver: {e.resolver_reason}")
+    if e.conversation:
+        served = ", ".join(f"{t.task_id} ({t.model})" for t in e.conversation)
+        lines.append(
+            f"turn {len(e.conversation) + 1} of a conversation; its history came from {served}"
+        )
+    for trimmed in (r for r in e.chain if r.type == "ConversationTrimmed"):
+        d = trimmed.data
+        lines.append(
+            f"history trimmed for {d['model']} (context {d['context']} tokens) at position "
+            f"{trimmed.position}: dropped the oldest {d['dropped_turns']} turn(s), kept "
+            f"{d['kept_turns']}"
+        )
     for failed in (r for r in e.chain if r.type == "ModelAttemptFailed"):
         kind = "retryable, next model" if failed.data["retryable"] else "not retryable"
         lines.append(

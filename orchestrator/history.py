@@ -82,6 +82,8 @@ class Decided(BaseModel):
     recorded: ModelDecision
     served_model: str | None
     task_model: str | None
+    turn: int = 1  # its place in a conversation (1: a first turn, or no conversation)
+    continue_from: str | None = None
 
 
 def recorded_decisions(
@@ -91,12 +93,16 @@ def recorded_decisions(
     session overrides it was decided on). The state is the live fold, so do not keep it."""
     state = LogState()
     task_models: dict[str, str | None] = {}
+    turns: dict[str, tuple[int, str | None]] = {}
     pending: dict[str, Decided] = {}
     for position, event in log.read_log():
         if isinstance(event, TaskStarted) and event.kind == "worker":
             task_models[str(event.task_id)] = event.args.get("model")
+            if event.conversation:
+                turns[str(event.task_id)] = (len(event.conversation) + 1, event.conversation[-1])
         elif isinstance(event, ModelResolved) and session_id in (None, event.session_id):
             task_id = str(event.task_id)
+            turn, continue_from = turns.pop(task_id, (1, None))
             decided = Decided(
                 position=position,
                 task_id=task_id,
@@ -106,6 +112,8 @@ def recorded_decisions(
                 recorded=ModelDecision.model_validate(event, from_attributes=True),
                 served_model=None,
                 task_model=task_models.pop(task_id, None),
+                turn=turn,
+                continue_from=continue_from,
             )
             pending[task_id] = decided
             yield decided, state
@@ -218,6 +226,11 @@ class WhatIfRow(BaseModel):
     whatif_model: str | None
     changed: bool
     reason: str
+    # The task's turn in its conversation (1 when it continues none) and the task it
+    # continues: a changed row of turn > 1 is a turn that would go, history and all, to
+    # another model.
+    turn: int = 1
+    continue_from: str | None = None
 
 
 def whatif(
@@ -248,6 +261,8 @@ def whatif(
             whatif_model=model,
             changed=model != d.recorded.resolved_model,
             reason=reason,
+            turn=d.turn,
+            continue_from=d.continue_from,
         )
         for d, model, reason in found
     ]

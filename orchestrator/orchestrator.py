@@ -49,7 +49,7 @@ from events.streams import (
     append_together,
     session_view,
 )
-from orchestrator import ops, telemetry, views
+from orchestrator import conversation, ops, telemetry, views
 from orchestrator.api import (
     InvalidTaskArgs,
     TaskHandle,
@@ -70,6 +70,7 @@ from orchestrator.backends import (
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.server import DRAINING_RETRIES, Draining, ServerBackend
 from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean, load_config
+from orchestrator.conversation import ConversationError, Parent
 from orchestrator.explain import OverrideCause
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
@@ -585,6 +586,20 @@ class Orchestrator:
     def _start_worker_task(self, task_id: str, args: TaskStartArgs, started: TaskStarted) -> None:
         worker_id = str(args.worker_id)
         ids = self._ids(task_id, worker_id)
+        parent: Parent | None = None
+        if args.continue_from is not None:
+            try:
+                parent = conversation.read_parent(self.log, args.continue_from)
+                results = [r.model_dump() for r in args.tool_results or ()]
+                conversation.check_tool_results(parent, results)
+            except ConversationError as exc:
+                failed = self.record(started, TaskFailed(**ids, error=str(exc)))
+                if telemetry.enabled():
+                    self._emit_span(task_id, min(failed), None)
+                self._wake(task_id)
+                return
+            # The turns before this one, by id: its history is read back through the index.
+            started = started.model_copy(update={"conversation": parent.chain})
         catalogue = self.catalogue()
 
         def attempt(
@@ -629,7 +644,7 @@ class Orchestrator:
         if telemetry.enabled():
             self._traced[task_id] = (min(positions), override)
         self._cancels[task_id] = threading.Event()
-        self._submit(task_id, lambda: self._serve(task_id, args, decision, spec, catalogue))
+        self._submit(task_id, lambda: self._serve(task_id, args, decision, spec, catalogue, parent))
 
     def _wake(self, task_id: str) -> None:
         """The task ended (its end is in the log): wake whoever awaits it, and the hooks.
@@ -686,9 +701,11 @@ class Orchestrator:
         decision: ModelDecision,
         spec: WorkerSpec,
         catalogue: list[CatalogueModel],
+        parent: Parent | None = None,
     ) -> None:
         """Serve a worker task on the catalogue its model was decided with (one build per
-        task: fallbacks and the price come from the same one)."""
+        task: fallbacks and the price come from the same one). A continued conversation's
+        history is read from the log here, and fitted to each model tried."""
         ids = self._ids(task_id, spec.worker_id)
         cancel = self._cancels[task_id]
         chain, skipped = attempt_chain(
@@ -705,14 +722,15 @@ class Orchestrator:
             return
         request = PromptRequest(
             task_id=task_id,
-            text=str(args.task),
+            text=args.task or "",
             model=chain[0],
             system_prompt=spec.system_prompt,
             attachments=list(args.attachments),
             tools=args.tools,
         )
         try:
-            lease, served, completion = self._serve_chain(spec, ids, args, request, chain, cancel)
+            shape = self._shaper(request, ids, catalogue, args, parent)
+            lease, served, completion = self._serve_chain(spec, ids, args, shape, chain, cancel)
         except Cancelled:
             return  # recorded by task_cancel; the late reply, if any, is dropped
         except TASK_ERRORS as exc:
@@ -743,12 +761,42 @@ class Orchestrator:
             ),
         )
 
+    def _shaper(
+        self,
+        request: PromptRequest,
+        ids: dict[str, Any],
+        catalogue: list[CatalogueModel],
+        args: TaskStartArgs,
+        parent: Parent | None,
+    ) -> Callable[[str], PromptRequest]:
+        """The request for each model tried: a conversation's history (read from the log
+        once) fitted to that model's context, a `ConversationTrimmed` when turns are left
+        out. Fallbacks keep the history."""
+        if parent is None:
+            return lambda model: replace(request, model=model)
+        turns = conversation.history(self.log, parent)
+        new = conversation.new_messages(args.model_dump(mode="json", exclude_none=True))
+        tools = len(orjson.dumps(args.tools)) // conversation.CHARS_PER_TOKEN if args.tools else 0
+        contexts = {m.model: m.context for m in catalogue}
+
+        def shape(model: str) -> PromptRequest:
+            context = contexts.get(model)
+            if context is None:
+                messages = [m for t in turns for m in t.messages] + new
+                return replace(request, model=model, messages=messages)
+            fitted = conversation.fit(request.system_prompt, turns, new, context, tools)
+            if fitted.dropped:
+                self.record(conversation.trimmed_event(ids, model, context, fitted))
+            return replace(request, model=model, messages=fitted.messages)
+
+        return shape
+
     def _serve_chain(
         self,
         spec: WorkerSpec,
         ids: dict[str, Any],
         args: TaskStartArgs,
-        request: PromptRequest,
+        shape: Callable[[str], PromptRequest],
         chain: list[str],
         cancel: threading.Event,
     ) -> tuple[Lease | None, str, Completion]:
@@ -757,6 +805,7 @@ class Orchestrator:
         backend = self._backend(spec.worker_id)
         last: ProviderError | None = None
         for model in chain:
+            request = shape(model)
             for _ in range(DRAINING_RETRIES):
                 lease = backend.acquire(spec, ids, args.force_new, args.auto_spawn)
                 if lease is None:
@@ -773,7 +822,7 @@ class Orchestrator:
                             held.enter_context(server)
                             base_url = server.base_url
                         completion = backend.prompt(
-                            lease, replace(request, model=model, base_url=base_url), cancel
+                            lease, replace(request, base_url=base_url), cancel
                         )
                 except Draining:
                     continue  # a respawn retired it just now: take (or start) its successor

@@ -167,19 +167,26 @@ def complete(
     credentials: Mapping[str, str] | None = None,
     tools: list[dict[str, Any]] | None = None,
     max_reply: int = DEFAULT_MAX_REPLY,
+    messages: list[dict[str, Any]] | None = None,
 ) -> Completion:
-    """Send one message to `model` (a `provider/model`) and return the answer. A reply
-    larger than `reply_limit(max_reply)` bytes is refused while it streams."""
+    """Send one message to `model` (a `provider/model`) and return the answer. `messages`
+    (a conversation: every message after the system prompt, the new one included) replaces
+    the single user message `text`. A reply larger than `reply_limit(max_reply)` bytes is
+    refused while it streams."""
     provider_id, provider = provider_of(providers, model)
     _, name = split_model(model)
+    if messages is None:
+        messages = [{"role": "user", "content": text}]
     if provider.kind == "echo":
-        reply = f"[{model}] {text}"
+        # The last user message is what it answers; every message's words are its input.
+        said = next((m.get("content") or "" for m in reversed(messages) if m["role"] == "user"), "")
+        reply = f"[{model}] {said}"
+        words = sum(len(str(m.get("content") or "").split()) for m in messages)
         return Completion(
-            text=reply,
-            usage={"input_tokens": len(text.split()), "output_tokens": len(reply.split())},
+            text=reply, usage={"input_tokens": words, "output_tokens": len(reply.split())}
         )
     return _openai_chat(
-        provider_id, provider, name, text, system_prompt, credentials or {}, tools, max_reply
+        provider_id, provider, name, messages, system_prompt, credentials or {}, tools, max_reply
     )
 
 
@@ -219,7 +226,7 @@ def _openai_chat(
     provider_id: str,
     provider: Provider,
     name: str,
-    text: str,
+    messages: list[dict[str, Any]],
     system_prompt: str,
     credentials: Mapping[str, str],
     tools: list[dict[str, Any]] | None,
@@ -242,9 +249,8 @@ def _openai_chat(
                 f"The API key in {provider.api_key_env} holds characters an HTTP header "
                 "cannot carry; check its value."
             ) from None
-    messages = [{"role": "user", "content": text}]
     if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     body: dict[str, Any] = {"model": name, "messages": messages}
     if tools:
         body["tools"] = tools

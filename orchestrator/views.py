@@ -24,6 +24,7 @@ from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history
 from orchestrator.api import (
+    ConversationRow,
     InvalidTaskArgs,
     MemoryItem,
     ProfileView,
@@ -32,6 +33,7 @@ from orchestrator.api import (
     round_cost,
 )
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
+from orchestrator.conversation import conversation_models, read_recorded, rows_of
 from orchestrator.explain import (
     HISTORY_TYPES,
     ReplayView,
@@ -282,7 +284,8 @@ def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
         override = _override_record(
             orch.log, str(started.session_id), str(started.worker_id), resolved.position
         )
-    found = explain_task(chain, override)
+    ids = started.data.get("conversation") or [] if started is not None else []
+    found = explain_task(chain, override, conversation_models(orch.log, ids))
     if found is None:
         raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
     return found
@@ -343,6 +346,25 @@ def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
     return task
 
 
+def conversation(orch: Orchestrator, task_id: str | None = None) -> list[ConversationRow]:
+    """The messages a worker task's request carried (system prompt, the earlier turns it
+    kept, its tool results and message) and its reply, each with the task (turn) it
+    belongs to and the model that served that turn."""
+    if task_id is None:
+        raise InvalidTaskArgs("Invalid task_list arguments: conversation needs task_id.")
+    recorded = read_recorded(orch.log, task_id)
+    if recorded is None:
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+    if recorded.started.kind != "worker":
+        raise InvalidTaskArgs(
+            f'Invalid task_list arguments: task_id: "{task_id}" is an op; only a worker task '
+            "has a conversation."
+        )
+    worker_id = str(recorded.started.worker_id)
+    profile = orch.config.profiles.get(worker_id)
+    return rows_of(recorded, profile.system_prompt if profile else "")
+
+
 def filters_of(view: Callable[..., list[Any]]) -> list[str]:
     """The filters (keyword parameters) a view takes."""
     params = list(inspect.signature(view).parameters)
@@ -362,4 +384,5 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "usage": usage,
     "whatif": whatif,
     "diff": diff,
+    "conversation": conversation,
 }

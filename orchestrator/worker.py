@@ -4,7 +4,8 @@ Listens on 127.0.0.1 at an ephemeral port, requires its bearer token (from the e
 never argv), prints one `READY {json}` line, then serves (HTTP/1.1, keep-alive):
 
 - `GET /health` -> `{worker_id, instance_id, pid, fingerprint, model, status, in_flight}`
-- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?, base_url?}` ->
+- `POST /prompt` `{text, model, attachments?, tools?, credentials?, task_id?, base_url?,
+  messages?}` ->
   `{text, model, instance_id, fingerprint, usage, tool_calls}`
 - `POST /cancel` `{task_id}`: the prompt of that task answers 409 at once
 - `POST /adopt`: the spawner has registered this process (until then it watches its parent)
@@ -375,6 +376,12 @@ class Handler(BaseHTTPRequestHandler):
         text = _field(body, "text", str)
         model = _optional(body, "model", str) or self.server.spec["model"]
         tools = _optional(body, "tools", list)
+        # A conversation: the messages after the system prompt, built by the orchestrator.
+        messages = _optional(body, "messages", list)
+        if messages is not None and not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+        ):
+            raise BadRequest('"messages" must be a list of objects with a "role"')
         credentials = _optional(body, "credentials", dict) or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in credentials.items()):
             raise BadRequest('"credentials" must map strings to strings')
@@ -396,7 +403,9 @@ class Handler(BaseHTTPRequestHandler):
         if task_id:
             self.server.cancels[task_id] = cancel
         try:
-            self._answer(text, str(model), tools, credentials, cancel, max_reply, base_url)
+            self._answer(
+                text, str(model), tools, credentials, cancel, max_reply, base_url, messages
+            )
         finally:
             if task_id:
                 self.server.cancels.pop(task_id, None)
@@ -411,6 +420,7 @@ class Handler(BaseHTTPRequestHandler):
         cancel: threading.Event,
         max_reply: int | None,
         base_url: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> None:
         outcome: list[Completion | ProviderError | Exception] = []
         done = threading.Event()
@@ -426,6 +436,7 @@ class Handler(BaseHTTPRequestHandler):
                         credentials=credentials,
                         tools=tools,
                         max_reply=max_reply or DEFAULT_MAX_REPLY,
+                        messages=messages,
                     )
                 )
             except Exception as exc:  # noqa: BLE001 - answered below, as one line

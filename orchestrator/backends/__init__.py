@@ -65,6 +65,9 @@ class PromptRequest:
     tools: list[dict[str, Any]] | None = None
     # A managed model's server (ADR-0012): where its provider's requests go this time.
     base_url: str | None = None
+    # A continued conversation: every message after the system prompt, the new one last
+    # (None: `text` alone is the user message).
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class AgentBackend:
                 credentials=credentials,
                 tools=request.tools,
                 max_reply=self.config.limits.max_reply,
+                messages=request.messages,
             ),
             cancel,
         )

@@ -72,7 +72,7 @@ class ServerBackend:
         budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
         credentials = credentials_for(self.config.providers, request.model, self._environ())
         max_reply = self.config.limits.max_reply
-        body = {
+        body: dict[str, Any] = {
             "text": request.text,
             "model": request.model,
             "attachments": request.attachments,
@@ -84,6 +84,8 @@ class ServerBackend:
         secrets = list(credentials.values())
         if request.base_url is not None:  # a managed model's server
             body["base_url"] = request.base_url
+        if request.messages is not None:
+            body["messages"] = request.messages
         # On this thread: a cancel reaches the worker (`cancel`), which answers 409 at once.
         try:
             # Twice the provider's bound: the worker re-escapes the text (`\uXXXX`, and
