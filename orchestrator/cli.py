@@ -285,11 +285,14 @@ def session(
     in-memory log instead."""
     from events.store import EventLog, NoStore, StoreError
     from orchestrator.api import InvalidTaskArgs
+    from orchestrator.config import load_config
+    from orchestrator.errors import OrchestratorError
     from orchestrator.orchestrator import Orchestrator
 
     s: Settings = ctx.obj
     log: EventLog | None = None
     try:
+        config = load_config(s.config)  # a bad --config is said first: it names the file
         if not create:
             try:
                 log = EventLog(s.store, create=False)
@@ -297,10 +300,8 @@ def session(
                 if needs_store:
                     raise
                 log = EventLog("memory")
-        orch = Orchestrator.open(
-            config=s.config, store=log or s.store, session_id=s.session or "cli"
-        )
-    except (StoreError, OSError, ValueError) as exc:
+        orch = Orchestrator.open(config=config, store=log or s.store, session_id=s.session or "cli")
+    except (OrchestratorError, OSError) as exc:
         if log is not None:
             log.close()
         raise fail(str(exc)) from None
