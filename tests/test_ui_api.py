@@ -235,3 +235,31 @@ def test_cli_on_a_missing_store_says_so_and_creates_nothing(tmp_path: Path) -> N
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: no orchestrator store at sqlite:///{missing}"
     assert not missing.exists()
+
+
+def test_a_continued_tasks_page_shows_the_conversation_it_carried(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'conv.db'}"
+    with Orchestrator.open(store=url, session_id="talk") as orch:
+        first = orch.task_start(kind="worker", worker_id="coder", task="first question")
+        assert orch.task_await(first.task_id, timeout=30).status == "completed"
+        second = orch.task_start(
+            kind="worker", worker_id="coder", task="follow-up", continue_from=first.task_id
+        )
+        rec = orch.task_await(second.task_id, timeout=30)
+        assert rec.status == "completed", rec.error
+        config = orch.config
+    data = Inspector(url, config)
+    try:
+        while data.catch_up():
+            pass
+        with TestClient(create_app(data, TOKEN), follow_redirects=False) as c:
+            c.headers["Authorization"] = f"Bearer {TOKEN}"
+            page = c.get(f"/tasks/{second.task_id}")
+    finally:
+        data.close()
+    assert page.status_code == 200
+    table = page.text[page.text.index('id="conversation"') :]
+    table = table[: table.index("</table>")]
+    for text in ("first question", f"[{rec.model}] first question", "follow-up"):
+        assert text in table, text
+    assert f'href="/tasks/{first.task_id}"' in table

@@ -213,10 +213,10 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
     async def task(request: Request) -> Response:
         task_id = request.path_params["task_id"]
         try:
-            record, explained = await run_in_threadpool(data.task, task_id)
+            record, explained, turns = await run_in_threadpool(data.task, task_id)
         except InvalidTaskArgs as exc:
             return bad(request, str(exc), 404)
-        return page(request, "task.html", t=record, e=explained)
+        return page(request, "task.html", t=record, e=explained, turns=turns)
 
     async def processes(request: Request) -> Response:
         rows = await run_in_threadpool(data.processes)

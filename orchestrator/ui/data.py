@@ -342,12 +342,16 @@ class Inspector:
     def _registry_events(self, after: int, until: int) -> Iterator[tuple[int, Event]]:
         return self.log.select(Filter(types=REGISTRY_TYPES), after=after, until=until)
 
-    def task(self, task_id: str) -> tuple[TaskRecord, Any]:
-        """A task's record and its `explain` chain (any session's)."""
+    def task(self, task_id: str) -> tuple[TaskRecord, Any, list[Any]]:
+        """A task's record, its `explain` chain and, for a worker task, the conversation
+        its request carried and its reply (any session's)."""
         with self.lock:
             explained = self.view("explain", {"task_id": task_id})[0]
             record = views.foreign_task(self.reader(str(explained.session_id)), task_id)
-            return record, explained
+            turns = (
+                self.view("conversation", {"task_id": task_id}) if record.kind == "worker" else []
+            )
+            return record, explained, turns
 
     def known(self, session_id: str) -> str:
         """ "Did you mean" among the sessions seen so far."""
