@@ -8,14 +8,14 @@ from pathlib import Path
 import typer
 
 from orchestrator.cli.core import Settings, fail
-from orchestrator.cli.output import _dumps, out
+from orchestrator.cli.output import dumps, out
 
 
 def schema() -> None:
     """Print the tool schema of task_start as JSON, in the dialect every LLM host accepts."""
     from orchestrator.tool_schema import task_start_schema
 
-    out.print_json(_dumps(task_start_schema()))
+    out.print_json(dumps(task_start_schema()))
 
 
 def config_check(ctx: typer.Context) -> None:

@@ -59,7 +59,8 @@ def printable(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-def _dumps(value: Any, **options: Any) -> str:
+def dumps(value: Any, **options: Any) -> str:
+    """`json.dumps`, imported on first use."""
     import json  # on first use: `--help` never needs it
 
     return json.dumps(value, **options)
@@ -70,7 +71,7 @@ def emit(
 ) -> None:
     """Print rows as a table, or as a JSON array of objects."""
     if as_json:
-        out.print_json(_dumps([r.model_dump(mode="json") for r in rows]))
+        out.print_json(dumps([r.model_dump(mode="json") for r in rows]))
         return
     from rich.table import Table
     from rich.text import Text
@@ -80,7 +81,7 @@ def emit(
         table.add_column(col)
     for row in rows:
         data = row.model_dump(mode="json")
-        table.add_row(*[Text(printable(_cell(data.get(c)))) for c in columns])  # no markup
+        table.add_row(*[Text(printable(cell(data.get(c)))) for c in columns])  # no markup
     out.print(table)
 
 
@@ -99,19 +100,21 @@ _QUIET = {
 }
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """One value as a table cell: floats short, objects as `key=value` without the quiet
+    fields, lists as JSON."""
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, dict):
         return " ".join(
-            f"{k}={_cell(v)}"
+            f"{k}={cell(v)}"
             for k, v in value.items()
             if k not in _QUIET and v not in (None, "", [], False)
         )
     if isinstance(value, list):
-        return _dumps(value)
+        return dumps(value)
     return str(value)
 
 
@@ -134,7 +137,7 @@ def finish_task(
         elif describe is not None and rec.result is not None:
             text = describe(rec.result)
         else:
-            text = _dumps(rec.result, indent=2)
+            text = dumps(rec.result, indent=2)
         typer.echo(printable(text or ""))  # as it is: rich would expand the tabs
         for call in rec.tool_calls or ():  # what to answer with `run --continue --tool-result`
             function = call.get("function") or {}

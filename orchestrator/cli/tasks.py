@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator.cli.core import JsonOpt, RespawnOpt, WorkerArg, fail, session
-from orchestrator.cli.output import _dumps, emit, finish_task, out, printable
+from orchestrator.cli.output import dumps, emit, finish_task, out, printable
 
 
 def run(
@@ -181,7 +181,7 @@ def stop(
         if as_json:
             if all_:
                 results.append({"model_servers": {"stopped": servers[0], "exited": servers[1]}})
-            out.print_json(_dumps(results))
+            out.print_json(dumps(results))
             return
         lines = _server_stop_lines(*servers)
         for r in results:
@@ -199,7 +199,7 @@ def _server_stop_lines(stopped: list[str], gone: list[str]) -> list[str]:
 
 def _print_server_stops(stopped: list[str], gone: list[str], as_json: bool) -> None:
     if as_json:
-        out.print_json(_dumps([{"model_servers": {"stopped": stopped, "exited": gone}}]))
+        out.print_json(dumps([{"model_servers": {"stopped": stopped, "exited": gone}}]))
     else:
         out.print("\n".join(_server_stop_lines(stopped, gone)), markup=False)
 

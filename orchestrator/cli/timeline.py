@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from orchestrator.cli.core import JsonOpt, fail, session
-from orchestrator.cli.output import EVENT_COLUMNS, _cell, _dumps, emit, one_row, out, printable
+from orchestrator.cli.output import EVENT_COLUMNS, cell, dumps, emit, one_row, out, printable
 
 if TYPE_CHECKING:  # the store, pydantic and the orchestrator load when a command needs them
     from pydantic import BaseModel
@@ -139,8 +139,8 @@ def _print_stream(rows: Sequence[BaseModel], as_json: bool) -> None:
             sys.stdout.write(row.model_dump_json() + "\n")
             continue
         data = row.model_dump(mode="json")
-        line = " ".join(f"{c}={_cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
-        sys.stdout.write(printable(f"{line} {_cell(data['data'])}") + "\n")
+        line = " ".join(f"{c}={cell(data.get(c))}" for c in EVENT_COLUMNS[:-1])
+        sys.stdout.write(printable(f"{line} {cell(data['data'])}") + "\n")
     sys.stdout.flush()
 
 
@@ -267,7 +267,7 @@ def fork(
         typer.echo(printable(rec.error or f"fork {rec.status}"), err=True)
         raise typer.Exit(1)
     if as_json:
-        out.print_json(_dumps(rec.result))
+        out.print_json(dumps(rec.result))
     else:
         out.print(rec.result["session_id"], markup=False)
 
@@ -300,9 +300,9 @@ def _changed(row: Any) -> str:
     few fields that say what it is."""
     if row.before is None or row.after is None:
         whole = row.after if row.before is None else row.before
-        return printable(" ".join(f"{k}={_cell(whole[k])}" for k in _SUMMARY if whole.get(k)))
+        return printable(" ".join(f"{k}={cell(whole[k])}" for k in _SUMMARY if whole.get(k)))
     parts = [
-        f"{k}: {_cell(row.before.get(k))} -> {_cell(row.after.get(k))}"
+        f"{k}: {cell(row.before.get(k))} -> {cell(row.after.get(k))}"
         for k in sorted(row.before.keys() | row.after.keys())
         if row.before.get(k) != row.after.get(k)
     ]
