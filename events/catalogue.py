@@ -3,6 +3,9 @@
 Events are facts. They are never edited; state is a fold over them (see `events.projections`).
 Each type records `session_id` and, where they apply, `worker_id` and `task_id`. A change to
 an event's shape bumps its `version` and adds an upcaster, so old logs stay readable.
+
+It stays one module over 400 lines because the catalogue is read whole: every event type,
+its stream and its upcasters, with the registry that maps stored type names to classes.
 """
 
 from __future__ import annotations

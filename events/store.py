@@ -9,6 +9,10 @@ notification log), which is what `events`, `replay` and `explain` read.
 Each event also gets a row in an index (`event_index`: position, stream, type, session,
 worker, task) written in the same transaction, so a filtered read (one task, one worker,
 one type) costs what it returns, not the log's length (ADR-0007).
+
+It stays one module over 400 lines because `EventLog`, the recorders that write the index in
+the same transaction, and the connection helpers (URL, schema lock, store marker) are one
+unit: only `events.pg` shares a few of its index helpers.
 """
 
 from __future__ import annotations

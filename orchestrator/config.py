@@ -1,4 +1,8 @@
-"""Configuration: providers, their models, and worker profiles (docs/configuration.md)."""
+"""Configuration: providers, their models, and worker profiles (docs/configuration.md).
+
+It stays one module over 400 lines because the models, the file laid over the built-in
+default, and the messages that name the file and key are one schema, read together.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,10 @@
 Used both in-process (agent backend) and inside worker processes, so imports stay light.
 Credentials come from the `credentials` mapping of each call (the asking orchestrator's
 environment, read at call time), never from the process's own environment.
+
+It stays one module over 400 lines because the request path (retries, `Retry-After`,
+bounded reads, parsing a completion, redacting credentials from every error) is one flow
+whose helpers nothing else uses, and the redaction is reviewed in one place.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ exits on its own (idle, drained, spawner gone) it leaves `<instance_id>.exit` in
 directory with the reason, so whoever finds it gone records why. An orchestrator that acquires
 it touches `<instance_id>.acquired` there first: that counts as use, for the idle timeout and
 for eviction, in every orchestrator process of the host, at no HTTP round trip.
+
+It stays one module over 400 lines because it is the worker process's whole program: the
+HTTP handler, the server state it shares and the watchdog thread, with imports kept few for
+its start time.
 """
 
 from __future__ import annotations

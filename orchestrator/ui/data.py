@@ -10,6 +10,9 @@ up to date as the log grows, by one follower thread: a summary of every session 
 sessions page), token and cost buckets (the usage page), the registry with checkpoints
 (processes, time travel), and, for the sessions looked at, their histories (timeline, time
 travel; see `travel`).
+
+It stays one module over 400 lines because it is the inspector's one boundary with the core:
+every read of the store in one file is what makes the read-only promise checkable.
 """
 
 from __future__ import annotations

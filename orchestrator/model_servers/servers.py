@@ -1,48 +1,37 @@
-"""Managed model servers (ADR-0012): one server process per model of a managed provider,
-started on first use, reused by every worker, session and orchestrator process of the host.
-
-Two parts, like the worker pool:
-
-- the decision, pure (`plan`, `room`): a function of the registry state, the request and
-  what probes said about each server (alive, busy, last used), as `orchestrator.reuse` is
-  for worker processes;
-- the I/O (`ModelServers`): probing, launching through the supervisor
-  (`model_server_supervisor.py`), polling the ready path, leasing and stopping.
+"""The I/O of managed model servers (`ModelServers`): probing, launching, polling the ready
+path, leasing and stopping, over the shared registry.
 
 A request in flight holds a shared `flock` on the server's `inflight.lock` for as long as it
 runs; an eviction, an idle stop or `stop` takes the lock exclusively (non-blocking for an
 eviction or idle stop), so nothing stops a server that serves a request, across threads and
 processes, and a lock whose holder dies is released by the kernel. The mtime of `used` is the
 server's last use; the file `exit` says why it ended.
+
+It stays one module over 400 lines because `ModelServers` is one class whose acquiring,
+starting, probing and stopping share its state (the registry lock and claim fencing, the
+supervisors it launched, the servers proven healthy); what needs none of that lives beside
+it (`decision`, `spec`, `launch`, `files`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import os
 import re
-import socket
-import string
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
     Event,
-    ModelServerExited,
     ModelServerReady,
     ModelServerReused,
-    ModelServerReuseRejected,
     ModelServerStarted,
     ModelServerStartFailed,
     ModelServerStartRequested,
@@ -52,14 +41,30 @@ from events.catalogue import (
 from events.projections import ModelServerEntry, RegistryState, ServerClaim
 from events.store import EventLog, StreamConflict
 from events.streams import StreamView
-from orchestrator.backends import TaskError
-from orchestrator.config import (
-    ConfigError,
-    OrchestratorConfig,
-    model_values,
-    server_problems,
+from orchestrator.config import OrchestratorConfig
+from orchestrator.model_servers.decision import (
+    CLAIM_MARGIN,
+    ServerPlan,
+    ServerProbe,
+    ServerRequest,
+    candidates,
+    gone_event,
+    plan,
+    room,
 )
-from orchestrator.fingerprint import identity_diff
+from orchestrator.model_servers.files import (
+    exit_marker,
+    first_line,
+    free_port,
+    is_busy,
+    lock_exclusive,
+    mtime,
+    ready_probe,
+    touch,
+    write_exit,
+)
+from orchestrator.model_servers.launch import launch, stop_launched, wait_ready
+from orchestrator.model_servers.spec import ModelServerError, ServerSpec, server_spec
 from orchestrator.processes import (
     ProcessState,
     host_id,
@@ -67,348 +72,16 @@ from orchestrator.processes import (
     process_state,
     start_time,
     terminate,
-    worker_environment,
 )
 from orchestrator.providers import split_model
 
 REGISTRY_STREAM = "registry"
-SUPERVISOR = Path(__file__).with_name("model_server_supervisor.py")
-# A claim outlives its start_timeout by this much only when its claimant is gone.
-CLAIM_MARGIN = 30.0
 WAIT_POLL = 0.05
 # How long a start waits for a busy server to become evictable before it fails.
 ROOM_WAIT = 60.0
 # A server whose ready path answered this recently is trusted on its pid and start time.
 PROOF_LEASE = 30.0
 HEALTH_TIMEOUT = 5.0
-LOG_TAIL = 10
-
-
-class ModelServerError(TaskError):
-    """A managed model server could not be started or used; the message says why, with
-    its exit status and last log lines when it failed to start."""
-
-    def __init__(self, message: str, exit_status: int | None = None, stopped: bool = False):
-        super().__init__(message)
-        self.exit_status = exit_status
-        self.stopped = stopped
-
-
-# --- what a server is --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """Everything needed to start (or recognise) the server of one managed model."""
-
-    model: str  # provider/model
-    command: tuple[str, ...]  # `{port}` left in place
-    env: tuple[tuple[str, str], ...]
-    ready_path: str
-    start_timeout: float
-    memory_mb: int
-    identity: Mapping[str, Any]
-    fingerprint: str
-
-    def argv(self, port: int) -> list[str]:
-        """The command with its port."""
-        return [w.replace("{port}", str(port)) for w in self.command]
-
-    def environ(self, port: int) -> dict[str, str]:
-        """The extra environment with its port."""
-        return {k: v.replace("{port}", str(port)) for k, v in self.env}
-
-
-def _substitute(word: str, values: Mapping[str, str]) -> str:
-    # Every placeholder but `{port}` (known only at start), `{{`/`}}` made literal.
-    out = []
-    for literal, name, _, _ in string.Formatter().parse(word):
-        out.append(literal.replace("{", "{{").replace("}", "}}"))
-        if name is not None:
-            out.append("{port}" if name == "port" else values[name].replace("{", "{{"))
-    return "".join(out).replace("{{", "{").replace("}}", "}")
-
-
-def server_spec(config: OrchestratorConfig, model: str) -> ServerSpec | None:
-    """The server a `provider/model` is served by, or None when its provider is not
-    managed. Raises `ConfigError` for a configuration built in code whose command is bad
-    (a file or dict is checked at load)."""
-    provider_id, name = split_model(model)
-    provider = config.providers.get(provider_id)
-    if provider is None or provider.server is None or name not in provider.models:
-        return None
-    problems = server_problems(config)
-    if problems:
-        raise ConfigError("config: " + problems[0])
-    server = provider.server
-    values = model_values(provider_id, name, provider.models[name])
-    command = tuple(_substitute(w, values) for w in server.command)
-    env = tuple(sorted((k, _substitute(v, values)) for k, v in server.env.items()))
-    ident = {
-        "model": model,
-        "command": list(command),
-        "env": dict(env),
-        "ready_path": server.ready_path,
-        "provider": {
-            "id": provider_id,
-            "kind": provider.kind,
-            "api_key_env": provider.api_key_env,
-            "timeout": provider.timeout,
-            "max_retries": provider.max_retries,
-        },
-    }
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return ServerSpec(
-        model=model,
-        command=command,
-        env=env,
-        ready_path=server.ready_path,
-        start_timeout=server.start_timeout,
-        memory_mb=provider.models[name].memory_mb,
-        identity=ident,
-        fingerprint=f"ms-{digest[:16]}",
-    )
-
-
-def managed_commands(config: OrchestratorConfig) -> list[str]:
-    """One line per managed model: the command its server would run (`config check`)."""
-    lines = []
-    for provider_id, provider in config.providers.items():
-        if provider.server is None:
-            continue
-        for name in provider.models:
-            spec = server_spec(config, f"{provider_id}/{name}")
-            assert spec is not None
-            shown = " ".join(_quote(w) for w in spec.command)
-            lines.append(f"server {spec.model}: {shown} (ready: GET {spec.ready_path})")
-    return lines
-
-
-def _quote(word: str) -> str:
-    return word if word and not re.search(r"[\s'\"\\$`]", word) else json.dumps(word)
-
-
-# --- the decision (pure) -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerRequest:
-    """What a caller asks for: the server of one model with one fingerprint, on a host."""
-
-    model: str
-    fingerprint: str
-    host: str
-    memory_mb: int = 0
-    start_timeout: float = 300.0
-    identity: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ServerProbe:
-    """What the outside world said about one server just now."""
-
-    process: ProcessState
-    busy: bool = False  # a request holds its in-flight lock
-    last_used: float | None = None  # epoch seconds of its last use
-    healthy: bool | None = None  # None: not asked (gone, busy, or proven recently)
-    detail: str = ""
-    exit_reason: str | None = None  # what its supervisor left in `exit`
-    exit_status: int | None = None
-    killed: bool = False  # ours, alive and not answering: it has been stopped
-
-
-@dataclass
-class ServerPlan:
-    """The decision: events to append at the registry version it was made on, and what
-    to do: reuse a server, wait for another's claim, or start one."""
-
-    events: list[Event] = field(default_factory=list)
-    reuse: ModelServerEntry | None = None
-    wait_for: ServerClaim | None = None
-    start: bool = False
-    unprobed: list[str] = field(default_factory=list)
-    claim_id: str | None = None  # set by the I/O part: the claim it appended
-
-
-def candidates(state: RegistryState, request: ServerRequest) -> list[ModelServerEntry]:
-    """Servers of the requested model on the host recorded ready, newest first."""
-    rows = [
-        s
-        for s in state.servers.values()
-        if s.model == request.model and s.host == request.host and s.status == "ready"
-    ]
-    return sorted(rows, key=lambda s: s.started_at, reverse=True)
-
-
-def plan(
-    state: RegistryState,
-    request: ServerRequest,
-    probes: Mapping[str, ServerProbe],
-    claimants: Mapping[str, ProcessState],
-    now: datetime,
-    ids: Mapping[str, Any],
-) -> ServerPlan:
-    """Decide one request. `probes` are keyed by instance id, `claimants` by claim id (the
-    state of a same-host claimant's process). Servers that need a probe and have none are
-    listed in `unprobed`, and nothing else is decided."""
-    out = ServerPlan()
-    found = candidates(state, request)
-    out.unprobed = [s.instance_id for s in found if s.instance_id not in probes]
-    if out.unprobed:
-        return out
-    for server in found:
-        probe = probes[server.instance_id]
-        if probe.process != "alive" or probe.killed:
-            out.events.append(gone_event(server, probe, ids))
-            continue
-        if server.fingerprint != request.fingerprint:
-            if request.fingerprint not in server.rejected_for:
-                diff = identity_diff(server.identity, dict(request.identity))
-                out.events.append(
-                    ModelServerReuseRejected(
-                        **ids,
-                        instance_id=server.instance_id,
-                        reason="provider_mismatch",
-                        detail=diff or "another fingerprint",
-                        fingerprint=server.fingerprint,
-                        requested_fingerprint=request.fingerprint,
-                    )
-                )
-            continue
-        out.events.append(
-            ModelServerReused(**ids, instance_id=server.instance_id, fingerprint=server.fingerprint)
-        )
-        out.reuse = server
-        return out
-    claim = pending_claim(state, request)
-    if claim is not None and not claim_abandoned(claim, claimants, request.host, now):
-        out.wait_for = claim
-        return out
-    if claim is not None:
-        out.events.append(
-            ModelServerStartFailed(
-                **ids,
-                claim_id=claim.claim_id,
-                instance_id=claim.instance_id,
-                error=f"claimant pid {claim.claimant_pid} died or gave up before the server "
-                "was ready; this request takes the start over",
-            )
-        )
-    out.start = True
-    return out
-
-
-def gone_event(server: ModelServerEntry, probe: ServerProbe, ids: Mapping[str, Any]) -> Event:
-    """What became of a server found unusable: stopped on purpose (idle, unhealthy), or
-    found dead."""
-    iid = server.instance_id
-    if probe.killed:
-        return ModelServerStopped(**ids, instance_id=iid, reason="unhealthy", detail=probe.detail)
-    if probe.exit_reason == "idle":
-        return ModelServerStopped(
-            **ids, instance_id=iid, reason="idle", detail="stopped by its supervisor"
-        )
-    if probe.process == "recycled":
-        detail = f"pid {server.pid} now belongs to another process"
-    elif probe.exit_status is not None:
-        detail = f"pid {server.pid} exited with status {probe.exit_status}"
-    else:
-        detail = f"pid {server.pid} no longer exists"
-    if probe.exit_reason and probe.exit_reason != "exited":
-        detail += f" ({probe.exit_reason})"
-    return ModelServerExited(**ids, instance_id=iid, detail=detail, exit_status=probe.exit_status)
-
-
-def pending_claim(state: RegistryState, request: ServerRequest) -> ServerClaim | None:
-    """An open claim that will produce the server this request wants, if any."""
-    for claim in state.server_claims.values():
-        if claim.fingerprint == request.fingerprint and claim.host == request.host:
-            return claim
-    return None
-
-
-def claim_abandoned(
-    claim: ServerClaim, claimants: Mapping[str, ProcessState], host: str, now: datetime
-) -> bool:
-    """A claim older than its start may take is abandoned wherever its claimant runs; on
-    this host, so is one whose claimant process is gone."""
-    if now - claim.claimed_at > timedelta(seconds=claim.start_timeout + CLAIM_MARGIN):
-        return True
-    return claim.host == host and claimants.get(claim.claim_id, "alive") != "alive"
-
-
-@dataclass(frozen=True)
-class Room:
-    """Whether a start fits: the idle servers to evict first (least recently used first),
-    or why it must wait (every candidate busy or starting) or cannot ever fit."""
-
-    evict: list[ModelServerEntry] = field(default_factory=list)
-    wait: str | None = None
-    impossible: str | None = None
-    gone: list[ModelServerEntry] = field(default_factory=list)  # found dead meanwhile
-
-
-def room(
-    state: RegistryState,
-    request: ServerRequest,
-    probes: Mapping[str, ServerProbe],
-    max_servers: int,
-    memory_limit: int | None,
-    claim_id: str | None = None,
-) -> Room:
-    """Which servers a start of `request` must evict to stay within `max_servers` live
-    servers and `memory_limit` MB on its host. Servers starting and other open claims
-    count; only ready servers with no request in flight are evicted, least recently used
-    first. Servers of the host must all be probed (`probes`)."""
-    if memory_limit is not None and request.memory_mb > memory_limit:
-        return Room(
-            impossible=f"{request.model} needs {request.memory_mb} MB; [pool] memory_mb is "
-            f"{memory_limit}"
-        )
-    live = [s for s in state.servers.values() if s.host == request.host and s.live]
-    gone = [s for s in live if s.instance_id in probes and probes[s.instance_id].process != "alive"]
-    live = [s for s in live if s not in gone]
-    others = [
-        c
-        for c in state.server_claims.values()
-        if c.host == request.host and c.claim_id != claim_id and c.instance_id is None
-    ]
-    count = len(live) + len(others) + 1
-    memory = sum(s.memory_mb for s in live) + request.memory_mb
-    idle = sorted(
-        (
-            s
-            for s in live
-            if s.status == "ready"
-            and s.claim_id != claim_id
-            and not probes.get(s.instance_id, ServerProbe("alive", busy=True)).busy
-        ),
-        key=lambda s: _last_used(s, probes),
-    )
-    evict: list[ModelServerEntry] = []
-    while count > max_servers or (memory_limit is not None and memory > memory_limit):
-        if not idle:
-            why = (
-                f"max_model_servers ({max_servers})"
-                if count > max_servers
-                else f"[pool] memory_mb ({memory_limit} MB)"
-            )
-            return Room(wait=f"{why} reached and every other model server is busy", gone=gone)
-        victim = idle.pop(0)
-        evict.append(victim)
-        count -= 1
-        memory -= victim.memory_mb
-    return Room(evict=evict, gone=gone)
-
-
-def _last_used(server: ModelServerEntry, probes: Mapping[str, ServerProbe]) -> float:
-    probe = probes.get(server.instance_id)
-    if probe is not None and probe.last_used is not None:
-        return probe.last_used
-    return (server.last_used_at or server.started_at).timestamp()
-
-
-# --- the I/O -----------------------------------------------------------------------------------
 
 
 class ServerLease:
@@ -429,7 +102,7 @@ class ServerLease:
             return
         fd, self._fd = self._fd, None
         try:
-            _touch(Path(self.entry.log_path).parent / "used")
+            touch(Path(self.entry.log_path).parent / "used")
         finally:
             os.close(fd)  # drops the shared lock
             self._on_release()
@@ -612,8 +285,8 @@ class ModelServers:
         if proc != "alive":
             reason, status = self._last_word(server, directory)
             return ServerProbe(proc, exit_reason=reason, exit_status=status)
-        busy = _busy(directory)
-        last_used = _mtime(directory / "used")
+        busy = is_busy(directory)
+        last_used = mtime(directory / "used")
         proven = self._proven.get(server.instance_id)
         if busy or not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
             return ServerProbe("alive", busy=busy, last_used=last_used)
@@ -633,7 +306,7 @@ class ModelServers:
         reaps the server, then writes, so a supervisor still running gets a moment."""
         deadline = time.monotonic() + 1.0
         while True:
-            reason, status = _exit_marker(directory)
+            reason, status = exit_marker(directory)
             sup = process_state(server.supervisor_pid, server.supervisor_started_at)
             if reason is not None or sup != "alive" or time.monotonic() > deadline:
                 self._reap(server.instance_id)
@@ -661,7 +334,7 @@ class ModelServers:
         ) != "alive":
             os.close(fd)
             return None
-        _touch(directory / "used")
+        touch(directory / "used")
         return ServerLease(
             server,
             fd,
@@ -686,7 +359,7 @@ class ModelServers:
             log_path = directory / "server.log"
             port = free_port()
             began = time.monotonic()
-            launched = self._launch(spec, directory, log_path, port, claim_id, ids)
+            launched = launch(spec, directory, log_path, port, self.config.pool.idle_timeout)
             sup, pid, pid_started = launched
             url = f"http://127.0.0.1:{port}/v1"
             started_event = ModelServerStarted(
@@ -710,26 +383,26 @@ class ModelServers:
             )
             self._children[instance_id] = sup
             if not self._fenced(claim_id, [started_event]):
-                self._stop_launched(sup, directory, pid, pid_started)
+                stop_launched(sup, directory, pid, pid_started)
                 return None
-            self._wait_ready(spec, instance_id, sup, directory, log_path, port, began)
+            wait_ready(spec, sup, directory, log_path, port, began)
             ready = ModelServerReady(
                 **ids,
                 claim_id=claim_id,
                 instance_id=instance_id,
                 ready_seconds=round(time.monotonic() - began, 4),
             )
-            _touch(directory / "used")
+            touch(directory / "used")
             (directory / "adopted").touch(mode=0o600)  # the supervisor stops watching us
             if not self._fenced(claim_id, [ready]):
-                self._stop_launched(sup, directory, pid, pid_started)
+                stop_launched(sup, directory, pid, pid_started)
                 return None
         except ModelServerError as exc:
             self._end_claim(claim_id, ids, exc, launched, directory, instance_id)
             raise
         except Exception as exc:
             error = ModelServerError(
-                f"cannot start the model server of {spec.model}: {_first_line(exc)}"
+                f"cannot start the model server of {spec.model}: {first_line(exc)}"
             )
             self._end_claim(claim_id, ids, error, launched, directory, instance_id)
             raise error from exc
@@ -769,7 +442,7 @@ class ModelServers:
         status = None
         if launched is not None:
             sup, pid, pid_started = launched
-            status = self._stop_launched(sup, directory, pid, pid_started)
+            status = stop_launched(sup, directory, pid, pid_started)
         failed = ModelServerStartFailed(
             **ids,
             claim_id=claim_id,
@@ -781,109 +454,6 @@ class ModelServers:
         with self.registry.lock:
             if claim_id in self.registry.refresh().server_claims:
                 self.registry.append([failed])
-
-    def _launch(
-        self,
-        spec: ServerSpec,
-        directory: Path,
-        log_path: Path,
-        port: int,
-        claim_id: str,
-        ids: dict[str, Any],
-    ) -> tuple[subprocess.Popen[bytes], int, float]:
-        """Start the supervisor, which starts the command; the server's pid and start time."""
-        env = worker_environment(os.environ, spec.environ(port))
-        os.close(os.open(log_path, os.O_CREAT | os.O_WRONLY, 0o600))
-        sup_spec = {
-            "command": spec.argv(port),
-            "env": env,
-            "dir": str(directory),
-            "log": str(log_path),
-            "spawner_pid": os.getpid(),
-            "idle_timeout": self.config.pool.idle_timeout,
-            "adopt_timeout": spec.start_timeout + CLAIM_MARGIN,
-        }
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-        try:
-            sup = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(SUPERVISOR)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log_fd,
-                start_new_session=True,  # outlives this orchestrator, for reuse
-            )
-        finally:
-            os.close(log_fd)
-        assert sup.stdin is not None and sup.stdout is not None
-        with contextlib.suppress(BrokenPipeError):
-            sup.stdin.write(json.dumps(sup_spec).encode())
-        sup.stdin.close()
-        line = sup.stdout.readline().decode(errors="replace").strip()
-        sup.stdout.close()
-        if not line.startswith("STARTED "):
-            sup.wait(timeout=10)
-            what = line.removeprefix("FAILED ") or "its supervisor did not start it"
-            raise _start_failed(spec, f"could not be started: {what}", log_path, 127)
-        pid = int(line.split()[1])
-        try:
-            started = start_time(pid)
-        except Exception:  # noqa: BLE001 - gone already: its exit status is in `exit`
-            started = 0.0
-        return sup, pid, started
-
-    def _wait_ready(
-        self,
-        spec: ServerSpec,
-        instance_id: str,
-        sup: subprocess.Popen[bytes],
-        directory: Path,
-        log_path: Path,
-        port: int,
-        began: float,
-    ) -> None:
-        """Poll the ready path until it answers 200; a server that exits first or is not
-        ready within `start_timeout` fails the start (and is stopped)."""
-        deadline = began + spec.start_timeout
-        pause = 0.005
-        while True:
-            if ready_probe(port, spec.ready_path, 1.0) is None:
-                return
-            if sup.poll() is not None:
-                _, status = _exit_marker(directory)
-                raise _start_failed(
-                    spec, f"exited with status {status} before it was ready", log_path, status
-                )
-            if time.monotonic() > deadline:
-                status = self._stop_launched(sup, directory)
-                raise _start_failed(
-                    spec,
-                    f"was not ready within {spec.start_timeout:g} s (GET {spec.ready_path} "
-                    f"on port {port}); it was stopped (exit status {status})",
-                    log_path,
-                    status,
-                    stopped=True,
-                )
-            time.sleep(pause)
-            pause = min(0.1, pause * 1.25)
-
-    def _stop_launched(
-        self,
-        sup: subprocess.Popen[bytes],
-        directory: Path,
-        pid: int | None = None,
-        pid_started: float | None = None,
-    ) -> int | None:
-        """Stop a server we launched (through its supervisor) and return its exit status."""
-        if sup.poll() is None:
-            sup.terminate()
-            try:
-                sup.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                sup.kill()
-                sup.wait(timeout=5)
-        if pid is not None and pid_started:
-            terminate(pid, pid_started)  # should its supervisor have failed to
-        return _exit_marker(directory)[1]
 
     def _make_room(self, request: ServerRequest, claim_id: str, ids: dict[str, Any]) -> None:
         """Stop the least recently used idle servers until the start fits; wait while the
@@ -940,14 +510,14 @@ class ModelServers:
         self._proven.pop(server.instance_id, None)
         fd = os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if not _lock_exclusive(fd, 0.0 if not wait else 5.0) and not wait:
+            if not lock_exclusive(fd, 0.0 if not wait else 5.0) and not wait:
                 return False
             if process_state(server.pid, server.pid_started_at) != "alive":
                 reason_left, status = self._last_word(server, directory)
                 probe = ServerProbe("gone", exit_reason=reason_left, exit_status=status)
                 self._record_gone(server, probe, ids)
                 return True
-            _write_exit(directory, reason, detail)
+            write_exit(directory, reason, detail)
             self._terminate(server)
         finally:
             os.close(fd)
@@ -976,7 +546,7 @@ class ModelServers:
 
     def _kill(self, server: ModelServerEntry) -> bool:
         directory = Path(server.log_path).parent
-        _write_exit(directory, "unhealthy", "its ready path did not answer")
+        write_exit(directory, "unhealthy", "its ready path did not answer")
         self._terminate(server)
         return process_state(server.pid, server.pid_started_at) != "alive"
 
@@ -1036,132 +606,8 @@ class ModelServers:
             del self._children[instance_id]
 
 
-def read_log_tail(path: Path, lines: int) -> list[str]:
-    """The last `lines` lines of a log (reading at most its last 64 KiB per 100 lines)."""
-    limit = max(1, lines) * 640
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            data = fh.read()
-    except OSError:
-        return []
-    text = data.decode(errors="replace").splitlines()
-    if size > limit and text:
-        text = text[1:]  # a partial first line
-    return text[-lines:] if lines else text
-
-
-def _start_failed(
-    spec: ServerSpec, what: str, log_path: Path, status: int | None, stopped: bool = False
-) -> ModelServerError:
-    tail = read_log_tail(log_path, LOG_TAIL)
-    shown = "\n".join(f"  {line}" for line in tail) or "  (empty)"
-    return ModelServerError(
-        f"The model server of {spec.model} ({spec.command[0]}) {what}. "
-        f"Last log lines of {log_path}:\n{shown}",
-        exit_status=status,
-        stopped=stopped,
-    )
-
-
-def _exit_marker(directory: Path) -> tuple[str | None, int | None]:
-    try:
-        data = json.loads((directory / "exit").read_text())
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    status = data.get("exit_status")
-    return str(data.get("reason") or ""), status if isinstance(status, int) else None
-
-
-def _write_exit(directory: Path, reason: str, detail: str) -> None:
-    """Say why a server is being stopped, before it is (the supervisor keeps the first)."""
-    path = directory / "exit"
-    if path.exists():
-        return
-    tmp = directory / f"exit.{os.getpid()}.{threading.get_ident()}"
-    tmp.write_text(json.dumps({"reason": reason, "exit_status": None, "detail": detail}))
-    with contextlib.suppress(OSError):
-        os.link(tmp, path)  # the first reason wins
-    tmp.unlink(missing_ok=True)
-
-
-def _busy(directory: Path) -> bool:
-    """Does a request hold the server's in-flight lock (shared) right now?"""
-    try:
-        fd = os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def _lock_exclusive(fd: int, wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-
-
-def _touch(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-        try:
-            os.utime(fd)
-        finally:
-            os.close(fd)
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-def ready_probe(port: int, path: str, timeout: float) -> str | None:
-    """GET `path` on a loopback port: None when it answers 200, else what happened."""
-    import http.client  # it loads ssl: only a command that talks to a server pays for it
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read(64 * 1024)
-        return None if resp.status == 200 else f"HTTP {resp.status}"
-    except (OSError, http.client.HTTPException) as exc:
-        return _first_line(exc)
-    finally:
-        conn.close()
-
-
-def free_port() -> int:
-    """A loopback port free right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:40].strip("-.") or "model"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _evict_detail(server: ModelServerEntry, request: ServerRequest) -> str:

@@ -1,6 +1,6 @@
 """The supervisor of one managed model server (ADR-0012), run as a plain script.
 
-`python -I -S model_server_supervisor.py`, its spec as JSON on stdin: starts the server's
+`python -I -S supervisor.py`, its spec as JSON on stdin: starts the server's
 command in a process group of its own with stdout and stderr appended to its log file, prints
 `STARTED <pid>` (or `FAILED <why>`), then watches until the server is gone:
 
