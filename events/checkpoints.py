@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from events.catalogue import Event
+from events.catalogue import Event, types_of
 from events.projections import AnyRegistryEntry, RegistryState, apply_registry
 from events.store import EventLog, Filter
 
@@ -38,6 +38,7 @@ CHECKPOINT_EVERY = 256
 # short range of the log, however sparse the registry's events are).
 CHECKPOINT_SPAN = 20_000
 REGISTRY_STREAM = "registry"
+REGISTRY_TYPES = tuple(sorted(types_of(REGISTRY_STREAM)))
 _ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server
 
 Read = Callable[[int, int], Iterable[tuple[int, Event]]]
@@ -86,7 +87,9 @@ class RegistryCheckpoints:
 
     def catch_up(self, log: EventLog) -> None:
         """Fold the registry events appended since the last look."""
-        for position, event in log.select(Filter(stream=REGISTRY_STREAM), after=self.position):
+        # By type, not stream: the store then reads only the events after `position` (the
+        # stream's index, paired with the position, would be walked from its start).
+        for position, event in log.select(Filter(types=REGISTRY_TYPES), after=self.position):
             self.feed(position, event)
 
     def _checkpoint(self, position: int) -> None:
