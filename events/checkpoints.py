@@ -38,7 +38,7 @@ CHECKPOINT_EVERY = 256
 # short range of the log, however sparse the registry's events are).
 CHECKPOINT_SPAN = 20_000
 REGISTRY_STREAM = "registry"
-REGISTRY_TYPES = tuple(sorted(types_of(REGISTRY_STREAM)))
+REGISTRY_TYPES = tuple(sorted(types_of("registry")))
 _ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server
 
 Read = Callable[[int, int], Iterable[tuple[int, Event]]]
