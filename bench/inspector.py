@@ -1,10 +1,11 @@
-"""`python -m bench.inspector [--quick] [--dir DIR]`: the inspector's figures (not tests).
+"""`python -m bench.inspector [--quick] [--views] [--dir DIR]`: the inspector's figures (not tests).
 
 Side by side on a 10k-event and a 1M-event log (`bench.logbuild`; `--quick`: 10k and
 100k): the p95 server time of every page and API call (in-process, through the ASGI app),
 the time-travel slider at random positions of a session, the first read of the log, and
 the live latency from an append by another writer to the event reaching the stream, on
-SQLite and PostgreSQL. Logs are kept in DIR (default /tmp/orchestrator-bench) for reuse.
+SQLite and PostgreSQL. `--views`: only the views made cheap by ADR-0014, before and after.
+Logs are kept in DIR (default /tmp/orchestrator-bench) for reuse.
 """
 
 from __future__ import annotations
@@ -140,6 +141,51 @@ def pages(url: str) -> dict[str, Any]:
     }
 
 
+def views_before_after(url: str, runs: int = 10) -> dict[str, tuple[float, float]]:
+    """p95 ms of the views made cheap (ADR-0014), before (the full folds they replaced, run
+    once each: they take seconds on a big log) and after (through the API, warmed)."""
+    from starlette.testclient import TestClient
+
+    from events.reads import registry_history
+    from orchestrator import history
+    from orchestrator.ui.app import create_app
+    from orchestrator.ui.data import Inspector
+
+    session = _filler_session(url)
+    data = Inspector(url)
+    data.head = head = data.log.head()
+    since, until = head // 2, head // 2 + 100
+    completed = Filter(session_id=session, types=("TaskCompleted",))
+    before: dict[str, Any] = {
+        "api events (session)": lambda: list(data.log.select(Filter(session_id=session))),
+        "api usage (session)": lambda: list(data.log.select(completed)),
+        "api registry": lambda: registry_history(data.log),
+        "api diff": lambda: history.diff(data.log, since, until),
+    }
+    after = {
+        "api events (session)": f"/api/views/events?session_id={session}",
+        "api usage (session)": f"/api/views/usage?session_id={session}",
+        "api registry": "/api/views/registry",
+        "api diff": f"/api/views/diff?since={since}&until={until}",
+    }
+    out: dict[str, tuple[float, float]] = {}
+    with TestClient(create_app(data, "t"), headers={"Authorization": "Bearer t"}) as client:
+        for name, path in after.items():
+            t0 = time.perf_counter()
+            before[name]()
+            slow = 1000 * (time.perf_counter() - t0)
+            samples = []
+            for i in range(runs + 2):  # the first builds the registry's checkpoints
+                t0 = time.perf_counter()
+                reply = client.get(path)
+                if i >= 2:
+                    samples.append(time.perf_counter() - t0)
+            assert reply.status_code == 200, (name, reply.text[:200])
+            out[name] = (slow, p95(samples))
+    data.close()
+    return out
+
+
 def live_latency(url: str, samples: int = 20) -> dict[str, float]:
     """From an append by another writer (its own connection) to the stream having it."""
     from orchestrator.ui.data import Inspector
@@ -207,6 +253,13 @@ def main() -> None:
     )
     directory.mkdir(parents=True, exist_ok=True)
     sizes = (10_000, 100_000) if quick else (10_000, 1_000_000)
+    if "--views" in sys.argv:  # only the views made cheap, before and after
+        found = {size: views_before_after(_log(directory, size)) for size in sizes}
+        print(f"{'p95 ms (before: the full fold, once)':36}", *(f"{s:>18,}" for s in sizes))
+        for name in found[sizes[0]]:
+            cells = [f"{found[s][name][0]:8.1f}->{found[s][name][1]:7.1f}" for s in sizes]
+            print(f"{name:36}", *(f"{c:>18}" for c in cells))
+        return
     measured = {size: pages(_log(directory, size)) for size in sizes}
     small, big = sizes
     print(f"\n{'call (p95 ms, server time in-process)':44} {small:>10,} {big:>10,}  ratio")

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from events.catalogue import EVENT_TYPES, TaskCompleted
+from events.catalogue import EVENT_TYPES
 from events.projections import AnyRegistryEntry, RegistryEntry, TaskRecord
-from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
+from events.reads import OVERRIDE_TYPES, read_task, session_tasks
 from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
-from orchestrator import history
+from orchestrator import history, views_at_scale
 from orchestrator.api import (
     ConversationRow,
     InvalidTaskArgs,
@@ -30,7 +30,6 @@ from orchestrator.api import (
     ProfileView,
     UsageRow,
     WorkerView,
-    round_cost,
 )
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.conversation import conversation_models, read_recorded, rows_of
@@ -113,9 +112,7 @@ def registry(orch: Orchestrator) -> list[AnyRegistryEntry]:
     first, and one found gone is recorded as such."""
     orch.pool.settle_host(orch.session_id)
     orch.servers.sweep({"session_id": orch.session_id})
-    state, retired = registry_history(orch.log)
-    rows = [*state.entries.values(), *state.servers.values(), *retired.values()]
-    return sorted(rows, key=lambda e: e.started_at)
+    return views_at_scale.registry(orch.log)
 
 
 def models(orch: Orchestrator) -> list[CatalogueModel]:
@@ -195,30 +192,7 @@ def usage(
     """Tokens and cost per (session, worker, model) of finished worker tasks: this session's
     by default, every session's with `session_id=None`, only after position `since`."""
     wanted = orch.session_id if session_id is _THIS_SESSION else session_id
-    rows: dict[tuple[str, str, str], UsageRow] = {}
-    completed = Filter(session_id=wanted, types=("TaskCompleted",))  # filtered in the store
-    for _, event in orch.log.select(completed, after=since):
-        assert isinstance(event, TaskCompleted)
-        used = event.usage
-        if not used:
-            continue
-        key = (event.session_id, str(event.worker_id), str(event.model))
-        row = rows.get(key) or UsageRow(
-            session_id=key[0],
-            worker_id=key[1],
-            model=key[2],
-            tasks=0,
-            input_tokens=0,
-            output_tokens=0,
-            cost_usd=None,
-        )
-        row.tasks += 1
-        row.input_tokens += int(used.get("input_tokens") or 0)
-        row.output_tokens += int(used.get("output_tokens") or 0)
-        if used.get("cost_usd") is not None:
-            row.cost_usd = round_cost((row.cost_usd or 0.0) + float(used["cost_usd"]))
-        rows[key] = row
-    return [rows[k] for k in sorted(rows)]
+    return views_at_scale.usage(orch.log, wanted, since)
 
 
 def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
@@ -253,7 +227,7 @@ def diff(orch: Orchestrator, since: int = 0, until: int | None = None) -> list[D
             raise InvalidTaskArgs(
                 f"Invalid task_list arguments: until: {until} is before since ({since})."
             )
-    return history.diff(orch.log, since, until)
+    return views_at_scale.diff(orch.log, since, until)
 
 
 def _check_position(name: str, value: int) -> None:

@@ -41,6 +41,7 @@ from orchestrator.ui.data import Inspector, markers_by_kind
 HERE = Path(__file__).parent
 COOKIE = "inspector_token"
 EVENTS_PAGE = 100
+API_EVENTS_PAGE = 1000  # the API's `events` rows when no `limit` is given (ADR-0014)
 SESSIONS_SHOWN = 200  # the newest; the events page reaches the rest
 USAGE_BINS = 48
 Scope = MutableMapping[str, Any]
@@ -267,6 +268,8 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
     async def api_view(request: Request) -> Response:
         name = request.path_params["view"]
         raw = {k: v for k, v in request.query_params.items() if k != "token"}
+        if name == "events":  # a page by default; `limit=` (empty) asks for every row
+            raw.setdefault("limit", str(API_EVENTS_PAGE))
         session_id = raw.get("session_id") or "cli"
         filters = data.view_filters(name, raw)
         try:

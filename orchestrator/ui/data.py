@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from events import checkpoints
 from events.catalogue import (
     EVENT_TYPES,
     Event,
@@ -129,6 +130,7 @@ class Inspector:
         self.summaries: dict[str, SessionSummary] = {}
         self.usage: UsageBuckets = {}
         self.registry = RegistryHistory()
+        checkpoints.share(self.log, self.registry)  # the views' registry reads use it too
         self._summary_position = 0
         self._registry_seen = 0  # the log read for registry events up to here
         self._histories: OrderedDict[str, SessionHistory] = OrderedDict()

@@ -7,8 +7,8 @@ A session's state at any position is answered without a replay from the start:
   at every change, and the session's overrides at every change. The state as of a position
   is then one binary search per task and one for the overrides.
 - `RegistryHistory` folds the registry stream and keeps a checkpoint of its state every
-  `REGISTRY_CHECKPOINT_EVERY` registry events; the registry as of a position is the nearest
-  checkpoint at or before it plus at most that many events read through the index.
+  `events.checkpoints.CHECKPOINT_EVERY` registry events; the registry as of a position is
+  the nearest checkpoint at or before it plus at most that many events read through the index.
 
 Both are fed in log order, incrementally, as the log grows (nothing here reads the log
 itself: the caller hands in events), and neither is ever written to the store.
@@ -17,12 +17,8 @@ itself: the caller hands in events), and neither is ever written to the store.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
-
-from pydantic import TypeAdapter
 
 from events.catalogue import (
     Event,
@@ -39,23 +35,15 @@ from events.catalogue import (
     WorkerSpawned,
     WorkerStopped,
 )
+from events.checkpoints import Read, RegistryCheckpoints
 from events.projections import (
     AnyRegistryEntry,
     Override,
-    RegistryState,
     SessionState,
     TaskRecord,
-    apply_registry,
     apply_session,
     apply_task,
 )
-
-REGISTRY_CHECKPOINT_EVERY = 256
-_ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server
-# Also a checkpoint at a registry event this many positions after the last one, so the
-# events between two checkpoints lie within this many positions (the read after one is a
-# short range of the log, however sparse the registry's events are).
-REGISTRY_CHECKPOINT_SPAN = 20_000
 
 # The markers a timeline shows, by event type: (kind, what the mark says).
 MARKERS: dict[type[Event], str] = {
@@ -182,31 +170,17 @@ class Process:
 
 
 @dataclass
-class _Checkpoint:
-    position: int
-    state: dict[str, Any]
-    retired: dict[str, Any]
+class RegistryHistory(RegistryCheckpoints):
+    """The registry folded as the log grows, with a checkpoint every K registry events, and
+    how each process started and stopped (shared with the views: `checkpoints.share`)."""
 
-
-@dataclass
-class RegistryHistory:
-    """The registry folded as the log grows, with a checkpoint every K registry events."""
-
-    position: int = 0
-    state: RegistryState = field(default_factory=RegistryState)
-    retired: dict[str, AnyRegistryEntry] = field(default_factory=dict)
     started_by: dict[str, str] = field(default_factory=dict)
     stopped_why: dict[str, str] = field(default_factory=dict)
-    every: int = REGISTRY_CHECKPOINT_EVERY
-    _since_checkpoint: int = 0
-    _checkpoints: list[_Checkpoint] = field(default_factory=list)
-    _checkpoint_at: list[int] = field(default_factory=list)
 
-    def feed(self, position: int, event: Event) -> None:
-        """Fold one registry event, in log order; checkpoint every `every` events."""
-        if not self._checkpoints:
-            self._checkpoint(0)
-        apply_registry(self.state, event, self.retired)
+    def feed(self, position: int, event: Event) -> bool:
+        """Fold one registry event, in log order, noting starts and stops."""
+        if not super().feed(position, event):
+            return False
         if isinstance(event, WorkerSpawned):
             self.started_by[event.instance_id] = (
                 f"spawned for session {event.session_id}"
@@ -217,22 +191,7 @@ class RegistryHistory:
             reason = getattr(event, "reason", "exited")
             detail = f": {event.detail}" if event.detail else ""
             self.stopped_why[event.instance_id] = f"{reason}{detail} (position {position})"
-        self.position = position
-        self._since_checkpoint += 1
-        far = position - self._checkpoint_at[-1] >= REGISTRY_CHECKPOINT_SPAN
-        if self._since_checkpoint >= self.every or far:
-            self._checkpoint(position)
-            self._since_checkpoint = 0
-
-    def _checkpoint(self, position: int) -> None:
-        retired = {k: v.model_dump(mode="json") for k, v in self.retired.items()}
-        self._checkpoints.append(_Checkpoint(position, self.state.model_dump(mode="json"), retired))
-        self._checkpoint_at.append(position)
-
-    @property
-    def checkpoints(self) -> int:
-        """How many checkpoints are kept."""
-        return len(self._checkpoints)
+        return True
 
     def processes(self) -> list[Process]:
         """Every process the registry knows now (stopped ones too), oldest first."""
@@ -244,21 +203,7 @@ class RegistryHistory:
             for e in entries
         ]
 
-    def at(
-        self, position: int, read: Callable[[int, int], Iterable[tuple[int, Event]]]
-    ) -> list[AnyRegistryEntry]:
+    def at(self, position: int, read: Read) -> list[AnyRegistryEntry]:
         """The registry's processes (running and stopped) as of a position: the nearest
-        checkpoint, then `read(after, until)`'s registry events up to the position (all
-        within `REGISTRY_CHECKPOINT_SPAN` positions of the checkpoint)."""
-        if position >= self.position:
-            entries = [*self.state.entries.values(), *self.retired.values()]
-            return [e.model_copy(deep=True) for e in entries]
-        i = bisect.bisect_right(self._checkpoint_at, position) - 1
-        base = self._checkpoints[max(i, 0)]
-        state = RegistryState.model_validate(base.state)
-        retired = {k: _ENTRY.validate_python(v) for k, v in base.retired.items()}
-        if base.position < position:
-            until = min(position, base.position + REGISTRY_CHECKPOINT_SPAN)
-            for _, event in read(base.position, until):
-                apply_registry(state, event, retired)
-        return [*state.entries.values(), *retired.values()]
+        checkpoint, then `read(after, until)`'s registry events up to the position."""
+        return list(self.rows_at(position, read).values())
