@@ -267,23 +267,22 @@ def _set(target: BaseModel, **values: Any) -> None:
 Mutator = Callable[[Any, Any], None]
 
 
-def _by_class(dispatcher: Any) -> Callable[[type], Mutator | None]:
-    """The mutator a `singledispatch` fold has for an event class, or None when it has none
-    (the base function, which changes nothing), looked up in a plain dict: the dispatcher's
-    own lookup cost as much as a whole fold. Every mutator is registered when this module
-    is imported, so the table never goes stale."""
-    table: dict[type, Mutator | None] = {}
-    nothing = dispatcher.dispatch(Event)
+class _ByClass(dict[type, Mutator | None]):
+    """The mutator a `singledispatch` fold has for each event class, or None where it has
+    none (its base function, which changes nothing): a plain dict, filled on first use of
+    a class, so a fold looks its mutator up without a call (the dispatcher's own lookup
+    cost as much as a whole fold). Every mutator is registered when this module is
+    imported, so the table never goes stale."""
 
-    def of(cls: type) -> Mutator | None:
-        try:
-            return table[cls]
-        except KeyError:
-            found = dispatcher.dispatch(cls)
-            table[cls] = None if found is nothing else found
-            return table[cls]
+    def __init__(self, dispatcher: Any) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.nothing = dispatcher.dispatch(Event)
 
-    return of
+    def __missing__(self, cls: type) -> Mutator | None:
+        found = self.dispatcher.dispatch(cls)
+        mutator = self[cls] = None if found is self.nothing else found
+        return mutator
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def _by_class(dispatcher: Any) -> Callable[[type], Mutator | None]:
 
 def apply_session(state: SessionState, event: Event) -> SessionState:
     """Fold one session-stream event."""
-    mutate = _session_mutator(event.__class__)
+    mutate = _session_mutator[event.__class__]
     if mutate is not None:
         mutate(event, state)
     return state
@@ -351,7 +350,7 @@ def _task_changed(event: Event, state: SessionState) -> None:
 for _cls in (ModelAttemptFailed, TaskCompleted, TaskFailed, TaskCancelled):
     _on_session.register(_cls, _task_changed)
 
-_session_mutator = _by_class(_on_session)
+_session_mutator = _ByClass(_on_session)
 
 
 # --- one task's record --------------------------------------------------------------------------
@@ -385,7 +384,7 @@ def apply_task(task: TaskRecord | None, event: Event) -> TaskRecord | None:
     if isinstance(event, TaskStarted):
         return new_task(event)
     if task is not None and task.status == "running":
-        mutate = _task_mutator(event.__class__)
+        mutate = _task_mutator[event.__class__]
         if mutate is not None:
             mutate(event, task)
     return task
@@ -425,7 +424,7 @@ def _(event: TaskCancelled, task: TaskRecord) -> None:
     _set(task, status="cancelled", finished_at=event.timestamp)
 
 
-_task_mutator = _by_class(_on_task)
+_task_mutator = _ByClass(_on_task)
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -438,7 +437,7 @@ def apply_registry(
     back, and the registry must not grow with every process ever run); it moves to
     `retired` when the caller keeps one (the `registry` and `replay` views do). A model
     server found exited leaves too: a dead server is never started again, a new one is."""
-    mutate = _registry_mutator(event.__class__)
+    mutate = _registry_mutator[event.__class__]
     if mutate is not None:
         mutate(event, state)
     instance_id = getattr(event, "instance_id", None)
@@ -654,7 +653,7 @@ def _server_status(status: WorkerStatus) -> Any:
 
 _on_registry.register(ModelServerStopped, _server_status("stopped"))
 _on_registry.register(ModelServerExited, _server_status("exited"))
-_registry_mutator = _by_class(_on_registry)
+_registry_mutator = _ByClass(_on_registry)
 
 # Which status may follow which. A process recorded exited that is later found alive and
 # stopped (`stop --all`) ends stopped; nothing brings a stopped one back.
@@ -721,12 +720,7 @@ class LogState(BaseModel):
 
 def apply(state: LogState, position: int, event: Event) -> LogState:
     """Fold one event of the global log into the whole state (each stream's own fold)."""
-    cls = event.__class__
-    try:
-        fold = _LOG_FOLDS[cls]
-    except KeyError:
-        fold = _LOG_FOLDS[cls] = _log_fold(cls)
-    fold(state, event)
+    _LOG_FOLDS[event.__class__](state, event)
     state.__dict__["position"] = position
     return state
 
@@ -736,18 +730,23 @@ def apply_all(state: LogState, events: Iterable[tuple[int, Event]]) -> LogState:
     folds = _LOG_FOLDS
     position = state.position
     for position, event in events:  # noqa: B007 (the last one is the state's position)
-        cls = event.__class__
-        try:
-            fold = folds[cls]
-        except KeyError:
-            fold = folds[cls] = _log_fold(cls)
-        fold(state, event)
+        folds[event.__class__](state, event)
     state.__dict__["position"] = position
     return state
 
 
 _LogFold = Callable[[LogState, Any], object]
-_LOG_FOLDS: dict[type, _LogFold] = {}
+
+
+class _LogFolds(dict[type, _LogFold]):
+    """How `apply` folds each event class, decided on its first event (`_log_fold`)."""
+
+    def __missing__(self, cls: type[Event]) -> _LogFold:
+        fold = self[cls] = _log_fold(cls)
+        return fold
+
+
+_LOG_FOLDS = _LogFolds()
 
 
 def _log_fold(cls: type[Event]) -> _LogFold:
@@ -766,7 +765,7 @@ def _log_fold(cls: type[Event]) -> _LogFold:
 
 
 def _session_fold(cls: type[Event]) -> _LogFold:
-    mutate = _session_mutator(cls)
+    mutate = _session_mutator[cls]
     started = issubclass(cls, TaskStarted)
 
     def fold(state: LogState, event: Any) -> None:

@@ -335,8 +335,12 @@ class EventLog:
             size = page if left is None else min(page, left)
             with _guarded(self.url, "reading"):
                 batch = self._index.select(where, after, until, size, newest_first)
-            for position, topic, state in batch:
-                yield position, _decode(topic, state, position)
+            try:
+                for position, topic, state in batch:
+                    yield position, event_from_json(topic, state)
+            except (KeyError, ValidationError):
+                _decode(topic, state, position)  # raises, naming the event
+                raise
             if len(batch) < size:
                 return
             if left is not None:
