@@ -563,12 +563,11 @@ class _SQLIndex(_Index):
             f"ORDER BY {order_by} {order} LIMIT {m}"
         )
         with self._transaction(commit=False) as c:
-            # The driver's own cursor (SQLite's is wrapped), made to return plain tuples:
-            # this cursor's rows only, the library's reads keep their named rows.
-            raw = getattr(c, "sqlite_cursor", c)
-            raw.row_factory = self.tuple_rows
-            raw.execute(sql, [*params, limit])
-            rows: Selected = raw.fetchall()
+            # The driver's own cursor (SQLite's is wrapped) returns plain tuples: this
+            # cursor's rows only, the library's reads keep their named rows.
+            getattr(c, "sqlite_cursor", c).row_factory = self.tuple_rows
+            c.execute(sql, [*params, limit])
+            rows: Selected = c.fetchall()
             return rows
 
     def backfill(self) -> None:
