@@ -13,6 +13,7 @@ are read together, and `apply` composes every fold over the whole log.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import singledispatch
 from typing import Any, Literal
@@ -266,12 +267,35 @@ def _set(target: BaseModel, **values: Any) -> None:
     target.__dict__.update(values)
 
 
+Mutator = Callable[[Any, Any], None]
+
+
+class _ByClass(dict[type, Mutator | None]):
+    """The mutator a `singledispatch` fold has for each event class, or None where it has
+    none (its base function, which changes nothing): a plain dict, filled on first use of
+    a class, so a fold looks its mutator up without a call (the dispatcher's own lookup
+    cost as much as a whole fold). Every mutator is registered when this module is
+    imported, so the table never goes stale."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.nothing = dispatcher.dispatch(Event)
+
+    def __missing__(self, cls: type) -> Mutator | None:
+        found = self.dispatcher.dispatch(cls)
+        mutator = self[cls] = None if found is self.nothing else found
+        return mutator
+
+
 # --- sessions -----------------------------------------------------------------------------------
 
 
 def apply_session(state: SessionState, event: Event) -> SessionState:
     """Fold one session-stream event."""
-    _on_session(event, state)
+    mutate = _session_mutator[event.__class__]
+    if mutate is not None:
+        mutate(event, state)
     return state
 
 
@@ -329,6 +353,8 @@ def _task_changed(event: Event, state: SessionState) -> None:
 for _cls in (ModelAttemptFailed, TaskCompleted, TaskFailed, TaskCancelled):
     _on_session.register(_cls, _task_changed)
 
+_session_mutator = _ByClass(_on_session)
+
 
 # --- one task's record --------------------------------------------------------------------------
 
@@ -361,7 +387,9 @@ def apply_task(task: TaskRecord | None, event: Event) -> TaskRecord | None:
     if isinstance(event, TaskStarted):
         return new_task(event)
     if task is not None and task.status == "running":
-        _on_task(event, task)
+        mutate = _task_mutator[event.__class__]
+        if mutate is not None:
+            mutate(event, task)
     return task
 
 
@@ -399,6 +427,9 @@ def _(event: TaskCancelled, task: TaskRecord) -> None:
     _set(task, status="cancelled", finished_at=event.timestamp)
 
 
+_task_mutator = _ByClass(_on_task)
+
+
 # --- the registry -------------------------------------------------------------------------------
 
 
@@ -409,7 +440,9 @@ def apply_registry(
     back, and the registry must not grow with every process ever run); it moves to
     `retired` when the caller keeps one (the `registry` and `replay` views do). A model
     server found exited leaves too: a dead server is never started again, a new one is."""
-    _on_registry(event, state)
+    mutate = _registry_mutator[event.__class__]
+    if mutate is not None:
+        mutate(event, state)
     instance_id = getattr(event, "instance_id", None)
     if not isinstance(instance_id, str):
         return state
@@ -490,8 +523,13 @@ def _(event: WorkerReuseRejected, state: RegistryState) -> None:
 def _(event: WorkerReused, state: RegistryState) -> None:
     entry = state.entries.get(event.instance_id)
     if entry is not None:
-        if event.session_id not in entry.sessions:
-            entry.sessions.append(event.session_id)
+        sessions = entry.sessions
+        # A session reuses the same process task after task: its id is then the last one,
+        # found without scanning every session that ever used the process.
+        if not (sessions and sessions[-1] == event.session_id) and (
+            event.session_id not in sessions
+        ):
+            sessions.append(event.session_id)
         _set(entry, last_used_at=event.timestamp, updated_at=event.timestamp)
 
 
@@ -582,8 +620,13 @@ def _(event: ModelServerStartFailed, state: RegistryState) -> None:
 def _(event: ModelServerReused, state: RegistryState) -> None:
     server = state.servers.get(event.instance_id)
     if server is not None:
-        if event.session_id not in server.sessions:
-            server.sessions.append(event.session_id)
+        sessions = server.sessions
+        # A session reuses the same process task after task: its id is then the last one,
+        # found without scanning every session that ever used the process.
+        if not (sessions and sessions[-1] == event.session_id) and (
+            event.session_id not in sessions
+        ):
+            sessions.append(event.session_id)
         _set(server, last_used_at=event.timestamp, updated_at=event.timestamp)
 
 
@@ -613,6 +656,7 @@ def _server_status(status: WorkerStatus) -> Any:
 
 _on_registry.register(ModelServerStopped, _server_status("stopped"))
 _on_registry.register(ModelServerExited, _server_status("exited"))
+_registry_mutator = _ByClass(_on_registry)
 
 # Which status may follow which. A process recorded exited that is later found alive and
 # stopped (`stop --all`) ends stopped; nothing brings a stopped one back.
@@ -679,21 +723,64 @@ class LogState(BaseModel):
 
 def apply(state: LogState, position: int, event: Event) -> LogState:
     """Fold one event of the global log into the whole state (each stream's own fold)."""
-    kind = event.stream_kind
+    _LOG_FOLDS[event.__class__](state, event)
+    state.__dict__["position"] = position
+    return state
+
+
+def apply_all(state: LogState, events: Iterable[tuple[int, Event]]) -> LogState:
+    """`apply` each (position, event) in turn: the same fold, without a call per event."""
+    folds = _LOG_FOLDS
+    position = state.position
+    for position, event in events:  # noqa: B007 (the last one is the state's position)
+        folds[event.__class__](state, event)
+    state.__dict__["position"] = position
+    return state
+
+
+_LogFold = Callable[[LogState, Any], object]
+
+
+class _LogFolds(dict[type, _LogFold]):
+    """How `apply` folds each event class, decided on its first event (`_log_fold`)."""
+
+    def __missing__(self, cls: type[Event]) -> _LogFold:
+        fold = self[cls] = _log_fold(cls)
+        return fold
+
+
+_LOG_FOLDS = _LogFolds()
+
+
+def _log_fold(cls: type[Event]) -> _LogFold:
+    """How `apply` folds one event class, decided once per class rather than per event:
+    its stream's fold, and the session's mutator for it (if any)."""
+    kind = cls.stream_kind
     if kind == "session":
+        return _session_fold(cls)
+    if kind == "registry":
+        return lambda state, event: apply_registry(state.registry, event, state.retired)
+    if kind == "memory":
+        return lambda state, event: apply_memory(state.memory, event)
+    if kind == "models":
+        return lambda state, event: apply_models(state.models, event)
+    return lambda state, event: None
+
+
+def _session_fold(cls: type[Event]) -> _LogFold:
+    mutate = _session_mutator[cls]
+    started = issubclass(cls, TaskStarted)
+
+    def fold(state: LogState, event: Any) -> None:
         sid = event.session_id
         session = state.sessions.get(sid)
         if session is None:
             session = state.sessions[sid] = SessionState(session_id=sid)
-        _on_session(event, session)
-        if isinstance(event, TaskStarted):
+        if mutate is not None:
+            mutate(event, session)
+        if started:
             # One record, shared: the session's fold finishes it, so `tasks` sees that too.
-            state.tasks[str(event.task_id)] = session.running[str(event.task_id)]
-    elif kind == "registry":
-        apply_registry(state.registry, event, state.retired)
-    elif kind == "memory":
-        apply_memory(state.memory, event)
-    elif kind == "models":
-        apply_models(state.models, event)
-    _set(state, position=position)
-    return state
+            task_id = str(event.task_id)
+            state.tasks[task_id] = session.running[task_id]
+
+    return fold

@@ -206,3 +206,46 @@ def test_a_postgresql_store_notifies_only_its_own_listeners() -> None:
         finally:
             a.close()
             b.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_an_unreadable_event_after_readable_ones_is_named_by_its_position(
+    store: str, tmp_path: Path
+) -> None:
+    from events.store import StoreError
+
+    log = EventLog("memory" if store == "memory" else f"sqlite:///{tmp_path / 'e.db'}")
+    log.append("memory", [MemoryPut(session_id="s", key="k", value="v", tags=[])], 0)
+    bad = {"version": 1, "session_id": "s", "timestamp": "2026-01-01T00:00:00Z", "flux": 1}
+    log._recorder.insert_events(
+        [StoredEvent("session:s", 1, "TaskCancelled", json.dumps(bad).encode())]
+    )
+    assert [p for p, _ in log.select(limit=1)] == [1]  # read one by one: stops before it
+    with pytest.raises(StoreError, match="the event at position 2 "):
+        list(log.read_log())
+    with pytest.raises(StoreError, match="the event at position 2 "):
+        replay(log)
+    log.close()
+
+
+def test_replay_leaves_the_cycle_collector_as_it_found_it() -> None:
+    import gc
+
+    from events.store import StoreError
+
+    log = EventLog("memory")
+    log.append("memory", [MemoryPut(session_id="s", key="k", value="v", tags=[])], 0)
+    assert gc.isenabled()
+    assert replay(log).position == 1
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        replay(log)
+        assert not gc.isenabled()  # the caller's choice stands
+    finally:
+        gc.enable()
+    log._recorder.insert_events([StoredEvent("session:s", 1, "WorkerTeleported", b"{}")])
+    with pytest.raises(StoreError, match="does not know"):
+        replay(log)
+    assert gc.isenabled()  # also when the replay fails
+    log.close()
