@@ -29,6 +29,18 @@ RejectReason = Literal[
     "other_host",
 ]
 StreamKind = Literal["session", "registry", "memory", "models", "config"]
+# The shared streams are named by their kind; a session's stream by its id (`session_stream`).
+REGISTRY_STREAM = "registry"
+MEMORY_STREAM = "memory"
+MODELS_STREAM = "models"
+CONFIG_STREAM = "config"
+
+
+def session_stream(session_id: str) -> str:
+    """The name of one session's stream."""
+    return f"session:{session_id}"
+
+
 StopReason = Literal["requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy"]
 
 
@@ -481,6 +493,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ModelServerExited,
     )
 }
+
+
+def stream_of(event: Event) -> str:
+    """The stream an event is appended to: its class declares the kind, a session event's
+    `session_id` names which session."""
+    kind = event.stream_kind
+    return session_stream(event.session_id) if kind == "session" else kind
 
 
 def types_of(stream_kind: StreamKind) -> frozenset[str]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
+    REGISTRY_STREAM,
     Event,
     ModelServerExited,
     ModelServerReady,
@@ -71,7 +72,6 @@ from orchestrator.processes import (
 )
 from orchestrator.providers import split_model
 
-REGISTRY_STREAM = "registry"
 SUPERVISOR = Path(__file__).with_name("model_server_supervisor.py")
 # A claim outlives its start_timeout by this much only when its claimant is gone.
 CLAIM_MARGIN = 30.0

@@ -91,15 +91,13 @@ class OpError(OrchestratorError, RuntimeError):
 
 @dataclass(frozen=True)
 class Decision:
-    """What an op decided: session and memory events to record with the task, its result,
-    and, for ops that touch processes, the step to run once the decision is in the log."""
+    """What an op decided: the events to record with the task (each lands on the stream
+    its class declares: this session's, the memory's, a forked session's), its result, and,
+    for ops that touch processes, the step to run once the decision is in the log."""
 
     result: Result = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
-    memory: list[Event] = field(default_factory=list)
     act: Callable[[Workers], Result] | None = None
-    # Events for other sessions' streams (a fork's first event), by session id.
-    elsewhere: dict[str, list[Event]] = field(default_factory=dict)
 
 
 def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
@@ -123,7 +121,7 @@ def memory_put(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
     put = MemoryPut(
         session_id=ctx.session_id, task_id=task_id, key=str(m.key), value=str(m.value), tags=m.tags
     )
-    return Decision({"key": m.key, "value": m.value, "tags": m.tags}, memory=[put])
+    return Decision({"key": m.key, "value": m.value, "tags": m.tags}, events=[put])
 
 
 def memory_link(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
@@ -135,7 +133,7 @@ def memory_link(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
         to_key=str(m.to_key),
         link_type=str(m.type),
     )
-    return Decision({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, memory=[link])
+    return Decision({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, events=[link])
 
 
 def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
@@ -146,7 +144,7 @@ def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
         done_task_id=str(m.task_id),
         summary=str(m.summary),
     )
-    return Decision({"task_id": m.task_id, "summary": m.summary}, memory=[done])
+    return Decision({"task_id": m.task_id, "summary": m.summary}, events=[done])
 
 
 # --- worker model set / reset ---------------------------------------------------------------
@@ -247,7 +245,7 @@ def fork(ctx: OpContext, task_id: str, s: SessionPayload) -> Decision:
             for w, o in dumped.items()
         },
     }
-    return Decision(result, elsewhere={new_id: [forked]})
+    return Decision(result, events=[forked])
 
 
 # --- spawn / stop ---------------------------------------------------------------------------

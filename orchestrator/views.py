@@ -14,11 +14,11 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from events.catalogue import EVENT_TYPES, TaskCompleted
+from events.catalogue import EVENT_TYPES, REGISTRY_STREAM, TaskCompleted, session_stream
 from events.projections import AnyRegistryEntry, RegistryEntry, TaskRecord
-from events.reads import OVERRIDE_TYPES, read_task, registry_history, session_tasks
+from events.reads import OVERRIDE_TYPES, registry_history, session_tasks
 from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
@@ -48,6 +48,25 @@ from orchestrator.resolver import CatalogueModel, ResolutionError
 
 if TYPE_CHECKING:
     from orchestrator.orchestrator import Orchestrator
+
+
+class ViewContext(Protocol):
+    """What a view reads: the log, the configuration and whose session it is."""
+
+    @property
+    def session_id(self) -> str:
+        """The session the view is for."""
+        ...
+
+    @property
+    def log(self) -> EventLog:
+        """The event log."""
+        ...
+
+    @property
+    def config(self) -> OrchestratorConfig:
+        """The configuration."""
+        ...
 
 
 def tasks(orch: Orchestrator) -> list[TaskRecord]:
@@ -287,7 +306,7 @@ def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
     ids = started.data.get("conversation") or [] if started is not None else []
     found = explain_task(chain, override, conversation_models(orch.log, ids))
     if found is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
     return found
 
 
@@ -296,7 +315,7 @@ def _override_record(
 ) -> EventRecord | None:
     """The session's newest override event for a worker before a position (one row)."""
     for_worker = Filter(session_id=session_id, worker_id=worker_id, types=OVERRIDE_TYPES[:2])
-    forked = Filter(stream=f"session:{session_id}", types=("SessionForked",))
+    forked = Filter(stream=session_stream(session_id), types=("SessionForked",))
     found = [
         record_from(*e)
         for where in (for_worker, forked)
@@ -305,7 +324,7 @@ def _override_record(
     return max(found, key=lambda r: r.position, default=None)
 
 
-def _known_tasks(orch: Orchestrator, task_id: str) -> str:
+def known_tasks(orch: ViewContext, task_id: str) -> str:
     """ "Did you mean" among this session's tasks (the likely typo's neighbourhood)."""
     return did_you_mean(task_id, [t.task_id for t in session_tasks(orch.log, orch.session_id)])
 
@@ -316,7 +335,9 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
     except ResolutionError as exc:
         raise InvalidTaskArgs(str(exc)) from None
     override = _override_record(orch.log, orch.session_id, worker_id, orch.log.head() + 1)
-    history = orch.log.select(Filter(worker_id=worker_id, stream="registry", types=HISTORY_TYPES))
+    history = orch.log.select(
+        Filter(worker_id=worker_id, stream=REGISTRY_STREAM, types=HISTORY_TYPES)
+    )
     return WorkerExplanation(
         worker_id=worker_id,
         session_id=orch.session_id,
@@ -332,20 +353,6 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
     )
 
 
-def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
-    """A task of another session (or an old one of this session), read through the index;
-    one left running by a dead orchestrator is ended first."""
-    found = read_task(orch.log, task_id)
-    if found is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
-    task, owner = found
-    if owner is not None and orch.settle(task.session_id, task_id, owner):
-        found = read_task(orch.log, task_id)
-        assert found is not None
-        task = found[0]
-    return task
-
-
 def conversation(orch: Orchestrator, task_id: str | None = None) -> list[ConversationRow]:
     """The messages a worker task's request carried (system prompt, the earlier turns it
     kept, its tool results and message) and its reply, each with the task (turn) it
@@ -354,7 +361,7 @@ def conversation(orch: Orchestrator, task_id: str | None = None) -> list[Convers
         raise InvalidTaskArgs("Invalid task_list arguments: conversation needs task_id.")
     recorded = read_recorded(orch.log, task_id)
     if recorded is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
     if recorded.started.kind != "worker":
         raise InvalidTaskArgs(
             f'Invalid task_list arguments: task_id: "{task_id}" is an op; only a worker task '

@@ -31,9 +31,11 @@ from events.catalogue import (
     TaskCompleted,
     TaskStarted,
     WorkerModelSet,
+    session_stream,
     types_of,
 )
 from events.projections import AnyRegistryEntry, Override, TaskRecord
+from events.reads import read_task
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
 from orchestrator import history, views
 from orchestrator.api import InvalidTaskArgs, check_session_id
@@ -346,8 +348,9 @@ class Inspector:
         """A task's record and its `explain` chain (any session's)."""
         with self.lock:
             explained = self.view("explain", {"task_id": task_id})[0]
-            record = views.foreign_task(self.reader(str(explained.session_id)), task_id)
-            return record, explained
+            found = read_task(self.log, task_id)  # explain found it: it was started
+            assert found is not None
+            return found[0], explained
 
     def known(self, session_id: str) -> str:
         """ "Did you mean" among the sessions seen so far."""
@@ -402,7 +405,7 @@ class _SessionLog:
         self._log, self._session = log, session_id
 
     def read_log(self, *args: Any, **kwargs: Any) -> Iterator[tuple[int, Event]]:
-        return self._log.select(Filter(stream=f"session:{self._session}"))
+        return self._log.select(Filter(stream=session_stream(self._session)))
 
 
 def _flat(state: TravelState) -> Flat:
