@@ -550,12 +550,6 @@ def upcast(type_name: str, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def event_from_data(type_name: str, data: dict[str, Any]) -> Event:
-    """Validate stored data (upcast first) into its event model."""
-    cls = EVENT_TYPES[type_name]
-    return cls.model_validate(upcast(type_name, data))
-
-
 _UPCAST_TYPES = frozenset(name for name, _ in UPCASTERS)
 
 

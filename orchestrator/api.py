@@ -23,21 +23,6 @@ Op = Literal[
     "worker.stop",
     "session.fork",
 ]
-View = Literal[
-    "tasks",
-    "workers",
-    "registry",
-    "models",
-    "profiles",
-    "memory",
-    "events",
-    "replay",
-    "explain",
-    "usage",
-    "whatif",
-    "diff",
-    "conversation",
-]
 
 
 class InvalidTaskArgs(OrchestratorError, ValueError):

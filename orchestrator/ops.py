@@ -152,9 +152,9 @@ def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
 
 def model_set(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Pin (sticky) or tag (dynamic) this session's model for a worker."""
-    profile = ctx.profile(w.worker_id)
+    ctx.profile(w.worker_id)  # an unknown worker id fails here, with suggestions
     policy = w.model_policy or "sticky"
-    res = resolve(str(w.model), profile, ctx.config, ctx.catalogue())
+    res = resolve(str(w.model), ctx.config, ctx.catalogue())
     event = WorkerModelSet(
         session_id=ctx.session_id,
         worker_id=w.worker_id,

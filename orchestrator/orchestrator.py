@@ -249,6 +249,14 @@ class Orchestrator:
         """End a running task whose owning orchestrator process is gone; True if it did."""
         return self.state.settle(session_id, task_id, owner)
 
+    def settle_workers(self) -> None:
+        """Record this host's worker processes found gone (before a view shows them)."""
+        self.pool.settle_host(self.session_id)
+
+    def settle_servers(self) -> None:
+        """Record what became of this host's managed model servers."""
+        self.servers.sweep({"session_id": self.session_id})
+
     def task_await(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Block until the task finishes or `timeout` seconds pass; return its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -289,7 +297,7 @@ class Orchestrator:
                     f'Invalid task_list arguments: {name}: the {view} view has no filter "{name}"'
                     f" (its filters: {known})." + did_you_mean(name, allowed)
                 )
-        return handler(self, **filters)
+        return handler(self.state, self, **filters)
 
     # --- how AsyncOrchestrator wakes its awaits ------------------------------------------------
 

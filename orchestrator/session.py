@@ -6,7 +6,8 @@ configuration's digest). It is the context the op deciders and the views read, a
 only writer of the log in this process: `record(*events)` sends each event to the stream
 its class declares (this session's, another session's, the registry, memory, models,
 config), in one transaction, bringing `SessionOpened` and `ConfigRecorded` itself.
-It starts no process and runs no task: that is the `TaskRunner`'s (`orchestrator.runner`).
+It is also the `ViewContext` the views read. It starts no process and runs no task: that
+is the `TaskRunner`'s (`orchestrator.runner`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from events.projections import (
     ModelsState,
     Override,
     Owner,
+    RegistryEntry,
     RegistryState,
     apply_models,
 )
@@ -74,6 +76,14 @@ class Processes(Protocol):
 
     def abandon(self) -> None:
         """The store went away: stop what was started here."""
+        ...
+
+    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
+        """The worker's processes on this host recorded as running."""
+        ...
+
+    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
+        """The worker's in-process agent, if any: (fingerprint, instance id)."""
         ...
 
 
@@ -278,6 +288,18 @@ class Session:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
         return self.processes.running(worker_id)
+
+    def owners(self) -> dict[str, Owner]:
+        """This session's running tasks and the orchestrator process that owns each."""
+        return dict(self.view.refresh().owners)
+
+    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
+        """The worker's processes on this host recorded as running."""
+        return self.processes.live_entries(worker_id)
+
+    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
+        """The worker's in-process agent, if any: (fingerprint, instance id)."""
+        return self.processes.agent_instance(worker_id)
 
     def in_registry(self, worker_id: str) -> bool:
         """Has the device registry ever recorded a process of the worker (one indexed row)?"""

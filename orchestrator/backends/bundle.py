@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from events.projections import RegistryState
+from events.projections import RegistryEntry, RegistryState
 from events.store import EventLog
 from events.streams import StreamView
 from orchestrator.backends import Backend
@@ -48,6 +48,15 @@ class Backends:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
         return self.of(worker_id).running(worker_id)
+
+    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
+        """The worker's processes on this host recorded as running."""
+        return self.pool.live_entries(worker_id)
+
+    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
+        """The worker's in-process agent, if any: (fingerprint, instance id)."""
+        agent = self.agent.agents.get(worker_id)
+        return None if agent is None else (agent.fingerprint, agent.instance_id)
 
     def abandon(self) -> None:
         """The store went away: stop the processes started here (their registry is gone)."""
