@@ -6,7 +6,10 @@ counting, a managed model's server held while the request runs. Each running tas
 one `RunningTask` record, and `finish()` is its only way out: the end event, the registry
 facts of the process that served it (also for a task cancelled mid-request), the span,
 the clean-up and the wake-up happen there, exactly once. Ops run here too: decided
-through the session, then their `act` step against the runner (`ops.Workers`).
+through the session, then their `act` step against `WorkerSteps` (`ops.Workers`).
+
+Over 400 lines on purpose: a task's whole path, from its decision to its one exit, is kept
+in one module so every way a task can end is read in one place.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from orchestrator.resolver import (
     decide_model,
 )
 from orchestrator.session import Session
+from orchestrator.worker_steps import WorkerSteps
 
 _log = get_logger("orchestrator")
 
@@ -83,6 +87,7 @@ class TaskRunner:
         self._tasks: dict[str, RunningTask] = {}
         self._failures: dict[str, list[datetime]] = {}
         self._end_hooks: list[Callable[[str], None]] = []
+        self.steps = WorkerSteps(session, backends)
 
     def close(self) -> None:
         """Wait for the running tasks to end."""
@@ -482,7 +487,7 @@ class TaskRunner:
             if decision is None or decision.act is None:
                 return
             try:
-                result = decision.act(self)
+                result = decision.act(self.steps)
             except OrchestratorError as exc:
                 session.record(TaskFailed(**ids, error=str(exc)))
                 return
@@ -492,76 +497,6 @@ class TaskRunner:
             session.record(TaskCompleted(**ids, result=result))
         finally:
             self._wake(task_id)
-
-    # --- what op steps may do (ops.Workers) ---------------------------------------------------
-
-    def running(self, worker_id: str) -> bool:
-        """Is a process of the worker running (on its backend)?"""
-        return self.backends.running(worker_id)
-
-    def spawn(self, worker_id: str, task_id: str, force_new: bool) -> ops.Result:
-        """Get (reuse) or start the worker's process for this session's model."""
-        session = self.session
-        spec = session.worker_spec(worker_id, session.session_decision(worker_id))
-        ids = session.ids(task_id, worker_id)
-        lease = self.backends.of(worker_id).acquire(spec, ids, force_new, True)
-        assert lease is not None
-        session.record(*lease.deferred)
-        return {
-            "worker_id": worker_id,
-            "instance_id": lease.instance_id,
-            "pid": lease.pid,
-            "url": lease.url,
-            "fingerprint": spec.fingerprint,
-            "model": spec.model,
-            "model_policy": spec.model_policy,
-            "reused": lease.reused,
-            "reason": lease.reason,
-        }
-
-    def stop(self, worker_id: str, task_id: str) -> ops.Result:
-        """Stop the worker's processes on this host, and its in-process agent."""
-        ids = self.session.ids(task_id, worker_id)
-        backends = self.backends
-        # Its processes found gone are recorded first, and listed as already gone.
-        found = backends.pool.settle_host(self.session.session_id, worker_id)
-        server = backends.server.stop(worker_id, ids)
-        agent = backends.agent.stop(worker_id, ids)
-        return {
-            "worker_id": worker_id,
-            "stopped": server.stopped + agent.stopped,
-            "exited": [e.instance_id for e in found] + server.exited,
-        }
-
-    def respawn(self, worker_id: str, task_id: str) -> bool:
-        """Start now the process the session's (new) model asks for, then retire the process
-        this session used before, unless another session has used it (ADR-0003, "Respawn")."""
-        session, backends = self.session, self.backends
-        spec = session.worker_spec(worker_id, session.session_decision(worker_id))
-        ids = session.ids(task_id, worker_id)
-        if session.profile(worker_id).backend == "agent":
-            backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-            agent = backends.agent.agents.get(worker_id)
-            if agent is not None and agent.fingerprint == spec.fingerprint:
-                return False
-            backends.agent.acquire(spec, ids, force_new=True)
-            return True
-        sid = session.session_id
-        before = [
-            e
-            for e in backends.pool.live_entries(worker_id)
-            if e.status == "ready" and sid in e.sessions and e.fingerprint != spec.fingerprint
-        ]
-        lease = backends.server.acquire(spec, ids, force_new=False, spawn=True)
-        assert lease is not None
-        session.record(*lease.deferred)
-        backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-        for entry in before:
-            if set(entry.sessions) <= {sid}:
-                backends.pool.retire(
-                    entry, ids, detail=f"replaced by {lease.instance_id} for {spec.model}"
-                )
-        return True
 
 
 def _no_process(spec: WorkerSpec) -> str:
