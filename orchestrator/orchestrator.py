@@ -19,10 +19,10 @@ from typing import Any
 import orjson
 
 from events.catalogue import Event, TaskStarted
-from events.projections import ModelsState, Owner, SessionState, TaskRecord
+from events.projections import Owner, SessionState, TaskRecord
 from events.reads import read_task
 from events.store import EventLog
-from events.streams import StreamTail, StreamView
+from events.streams import StreamView
 from orchestrator import views
 from orchestrator.api import (
     InvalidTaskArgs,
@@ -33,7 +33,6 @@ from orchestrator.api import (
     check_task_id,
     parse_task_args,
 )
-from orchestrator.backends import Backend
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import ServerBackend
@@ -41,7 +40,7 @@ from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.model_servers import ModelServers
 from orchestrator.pool import WorkerPool, WorkerSpec
 from orchestrator.processes import own_identity
-from orchestrator.resolver import CatalogueModel, ModelDecision
+from orchestrator.resolver import ModelDecision
 from orchestrator.runner import TaskRunner
 from orchestrator.session import Session
 
@@ -125,16 +124,6 @@ class Orchestrator:
         return self.state.view
 
     @property
-    def memory(self) -> StreamTail:
-        """The memory stream (written to, never folded here)."""
-        return self.state.memory
-
-    @property
-    def models(self) -> StreamView[ModelsState]:
-        """The models stream (cooldowns)."""
-        return self.state.models
-
-    @property
     def pool(self) -> WorkerPool:
         """The server workers' pool."""
         return self.backends.pool
@@ -158,10 +147,6 @@ class Orchestrator:
         """Append facts, each to its own stream (`Session.record`)."""
         return self.state.record(*events, decided=decided)
 
-    def catalogue(self) -> list[CatalogueModel]:
-        """The model catalogue now."""
-        return self.state.catalogue()
-
     def session_decision(self, worker_id: str) -> ModelDecision:
         """The model this session's worker uses when a task names none."""
         return self.state.session_decision(worker_id)
@@ -169,10 +154,6 @@ class Orchestrator:
     def worker_spec(self, worker_id: str, decision: ModelDecision) -> WorkerSpec:
         """The process a session-level decision asks for."""
         return self.state.worker_spec(worker_id, decision)
-
-    def backend_of(self, worker_id: str) -> Backend:
-        """Where the worker's tasks run."""
-        return self.backends.of(worker_id)
 
     # --- Task API --------------------------------------------------------------------------
 
