@@ -22,7 +22,13 @@ from events.catalogue import (
     WorkerModelSet,
 )
 from events.projections import Override
-from orchestrator.api import MemoryPayload, SessionPayload, TaskStartArgs, WorkerPayload
+from orchestrator.api import (
+    OP_FIELDS,
+    MemoryPayload,
+    SessionPayload,
+    TaskStartArgs,
+    WorkerPayload,
+)
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.resolver import CatalogueModel, ModelDecision, decide_model, resolve
@@ -101,16 +107,13 @@ class Decision:
 
 
 def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
-    """Decide one op (errors raise; the caller records them)."""
+    """Decide one op (errors raise; the caller records them). The schema has checked that
+    its payload group is there."""
     assert args.op is not None
-    if args.op.startswith("memory."):
-        assert args.memory is not None
-        return _MEMORY_OPS[args.op](ctx, task_id, args.memory)
-    if args.op == "session.fork":
-        assert args.session is not None
-        return fork(ctx, task_id, args.session)
-    assert args.worker is not None
-    return _WORKER_OPS[args.op](ctx, task_id, args.worker)
+    group, _ = OP_FIELDS[args.op]
+    payload = getattr(args, group)
+    assert payload is not None
+    return DECIDERS[args.op](ctx, task_id, payload)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -266,14 +269,15 @@ def stop(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     return Decision(act=lambda workers: workers.stop(w.worker_id, task_id))
 
 
-_MEMORY_OPS: dict[str, Callable[[OpContext, str, MemoryPayload], Decision]] = {
+# Every op's decider, by name; the names are the Task API's (`api.OP_FIELDS`), checked here.
+DECIDERS: dict[str, Callable[[OpContext, str, Any], Decision]] = {
     "memory.put": memory_put,
     "memory.link": memory_link,
     "memory.done": memory_done,
-}
-_WORKER_OPS: dict[str, Callable[[OpContext, str, WorkerPayload], Decision]] = {
     "worker.model.set": model_set,
     "worker.model.reset": model_reset,
     "worker.spawn": spawn,
     "worker.stop": stop,
+    "session.fork": fork,
 }
+assert set(DECIDERS) == set(OP_FIELDS), "ops.DECIDERS and api.OP_FIELDS name other ops"
