@@ -124,10 +124,6 @@ class TaskRunner:
         span, free its slot and wake its waiters. A task cancelled meanwhile keeps its
         cancel (the fold lets the first terminal event win) but its registry facts are
         still recorded."""
-        with self._lock:
-            self._tasks.pop(run.task_id, None)
-            if run.slot:
-                self._busy -= 1
         try:
             deferred = (
                 *(run.lease[1].deferred if run.lease else ()),
@@ -143,6 +139,11 @@ class TaskRunner:
             if run.traced is not None:
                 self._emit_span(run.task_id, *run.traced)
         finally:
+            with self._lock:
+                self._tasks.pop(run.task_id, None)
+                if run.slot:
+                    run.slot = False
+                    self._busy -= 1
             self._wake(run.task_id, run)
 
     def cancel(self, rec: TaskRecord) -> None:
