@@ -32,6 +32,18 @@ RejectReason = Literal[
     "other_host",
 ]
 StreamKind = Literal["session", "registry", "memory", "models", "config"]
+# The shared streams are named by their kind; a session's stream by its id (`session_stream`).
+REGISTRY_STREAM = "registry"
+MEMORY_STREAM = "memory"
+MODELS_STREAM = "models"
+CONFIG_STREAM = "config"
+
+
+def session_stream(session_id: str) -> str:
+    """The name of one session's stream."""
+    return f"session:{session_id}"
+
+
 StopReason = Literal["requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy"]
 
 
@@ -486,6 +498,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+def stream_of(event: Event) -> str:
+    """The stream an event is appended to: its class declares the kind, a session event's
+    `session_id` names which session."""
+    kind = event.stream_kind
+    return session_stream(event.session_id) if kind == "session" else kind
+
+
 def types_of(stream_kind: StreamKind) -> frozenset[str]:
     """The type names of every event that lives on streams of one kind."""
     return frozenset(n for n, cls in EVENT_TYPES.items() if cls.stream_kind == stream_kind)
@@ -532,12 +551,6 @@ def upcast(type_name: str, data: dict[str, Any]) -> dict[str, Any]:
         data = UPCASTERS[(type_name, version)](data)
         version = int(data["version"])
     return data
-
-
-def event_from_data(type_name: str, data: dict[str, Any]) -> Event:
-    """Validate stored data (upcast first) into its event model."""
-    cls = EVENT_TYPES[type_name]
-    return cls.model_validate(upcast(type_name, data))
 
 
 _UPCAST_TYPES = frozenset(name for name, _ in UPCASTERS)

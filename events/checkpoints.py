@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from events.catalogue import Event, types_of
+from events.catalogue import REGISTRY_STREAM, Event, types_of
 from events.projections import AnyRegistryEntry, RegistryState, apply_registry
 from events.store import EventLog, Filter
 
@@ -37,7 +37,6 @@ CHECKPOINT_EVERY = 256
 # events between two checkpoints lie within this many positions (the read after one is a
 # short range of the log, however sparse the registry's events are).
 CHECKPOINT_SPAN = 20_000
-REGISTRY_STREAM = "registry"
 REGISTRY_TYPES = tuple(sorted(types_of("registry")))
 _ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server
 

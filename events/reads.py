@@ -3,7 +3,14 @@ through its index at the cost of what it holds (ADR-0007)."""
 
 from __future__ import annotations
 
-from events.catalogue import TERMINAL_TASK_EVENTS, ConfigRecorded, TaskStarted
+from events.catalogue import (
+    CONFIG_STREAM,
+    REGISTRY_STREAM,
+    TERMINAL_TASK_EVENTS,
+    ConfigRecorded,
+    TaskStarted,
+    session_stream,
+)
 from events.projections import (
     AnyRegistryEntry,
     Override,
@@ -20,8 +27,6 @@ from events.store import EventLog, Filter
 
 # The events that shape a task's record (the rest are decisions about it).
 TASK_RECORD_TYPES = ("TaskStarted", "ModelAttemptFailed", *sorted(TERMINAL_TASK_EVENTS))
-REGISTRY_STREAM = "registry"
-CONFIG_STREAM = "config"
 OVERRIDE_TYPES = ("WorkerModelSet", "WorkerModelReset", "SessionForked")
 
 
@@ -41,7 +46,7 @@ def read_task(log: EventLog, task_id: str) -> tuple[TaskRecord, Owner | None] | 
 def session_tasks(log: EventLog, session_id: str) -> list[TaskRecord]:
     """Every task of one session, oldest first."""
     tasks: dict[str, TaskRecord] = {}
-    where = Filter(stream=f"session:{session_id}", types=TASK_RECORD_TYPES)
+    where = Filter(stream=session_stream(session_id), types=TASK_RECORD_TYPES)
     for _, event in log.select(where):
         task = apply_task(tasks.get(str(event.task_id)), event)
         if task is not None:
@@ -61,7 +66,7 @@ def registry_history(log: EventLog) -> tuple[RegistryState, dict[str, AnyRegistr
 def overrides_at(log: EventLog, session_id: str, position: int) -> dict[str, Override] | None:
     """A session's overrides as of a log position (None if it had no events by then): its
     override events folded, which are few however long the session is."""
-    stream = f"session:{session_id}"
+    stream = session_stream(session_id)
     if not any(True for _ in log.select(Filter(stream=stream), until=position, limit=1)):
         return None
     state = SessionState(session_id=session_id)

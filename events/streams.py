@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from events.catalogue import Event
+from events.catalogue import MEMORY_STREAM, Event, session_stream
 from events.projections import MemoryState, SessionState, apply_memory, apply_session
 from events.store import EventLog, StreamConflict
 
@@ -147,10 +147,6 @@ def append_together(
             return positions
 
 
-MEMORY_STREAM = "memory"
-MODELS_STREAM = "models"
-
-
 def memory_view(log: EventLog) -> StreamView[MemoryState]:
     """The memory store's notes, links and done summaries (folded on demand: only the
     `memory` view needs them)."""
@@ -160,5 +156,5 @@ def memory_view(log: EventLog) -> StreamView[MemoryState]:
 def session_view(log: EventLog, session_id: str) -> StreamView[SessionState]:
     """The live state of one session's stream."""
     return StreamView(
-        log, f"session:{session_id}", lambda: SessionState(session_id=session_id), apply_session
+        log, session_stream(session_id), lambda: SessionState(session_id=session_id), apply_session
     )

@@ -8,7 +8,7 @@ rows.
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -27,21 +27,6 @@ Op = Literal[
     "worker.spawn",
     "worker.stop",
     "session.fork",
-]
-View = Literal[
-    "tasks",
-    "workers",
-    "registry",
-    "models",
-    "profiles",
-    "memory",
-    "events",
-    "replay",
-    "explain",
-    "usage",
-    "whatif",
-    "diff",
-    "conversation",
 ]
 
 
@@ -240,7 +225,9 @@ class TaskStartArgs(_Args):
     )
 
 
-_REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
+# Each op's payload group and its required fields: the one list of op names besides `Op`
+# (checked against it below); the op deciders (`ops.DECIDERS`) are keyed from it too.
+OP_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "memory.put": ("memory", ("key", "value")),
     "memory.link": ("memory", ("from_key", "to_key", "type")),
     "memory.done": ("memory", ("task_id", "summary")),
@@ -250,6 +237,8 @@ _REQUIRED: dict[str, tuple[str, tuple[str, ...]]] = {
     "worker.stop": ("worker", ("worker_id",)),
     "session.fork": ("session", ("from_session_id", "position")),
 }
+# A new op is named in both, or the schema drifts (checked when the module loads).
+assert set(OP_FIELDS) == set(get_args(Op)), "api.OP_FIELDS and api.Op name other ops"
 _KIND_FIELDS = {
     "worker": (
         "worker_id",
@@ -305,7 +294,7 @@ def parse_task_args(payload: dict[str, Any]) -> TaskStartArgs:
     elif args.op is None:
         problems.append('op: Field required for kind="op"')
     else:
-        group, fields = _REQUIRED[args.op]
+        group, fields = OP_FIELDS[args.op]
         payload_obj = getattr(args, group)
         if payload_obj is None:
             problems.append(f'{group}: Field required for op "{args.op}"')

@@ -22,7 +22,13 @@ from events.catalogue import (
     WorkerModelSet,
 )
 from events.projections import Override
-from orchestrator.api import MemoryPayload, SessionPayload, TaskStartArgs, WorkerPayload
+from orchestrator.api import (
+    OP_FIELDS,
+    MemoryPayload,
+    SessionPayload,
+    TaskStartArgs,
+    WorkerPayload,
+)
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.resolver import CatalogueModel, ModelDecision, decide_model, resolve
@@ -91,28 +97,23 @@ class OpError(OrchestratorError, RuntimeError):
 
 @dataclass(frozen=True)
 class Decision:
-    """What an op decided: session and memory events to record with the task, its result,
-    and, for ops that touch processes, the step to run once the decision is in the log."""
+    """What an op decided: the events to record with the task (each lands on the stream
+    its class declares: this session's, the memory's, a forked session's), its result, and,
+    for ops that touch processes, the step to run once the decision is in the log."""
 
     result: Result = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
-    memory: list[Event] = field(default_factory=list)
     act: Callable[[Workers], Result] | None = None
-    # Events for other sessions' streams (a fork's first event), by session id.
-    elsewhere: dict[str, list[Event]] = field(default_factory=dict)
 
 
 def decide(ctx: OpContext, task_id: str, args: TaskStartArgs) -> Decision:
-    """Decide one op (errors raise; the caller records them)."""
+    """Decide one op (errors raise; the caller records them). The schema has checked that
+    its payload group is there."""
     assert args.op is not None
-    if args.op.startswith("memory."):
-        assert args.memory is not None
-        return _MEMORY_OPS[args.op](ctx, task_id, args.memory)
-    if args.op == "session.fork":
-        assert args.session is not None
-        return fork(ctx, task_id, args.session)
-    assert args.worker is not None
-    return _WORKER_OPS[args.op](ctx, task_id, args.worker)
+    group, _ = OP_FIELDS[args.op]
+    payload = getattr(args, group)
+    assert payload is not None
+    return DECIDERS[args.op](ctx, task_id, payload)
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def memory_put(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
     put = MemoryPut(
         session_id=ctx.session_id, task_id=task_id, key=str(m.key), value=str(m.value), tags=m.tags
     )
-    return Decision({"key": m.key, "value": m.value, "tags": m.tags}, memory=[put])
+    return Decision({"key": m.key, "value": m.value, "tags": m.tags}, events=[put])
 
 
 def memory_link(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
@@ -135,7 +136,7 @@ def memory_link(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
         to_key=str(m.to_key),
         link_type=str(m.type),
     )
-    return Decision({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, memory=[link])
+    return Decision({"from_key": m.from_key, "to_key": m.to_key, "type": m.type}, events=[link])
 
 
 def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
@@ -146,7 +147,7 @@ def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
         done_task_id=str(m.task_id),
         summary=str(m.summary),
     )
-    return Decision({"task_id": m.task_id, "summary": m.summary}, memory=[done])
+    return Decision({"task_id": m.task_id, "summary": m.summary}, events=[done])
 
 
 # --- worker model set / reset ---------------------------------------------------------------
@@ -154,9 +155,9 @@ def memory_done(ctx: OpContext, task_id: str, m: MemoryPayload) -> Decision:
 
 def model_set(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     """Pin (sticky) or tag (dynamic) this session's model for a worker."""
-    profile = ctx.profile(w.worker_id)
+    ctx.profile(w.worker_id)  # an unknown worker id fails here, with suggestions
     policy = w.model_policy or "sticky"
-    res = resolve(str(w.model), profile, ctx.config, ctx.catalogue())
+    res = resolve(str(w.model), ctx.config, ctx.catalogue())
     event = WorkerModelSet(
         session_id=ctx.session_id,
         worker_id=w.worker_id,
@@ -247,7 +248,7 @@ def fork(ctx: OpContext, task_id: str, s: SessionPayload) -> Decision:
             for w, o in dumped.items()
         },
     }
-    return Decision(result, elsewhere={new_id: [forked]})
+    return Decision(result, events=[forked])
 
 
 # --- spawn / stop ---------------------------------------------------------------------------
@@ -268,14 +269,15 @@ def stop(ctx: OpContext, task_id: str, w: WorkerPayload) -> Decision:
     return Decision(act=lambda workers: workers.stop(w.worker_id, task_id))
 
 
-_MEMORY_OPS: dict[str, Callable[[OpContext, str, MemoryPayload], Decision]] = {
+# Every op's decider, by name; the names are the Task API's (`api.OP_FIELDS`), checked here.
+DECIDERS: dict[str, Callable[[OpContext, str, Any], Decision]] = {
     "memory.put": memory_put,
     "memory.link": memory_link,
     "memory.done": memory_done,
-}
-_WORKER_OPS: dict[str, Callable[[OpContext, str, WorkerPayload], Decision]] = {
     "worker.model.set": model_set,
     "worker.model.reset": model_reset,
     "worker.spawn": spawn,
     "worker.stop": stop,
+    "session.fork": fork,
 }
+assert set(DECIDERS) == set(OP_FIELDS), "ops.DECIDERS and api.OP_FIELDS name other ops"

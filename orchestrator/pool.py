@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
+    REGISTRY_STREAM,
     Event,
     ModelPolicy,
     StopReason,
@@ -68,7 +69,6 @@ from orchestrator.reuse import (
 )
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
-REGISTRY_STREAM = "registry"
 READY_TIMEOUT = 30.0
 WAIT_POLL = 0.05
 # A process whose identity /health (or a /prompt reply) proved this recently is trusted

@@ -105,7 +105,6 @@ def _score(row: CatalogueModel) -> tuple[int, int, float]:
 
 def resolve(
     model_ref: str,
-    profile: ProfileConfig | None,
     config: OrchestratorConfig,
     catalogue: list[CatalogueModel],
 ) -> Resolution:
@@ -113,7 +112,6 @@ def resolve(
 
     Tags pick among usable models only, and never from the built-in echo provider once the
     configuration has a provider of its own (`OrchestratorConfig.providers_tags_skip`)."""
-    del profile  # part of the contract: profile-specific rules may use it later
     ref = normalise_ref(model_ref)
     by_name = {row.model: row for row in catalogue}
 
@@ -260,7 +258,7 @@ def decide_model(
     """Precedence: the task's own model, then the session override, then the profile."""
     profile = check_worker(worker_id, config)
     if task_model:
-        res = resolve(task_model, profile, config, catalogue)
+        res = resolve(task_model, config, catalogue)
         return ModelDecision(
             model_ref=task_model,
             resolved_model=res.resolved_model,
@@ -277,7 +275,7 @@ def decide_model(
                 source="session",
                 reason=f"session override (sticky, pinned): {override.reason}",
             )
-        res = resolve(override.model_ref, profile, config, catalogue)
+        res = resolve(override.model_ref, config, catalogue)
         return ModelDecision(
             model_ref=override.model_ref,
             resolved_model=res.resolved_model,
@@ -285,7 +283,7 @@ def decide_model(
             source="session",
             reason=f"session override (dynamic, re-resolved): {res.reason}",
         )
-    res = resolve(profile.model, profile, config, catalogue)
+    res = resolve(profile.model, config, catalogue)
     return ModelDecision(
         model_ref=profile.model,
         resolved_model=res.resolved_model,
@@ -317,7 +315,7 @@ def attempt_chain(
     refs = [(decision.model_ref, decision.resolved_model, not is_tag(decision.model_ref))]
     for ref in profile.fallback_models:
         try:
-            refs.append((ref, resolve(ref, profile, config, catalogue).resolved_model, False))
+            refs.append((ref, resolve(ref, config, catalogue).resolved_model, False))
         except ResolutionError as exc:
             skipped.append(f"fallback {ref}: {exc}")
     for ref, model, explicit in refs:
@@ -350,7 +348,7 @@ def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> Conf
     tags, problems, warnings = [], [], []
     for tag in TAGS:
         try:
-            res = resolve(tag, None, config, catalogue)
+            res = resolve(tag, config, catalogue)
             tags.append(f"{tag} -> {res.resolved_model} ({res.reason})")
         except ResolutionError as exc:
             tags.append(f"{tag} does not resolve: {exc}")
@@ -366,7 +364,7 @@ def check_config(config: OrchestratorConfig, environ: Mapping[str, str]) -> Conf
         ]
         for key, ref in refs:
             try:
-                resolve(ref, profile, config, catalogue)
+                resolve(ref, config, catalogue)
             except ResolutionError as exc:
                 if worker_id in config.inherited.profiles:
                     warnings.append(

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from orchestrator.api import _REQUIRED, InvalidTaskArgs, TaskStartArgs, _Args, _message
+from orchestrator.api import OP_FIELDS, InvalidTaskArgs, TaskStartArgs, _Args, _message
 
 MAX_AWAIT = 30.0  # seconds one task_await call waits at most: no call outlives a client
 
@@ -141,7 +141,7 @@ def task_start_schema() -> dict[str, Any]:
     schema = dialect(TaskStartArgs.model_json_schema())
     needs = "; ".join(
         f"{op}: {', '.join(f'{group}.{to_camel(f)}' for f in fields)}"
-        for op, (group, fields) in _REQUIRED.items()
+        for op, (group, fields) in OP_FIELDS.items()
     )
     op = schema["properties"]["op"]
     op["description"] = f"{op['description']} Each op needs its payload: {needs}."

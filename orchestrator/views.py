@@ -1,11 +1,13 @@
 """The views of `task_list`: projections of the log for this session and the whole store.
 
-Views read; they decide nothing and change no override or process. One kind of write is
-theirs: a view that meets a task still `running` whose owning orchestrator process is gone
-(`tasks`, and reading one task for `explain`) ends it `failed` through `Orchestrator.settle`,
-which appends `TaskFailed`, so no task stays running forever. So a store opened only to
-read (`EventLog(url, create=False)`, which makes no store) may still be appended to by a
-view when one exists.
+Views read, through a `ViewContext` (the session: its log, configuration and decisions,
+and the processes this host runs); they decide nothing and change no override or process.
+One kind of write is theirs, and it goes through the `ViewWriter` passed in: a view that
+meets a task still `running` whose owning orchestrator process is gone (`tasks`) ends it
+`failed`, and the `workers` and `registry` views first record this host's processes found
+gone, so nothing that is gone is shown running. So a store opened only to read
+(`EventLog(url, create=False)`, which makes no store) may still be appended to by a view
+when one exists, unless its writer refuses (the inspector's does).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from events.catalogue import EVENT_TYPES
-from events.projections import AnyRegistryEntry, RegistryEntry, TaskRecord
-from events.reads import OVERRIDE_TYPES, read_task, session_tasks
+from events.catalogue import EVENT_TYPES, REGISTRY_STREAM, session_stream
+from events.projections import AnyRegistryEntry, Owner, RegistryEntry, TaskRecord
+from events.reads import OVERRIDE_TYPES, session_tasks
 from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
@@ -43,24 +45,81 @@ from orchestrator.explain import (
     replay_view,
 )
 from orchestrator.history import DiffRow, WhatIfRow
-from orchestrator.resolver import CatalogueModel, ResolutionError
-
-if TYPE_CHECKING:
-    from orchestrator.orchestrator import Orchestrator
+from orchestrator.pool import WorkerSpec
+from orchestrator.resolver import CatalogueModel, ModelDecision, ResolutionError
 
 
-def tasks(orch: Orchestrator) -> list[TaskRecord]:
+class ViewContext(Protocol):
+    """What a view reads: the log, the configuration, whose session it is, its decisions,
+    and this host's processes (`orchestrator.session.Session` is one)."""
+
+    @property
+    def session_id(self) -> str:
+        """The session the view is for."""
+        ...
+
+    @property
+    def log(self) -> EventLog:
+        """The event log."""
+        ...
+
+    @property
+    def config(self) -> OrchestratorConfig:
+        """The configuration."""
+        ...
+
+    def catalogue(self) -> list[CatalogueModel]:
+        """The model catalogue now."""
+        ...
+
+    def session_decision(self, worker_id: str) -> ModelDecision:
+        """The model this session's worker uses when a task names none."""
+        ...
+
+    def worker_spec(self, worker_id: str, decision: ModelDecision) -> WorkerSpec:
+        """The process a session-level decision asks for."""
+        ...
+
+    def owners(self) -> dict[str, Owner]:
+        """This session's running tasks and the orchestrator process that owns each."""
+        ...
+
+    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
+        """The worker's processes on this host recorded as running."""
+        ...
+
+    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
+        """The worker's in-process agent here, if any: (fingerprint, instance id)."""
+        ...
+
+
+class ViewWriter(Protocol):
+    """The writes a view may make (a reader that must not write refuses them)."""
+
+    def settle(self, session_id: str, task_id: str, owner: Owner | None) -> bool:
+        """End a running task whose owning process is gone; True if it did."""
+        ...
+
+    def settle_workers(self) -> None:
+        """Record this host's worker processes found gone."""
+        ...
+
+    def settle_servers(self) -> None:
+        """Record what became of this host's managed model servers."""
+        ...
+
+
+def tasks(orch: ViewContext, writer: ViewWriter) -> list[TaskRecord]:
     """This session's tasks, oldest first (those of a dead orchestrator are ended first)."""
-    state = orch.session.refresh()
-    for task_id, owner in list(state.owners.items()):
-        orch.settle(orch.session_id, task_id, owner)
+    for task_id, owner in orch.owners().items():
+        writer.settle(orch.session_id, task_id, owner)
     return sorted(session_tasks(orch.log, orch.session_id), key=lambda t: t.started_at)
 
 
-def workers(orch: Orchestrator) -> list[WorkerView]:
+def workers(orch: ViewContext, writer: ViewWriter) -> list[WorkerView]:
     """Every profile with this session's effective model and its running process, if any
     (this host's processes are checked first: one found gone is recorded, never shown)."""
-    orch.pool.settle_host(orch.session_id)
+    writer.settle_workers()
     rows = []
     for worker_id, profile in orch.config.profiles.items():
         try:
@@ -89,10 +148,10 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
             reason=decision.reason,
             fingerprint=spec.fingerprint,
         )
-        agent = orch.agent.agents.get(worker_id)
-        if profile.backend == "agent" and agent and agent.fingerprint == spec.fingerprint:
-            row.status, row.instance_id = "running", agent.instance_id
-        for entry in orch.pool.live_entries(worker_id):
+        agent = orch.agent_instance(worker_id)
+        if profile.backend == "agent" and agent and agent[0] == spec.fingerprint:
+            row.status, row.instance_id = "running", agent[1]
+        for entry in orch.live_entries(worker_id):
             if entry.fingerprint == spec.fingerprint:
                 row.status, row.instance_id, row.pid, row.url = (
                     entry.status,
@@ -105,22 +164,22 @@ def workers(orch: Orchestrator) -> list[WorkerView]:
     return rows
 
 
-def registry(orch: Orchestrator) -> list[AnyRegistryEntry]:
+def registry(orch: ViewContext, writer: ViewWriter) -> list[AnyRegistryEntry]:
     """Every worker process and managed model server (`kind`) the device registry knows,
     on every host, oldest first (the stopped ones too: they are read from the registry's
     history, not the live state). This host's processes and model servers are checked
     first, and one found gone is recorded as such."""
-    orch.pool.settle_host(orch.session_id)
-    orch.servers.sweep({"session_id": orch.session_id})
+    writer.settle_workers()
+    writer.settle_servers()
     return views_at_scale.registry(orch.log)
 
 
-def models(orch: Orchestrator) -> list[CatalogueModel]:
+def models(orch: ViewContext, writer: ViewWriter) -> list[CatalogueModel]:
     """The model catalogue."""
     return [row.model_copy() for row in orch.catalogue()]
 
 
-def profiles(orch: Orchestrator) -> list[ProfileView]:
+def profiles(orch: ViewContext, writer: ViewWriter) -> list[ProfileView]:
     """The configured profiles."""
     return [
         ProfileView(
@@ -135,7 +194,7 @@ def profiles(orch: Orchestrator) -> list[ProfileView]:
     ]
 
 
-def memory(orch: Orchestrator) -> list[MemoryItem]:
+def memory(orch: ViewContext, writer: ViewWriter) -> list[MemoryItem]:
     """Notes, links and done summaries of the memory store."""
     state = memory_view(orch.log).refresh()
     rows = [
@@ -154,7 +213,8 @@ def memory(orch: Orchestrator) -> list[MemoryItem]:
 
 
 def events(
-    orch: Orchestrator,
+    orch: ViewContext,
+    writer: ViewWriter,
     worker_id: str | None = None,
     type: str | None = None,
     since: int = 0,
@@ -187,7 +247,7 @@ _THIS_SESSION: Any = object()
 
 
 def usage(
-    orch: Orchestrator, session_id: str | None = _THIS_SESSION, since: int = 0
+    orch: ViewContext, writer: ViewWriter, session_id: str | None = _THIS_SESSION, since: int = 0
 ) -> list[UsageRow]:
     """Tokens and cost per (session, worker, model) of finished worker tasks: this session's
     by default, every session's with `session_id=None`, only after position `since`."""
@@ -195,7 +255,7 @@ def usage(
     return views_at_scale.usage(orch.log, wanted, since)
 
 
-def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
+def replay(orch: ViewContext, writer: ViewWriter, until: int | None = None) -> list[ReplayView]:
     """The registry, overrides and tasks as of log position `until` (default: now)."""
     if until is not None:
         _check_position("until", until)
@@ -203,7 +263,8 @@ def replay(orch: Orchestrator, until: int | None = None) -> list[ReplayView]:
 
 
 def whatif(
-    orch: Orchestrator,
+    orch: ViewContext,
+    writer: ViewWriter,
     config: OrchestratorConfig | dict[str, Any] | str | Path | None = None,
     session_id: str | None = None,
 ) -> list[WhatIfRow]:
@@ -217,7 +278,9 @@ def whatif(
     return history.whatif(orch.log, load_config(config), os.environ, session_id)
 
 
-def diff(orch: Orchestrator, since: int = 0, until: int | None = None) -> list[DiffRow]:
+def diff(
+    orch: ViewContext, writer: ViewWriter, since: int = 0, until: int | None = None
+) -> list[DiffRow]:
     """What changed (overrides, registry processes, tasks) from position `since` to
     position `until` (default: now)."""
     _check_position("since", since)
@@ -239,17 +302,17 @@ def _check_position(name: str, value: int) -> None:
 
 
 def explain(
-    orch: Orchestrator, task_id: str | None = None, worker_id: str | None = None
+    orch: ViewContext, writer: ViewWriter, task_id: str | None = None, worker_id: str | None = None
 ) -> list[TaskExplanation | WorkerExplanation]:
     """Why a task got its model and process, or a worker's current model and processes."""
     if task_id is not None:
         return [_explain_task(orch, task_id)]
     if worker_id is not None:
-        return [_explain_worker(orch, worker_id)]
+        return [_explain_worker(orch, writer, worker_id)]
     raise InvalidTaskArgs("Invalid task_list arguments: explain needs task_id or worker_id.")
 
 
-def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
+def _explain_task(orch: ViewContext, task_id: str) -> TaskExplanation:
     chain = [record_from(*e) for e in orch.log.select(Filter(task_id=task_id))]
     started = next((r for r in chain if r.type == "TaskStarted"), None)
     resolved = next((r for r in chain if r.type == "ModelResolved"), None)
@@ -261,7 +324,7 @@ def _explain_task(orch: Orchestrator, task_id: str) -> TaskExplanation:
     ids = started.data.get("conversation") or [] if started is not None else []
     found = explain_task(chain, override, conversation_models(orch.log, ids))
     if found is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
     return found
 
 
@@ -270,7 +333,7 @@ def _override_record(
 ) -> EventRecord | None:
     """The session's newest override event for a worker before a position (one row)."""
     for_worker = Filter(session_id=session_id, worker_id=worker_id, types=OVERRIDE_TYPES[:2])
-    forked = Filter(stream=f"session:{session_id}", types=("SessionForked",))
+    forked = Filter(stream=session_stream(session_id), types=("SessionForked",))
     found = [
         record_from(*e)
         for where in (for_worker, forked)
@@ -279,18 +342,20 @@ def _override_record(
     return max(found, key=lambda r: r.position, default=None)
 
 
-def _known_tasks(orch: Orchestrator, task_id: str) -> str:
+def known_tasks(orch: ViewContext, task_id: str) -> str:
     """ "Did you mean" among this session's tasks (the likely typo's neighbourhood)."""
     return did_you_mean(task_id, [t.task_id for t in session_tasks(orch.log, orch.session_id)])
 
 
-def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
+def _explain_worker(orch: ViewContext, writer: ViewWriter, worker_id: str) -> WorkerExplanation:
     try:  # a bad worker id is answered before anything is read
         decision = orch.session_decision(worker_id)
     except ResolutionError as exc:
         raise InvalidTaskArgs(str(exc)) from None
     override = _override_record(orch.log, orch.session_id, worker_id, orch.log.head() + 1)
-    history = orch.log.select(Filter(worker_id=worker_id, stream="registry", types=HISTORY_TYPES))
+    history = orch.log.select(
+        Filter(worker_id=worker_id, stream=REGISTRY_STREAM, types=HISTORY_TYPES)
+    )
     return WorkerExplanation(
         worker_id=worker_id,
         session_id=orch.session_id,
@@ -300,27 +365,17 @@ def _explain_worker(orch: Orchestrator, worker_id: str) -> WorkerExplanation:
         reason=decision.reason,
         override=override_cause(override, worker_id),
         processes=[
-            e for e in registry(orch) if isinstance(e, RegistryEntry) and e.worker_id == worker_id
+            e
+            for e in registry(orch, writer)
+            if isinstance(e, RegistryEntry) and e.worker_id == worker_id
         ],
         history=[record_from(*e) for e in history],
     )
 
 
-def foreign_task(orch: Orchestrator, task_id: str) -> TaskRecord:
-    """A task of another session (or an old one of this session), read through the index;
-    one left running by a dead orchestrator is ended first."""
-    found = read_task(orch.log, task_id)
-    if found is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
-    task, owner = found
-    if owner is not None and orch.settle(task.session_id, task_id, owner):
-        found = read_task(orch.log, task_id)
-        assert found is not None
-        task = found[0]
-    return task
-
-
-def conversation(orch: Orchestrator, task_id: str | None = None) -> list[ConversationRow]:
+def conversation(
+    orch: ViewContext, writer: ViewWriter, task_id: str | None = None
+) -> list[ConversationRow]:
     """The messages a worker task's request carried (system prompt, the earlier turns it
     kept, its tool results and message) and its reply, each with the task (turn) it
     belongs to and the model that served that turn."""
@@ -328,7 +383,7 @@ def conversation(orch: Orchestrator, task_id: str | None = None) -> list[Convers
         raise InvalidTaskArgs("Invalid task_list arguments: conversation needs task_id.")
     recorded = read_recorded(orch.log, task_id)
     if recorded is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + _known_tasks(orch, task_id))
+        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
     if recorded.started.kind != "worker":
         raise InvalidTaskArgs(
             f'Invalid task_list arguments: task_id: "{task_id}" is an op; only a worker task '
@@ -342,7 +397,7 @@ def conversation(orch: Orchestrator, task_id: str | None = None) -> list[Convers
 def filters_of(view: Callable[..., list[Any]]) -> list[str]:
     """The filters (keyword parameters) a view takes."""
     params = list(inspect.signature(view).parameters)
-    return params[1:]  # the first is the orchestrator
+    return params[2:]  # the first two are the context and the writer
 
 
 VIEWS: dict[str, Callable[..., list[Any]]] = {

@@ -41,6 +41,7 @@ from _operator import _compare_digest as compare_digest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from orchestrator.cancellable import Cancelled, interruptible
 from orchestrator.errors import OrchestratorError
 from orchestrator.providers import (
     DEFAULT_MAX_REPLY,
@@ -426,41 +427,30 @@ class Handler(BaseHTTPRequestHandler):
         base_url: str | None = None,
         messages: list[dict[str, Any]] | None = None,
     ) -> None:
-        outcome: list[Completion | ProviderError | Exception] = []
-        done = threading.Event()
-
-        def call() -> None:
-            try:
-                outcome.append(
-                    complete(
-                        with_base_url(self.server.providers, model, base_url),
-                        model,
-                        text,
-                        self.server.spec["system_prompt"],
-                        credentials=credentials,
-                        tools=tools,
-                        max_reply=max_reply or DEFAULT_MAX_REPLY,
-                        messages=messages,
-                    )
-                )
-            except Exception as exc:  # noqa: BLE001 - answered below, as one line
-                outcome.append(exc)
-            finally:
-                done.set()
+        def call() -> Completion:
+            return complete(
+                with_base_url(self.server.providers, model, base_url),
+                model,
+                text,
+                self.server.spec["system_prompt"],
+                credentials=credentials,
+                tools=tools,
+                max_reply=max_reply or DEFAULT_MAX_REPLY,
+                messages=messages,
+            )
 
         # The provider call runs on its own thread, so a cancel answers at once; its late
         # reply is dropped.
-        threading.Thread(target=call, daemon=True).start()
-        while not done.wait(WATCH_EVERY):
-            if cancel.is_set():
-                self._reply(409, {"error": "cancelled"})
-                return
-        result = outcome[0]
-        if isinstance(result, ProviderError):
-            self._reply(502, {"error": str(result), "retryable": result.retryable})
+        try:
+            result = interruptible(call, cancel, every=WATCH_EVERY)
+        except Cancelled:
+            self._reply(409, {"error": "cancelled"})
             return
-        if isinstance(result, Exception):
-            self._reply(500, {"error": internal_error(result)})
+        except ProviderError as exc:
+            self._reply(502, {"error": str(exc), "retryable": exc.retryable})
+            return
+        except Exception as exc:  # noqa: BLE001 - answered as one line, never a traceback
+            self._reply(500, {"error": internal_error(exc)})
             return
         self._reply(
             200,

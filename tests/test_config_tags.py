@@ -45,7 +45,7 @@ def lab(**extra: Any) -> dict[str, Any]:
 
 def _resolve(ref: str, raw: dict[str, Any], env: dict[str, str] | None = None) -> Any:
     cfg = load_config(raw)
-    return resolve(ref, None, cfg, build_catalogue(cfg, env or {}))
+    return resolve(ref, cfg, build_catalogue(cfg, env or {}))
 
 
 # --- tags and the user's own providers -----------------------------------------------------------

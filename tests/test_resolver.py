@@ -12,7 +12,7 @@ from orchestrator.resolver import ResolutionError, build_catalogue, resolve
 
 def _resolve(ref: str, cfg: OrchestratorConfig | None = None, env: dict[str, str] | None = None):
     cfg = cfg or default_config()
-    return resolve(ref, None, cfg, build_catalogue(cfg, env or {}))
+    return resolve(ref, cfg, build_catalogue(cfg, env or {}))
 
 
 def test_tags_on_the_default_config() -> None:

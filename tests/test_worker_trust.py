@@ -523,6 +523,25 @@ def test_cancel_interrupts_the_request_in_flight(
     assert orch.task_peek(handle.task_id).status == "cancelled"  # the late reply was dropped
 
 
+def test_a_task_cancelled_mid_request_keeps_its_reuse_fact(
+    open_orch: OpenOrch, chat_server: ChatServer
+) -> None:
+    orch = open_orch(config=lab_config(chat_server.port, backend="server"))
+    assert run(orch, "coder", "warm").status == "completed"
+    chat_server.delay = 30.0
+    handle = orch.task_start(kind="worker", worker_id="coder", task="long")
+    wait_for(lambda: len(chat_server.requests) == 2)
+    assert orch.task_cancel(handle.task_id).status == "cancelled"
+    chat_server.delay = 0.0
+
+    def reused() -> list[str | None]:
+        return [e.task_id for e in orch.task_list(view="events", type="WorkerReused")]
+
+    # The process it was served on was reused: the registry says so once the request ends.
+    wait_for(lambda: reused() == [handle.task_id])
+    assert orch.task_peek(handle.task_id).status == "cancelled"
+
+
 SERVING_OWNER = """
 import sys, time
 from orchestrator import Orchestrator

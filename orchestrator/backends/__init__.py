@@ -13,28 +13,31 @@ drops the request and answers at once; either way a late reply is dropped.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from events.catalogue import Event
+from orchestrator.cancellable import Cancelled, interruptible
 from orchestrator.config import BackendKind
 from orchestrator.errors import OrchestratorError
 from orchestrator.providers import Completion
 
+__all__ = [
+    "Backend",
+    "Cancelled",
+    "Lease",
+    "PromptRequest",
+    "StopResult",
+    "TaskError",
+    "interruptible",
+]
+
 if TYPE_CHECKING:  # the pool uses this package's client: no import back at run time
     from orchestrator.pool import WorkerSpec
-
-T = TypeVar("T")
-CANCEL_POLL = 0.05
 
 
 class TaskError(OrchestratorError, RuntimeError):
     """The task cannot be served; the message says what happened and what to do."""
-
-
-class Cancelled(OrchestratorError):
-    """The task was cancelled while its request was in flight; the reply is dropped."""
 
 
 @dataclass(frozen=True)
@@ -104,31 +107,3 @@ class Backend(Protocol):
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker recorded as running?"""
         ...
-
-
-def interruptible(
-    work: Callable[[], T], cancel: threading.Event, on_cancel: Callable[[], None] | None = None
-) -> T:
-    """Run `work` on its own thread and return its result, or raise `Cancelled` as soon as
-    `cancel` is set (calling `on_cancel` to stop the far side); a late result is dropped."""
-    box: list[tuple[bool, Any]] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            box.append((True, work()))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
-            box.append((False, exc))
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True, name="request").start()
-    while not done.wait(CANCEL_POLL):
-        if cancel.is_set():
-            if on_cancel is not None:
-                on_cancel()
-            raise Cancelled()
-    ok, value = box[0]
-    if ok:
-        return value  # type: ignore[no-any-return]
-    raise value

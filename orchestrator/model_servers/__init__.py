@@ -32,7 +32,6 @@ from orchestrator.model_servers.launch import LOG_TAIL, SUPERVISOR
 from orchestrator.model_servers.servers import (
     HEALTH_TIMEOUT,
     PROOF_LEASE,
-    REGISTRY_STREAM,
     ROOM_WAIT,
     WAIT_POLL,
     ModelServers,
@@ -50,7 +49,6 @@ __all__ = [
     "HEALTH_TIMEOUT",
     "LOG_TAIL",
     "PROOF_LEASE",
-    "REGISTRY_STREAM",
     "ROOM_WAIT",
     "SUPERVISOR",
     "WAIT_POLL",

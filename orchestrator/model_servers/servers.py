@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
+    REGISTRY_STREAM,
     Event,
     ModelServerReady,
     ModelServerReused,
@@ -75,7 +76,6 @@ from orchestrator.processes import (
 )
 from orchestrator.providers import split_model
 
-REGISTRY_STREAM = "registry"
 WAIT_POLL = 0.05
 # How long a start waits for a busy server to become evictable before it fails.
 ROOM_WAIT = 60.0

@@ -35,9 +35,11 @@ from events.catalogue import (
     TaskCompleted,
     TaskStarted,
     WorkerModelSet,
+    session_stream,
     types_of,
 )
 from events.projections import AnyRegistryEntry, Override, TaskRecord
+from events.reads import read_task
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
 from orchestrator import history, views
 from orchestrator.api import InvalidTaskArgs, check_session_id
@@ -352,7 +354,9 @@ class Inspector:
         its request carried and its reply (any session's)."""
         with self.lock:
             explained = self.view("explain", {"task_id": task_id})[0]
-            record = views.foreign_task(self.reader(str(explained.session_id)), task_id)
+            found = read_task(self.log, task_id)  # explain found it: it was started
+            assert found is not None
+            record = found[0]
             turns = (
                 self.view("conversation", {"task_id": task_id}) if record.kind == "worker" else []
             )
@@ -411,7 +415,7 @@ class _SessionLog:
         self._log, self._session = log, session_id
 
     def read_log(self, *args: Any, **kwargs: Any) -> Iterator[tuple[int, Event]]:
-        return self._log.select(Filter(stream=f"session:{self._session}"))
+        return self._log.select(Filter(stream=session_stream(self._session)))
 
 
 def _flat(state: TravelState) -> Flat:

@@ -1,0 +1,84 @@
+"""What an op's `act` step may do with worker processes (`ops.Workers`): spawn, stop and
+respawn a worker's process, after the op's decision is in the log."""
+
+from __future__ import annotations
+
+from orchestrator import ops
+from orchestrator.backends.bundle import Backends
+from orchestrator.session import Session
+
+
+class WorkerSteps:
+    """The `ops.Workers` of one session, on its backends."""
+
+    def __init__(self, session: Session, backends: Backends) -> None:
+        self.session = session
+        self.backends = backends
+
+    def running(self, worker_id: str) -> bool:
+        """Is a process of the worker running (on its backend)?"""
+        return self.backends.running(worker_id)
+
+    def spawn(self, worker_id: str, task_id: str, force_new: bool) -> ops.Result:
+        """Get (reuse) or start the worker's process for this session's model."""
+        session = self.session
+        spec = session.worker_spec(worker_id, session.session_decision(worker_id))
+        ids = session.ids(task_id, worker_id)
+        lease = self.backends.of(worker_id).acquire(spec, ids, force_new, True)
+        assert lease is not None
+        session.record(*lease.deferred)
+        return {
+            "worker_id": worker_id,
+            "instance_id": lease.instance_id,
+            "pid": lease.pid,
+            "url": lease.url,
+            "fingerprint": spec.fingerprint,
+            "model": spec.model,
+            "model_policy": spec.model_policy,
+            "reused": lease.reused,
+            "reason": lease.reason,
+        }
+
+    def stop(self, worker_id: str, task_id: str) -> ops.Result:
+        """Stop the worker's processes on this host, and its in-process agent."""
+        ids = self.session.ids(task_id, worker_id)
+        backends = self.backends
+        # Its processes found gone are recorded first, and listed as already gone.
+        found = backends.pool.settle_host(self.session.session_id, worker_id)
+        server = backends.server.stop(worker_id, ids)
+        agent = backends.agent.stop(worker_id, ids)
+        return {
+            "worker_id": worker_id,
+            "stopped": server.stopped + agent.stopped,
+            "exited": [e.instance_id for e in found] + server.exited,
+        }
+
+    def respawn(self, worker_id: str, task_id: str) -> bool:
+        """Start now the process the session's (new) model asks for, then retire the process
+        this session used before, unless another session has used it (ADR-0003, "Respawn")."""
+        session, backends = self.session, self.backends
+        spec = session.worker_spec(worker_id, session.session_decision(worker_id))
+        ids = session.ids(task_id, worker_id)
+        if session.profile(worker_id).backend == "agent":
+            backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
+            agent = backends.agent.agents.get(worker_id)
+            if agent is not None and agent.fingerprint == spec.fingerprint:
+                return False
+            backends.agent.acquire(spec, ids, force_new=True)
+            return True
+        sid = session.session_id
+        before = [
+            e
+            for e in backends.pool.live_entries(worker_id)
+            if e.status == "ready" and sid in e.sessions and e.fingerprint != spec.fingerprint
+        ]
+        lease = backends.server.acquire(spec, ids, force_new=False, spawn=True)
+        assert lease is not None
+        session.record(*lease.deferred)
+        backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
+        for entry in before:
+            if set(entry.sessions) <= {sid}:
+                backends.pool.retire(
+                    entry, ids, detail=f"replaced by {lease.instance_id} for {spec.model}"
+                )
+        return True
