@@ -23,7 +23,7 @@ from events.store import EventLog
 from orchestrator import Orchestrator
 from orchestrator.backends.client import WorkerClient
 from orchestrator.config import default_config
-from orchestrator.providers import complete
+from orchestrator.providers import DEFAULT_MAX_REPLY, complete, reply_limit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +138,8 @@ def worker_task_overhead(tmp: Path, runs: int) -> list[Row]:
             entry = orch.pool.live_entries("coder")[0]
             client = WorkerClient(str(entry.url), entry.instance_id)
             body = {"text": "hi", "model": "local/echo-large"}
+            # What the server backend allows a reply: the same bound on both sides.
+            max_bytes = 2 * reply_limit(DEFAULT_MAX_REPLY)
             save_one = _bare_saver(
                 {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp / "two.db")}
             )
@@ -147,7 +149,7 @@ def worker_task_overhead(tmp: Path, runs: int) -> list[Row]:
                 task()
                 tasks.append(time.perf_counter() - began)
                 began = time.perf_counter()
-                client.prompt(body, timeout=10)
+                client.prompt(body, timeout=10, max_bytes=max_bytes)
                 raws.append(time.perf_counter() - began)
                 began = time.perf_counter()
                 save_one()

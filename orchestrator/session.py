@@ -193,8 +193,11 @@ class Session:
         `record(..., decided=version)`) until no other writer, thread or process, has moved
         the session between the read and the append: a decision is recorded against the
         state it was decided on, never a stale one. No lock is held while deciding."""
-        for _ in range(MAX_REDECIDE):
-            self.view.refresh()
+        for attempt_no in range(MAX_REDECIDE):
+            # Optimistic, like every append: decide on the state this process knows; another
+            # writer's append shows up as a conflict, and only then costs a read.
+            if attempt_no or not self.view.known:
+                self.view.refresh()
             version = self.view.version
             try:
                 return attempt(version)
