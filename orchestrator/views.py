@@ -26,12 +26,14 @@ from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
 from orchestrator import history, views_at_scale
 from orchestrator.api import (
+    MAX_POSITION,
     ConversationRow,
     InvalidTaskArgs,
     MemoryItem,
     ProfileView,
     UsageRow,
     WorkerView,
+    check_task_id,
 )
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.conversation import conversation_models, read_recorded, rows_of
@@ -233,7 +235,8 @@ def events(
     _check_position("since", since)
     if until is not None:
         _check_position("until", until)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    _check_ids(session_id=session_id, worker_id=worker_id, task_id=task_id)
+    if limit is not None and (not isinstance(limit, int) or not 1 <= limit <= MAX_POSITION):
         raise InvalidTaskArgs(
             f"Invalid task_list arguments: limit: a number of rows >= 1, got {limit!r}."
         )
@@ -294,11 +297,22 @@ def diff(
 
 
 def _check_position(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_POSITION:
         raise InvalidTaskArgs(
-            f"Invalid task_list arguments: {name}: a log position is a whole number >= 0, "
-            f"got {value!r}."
+            f"Invalid task_list arguments: {name}: a log position is a whole number from 0 "
+            f"to {MAX_POSITION}, got {str(value)[:40]!r}."
         )
+
+
+def _check_ids(**ids: str | None) -> None:
+    """Id filters a store can look up (text, valid Unicode, not too long)."""
+    for name, value in ids.items():
+        if value is not None:
+            try:
+                check_task_id(value)
+            except InvalidTaskArgs as exc:
+                detail = str(exc).split(": ", 2)[-1]
+                raise InvalidTaskArgs(f"Invalid task_list arguments: {name}: {detail}") from None
 
 
 def explain(

@@ -402,3 +402,25 @@ def test_a_cli_bug_prints_one_line_and_no_locals(evil_key: str, tmp_path: Path) 
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("error: internal error: KeyError at "), line
     assert not _leaks(out.stderr)
+
+
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"task_id": "t-\ud800"}, "task_id"),
+        ({"session_id": "s-\udfff"}, "session_id"),
+        ({"worker_id": "x" * 500}, "worker_id"),
+        ({"since": 10**30}, "since"),
+        ({"until": 10**30}, "until"),
+        ({"limit": 10**30}, "limit"),
+    ],
+)
+def test_events_filters_a_store_cannot_hold_are_invalid_args(
+    tmp_path: Path, filters: dict[str, Any], field: str
+) -> None:
+    store = f"sqlite:///{tmp_path / 'e.db'}"
+    with (
+        Orchestrator.open(config=config_with(), store=store) as orch,
+        pytest.raises(InvalidTaskArgs, match=rf"^Invalid task_list arguments: {field}: "),
+    ):
+        orch.task_list(view="events", **filters)
