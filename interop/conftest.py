@@ -17,6 +17,10 @@ CLI = str(Path(sys.executable).parent / "orchestrator")
 
 
 def _workers_under(state_home: Path) -> list[psutil.Process]:
+    """Worker processes started under one test's state dir. A copy of the unit suite's
+    reaper on purpose: interop runs against the installed wheel from a tree without
+    tests/, and scanning every process on the machine is test scaffolding, not something
+    the shipped package should carry."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         if "orchestrator.worker" not in (proc.info["cmdline"] or []):
