@@ -323,15 +323,20 @@ class WorkerSpawnFailed(RegistryEvent):
     error: str
 
 
-class WorkerReused(RegistryEvent):
-    """An existing worker process was taken for a request."""
+# The field blocks worker processes and model servers share (the two families of
+# processes the registry runs). Each concrete event lists its own type and docstring; the
+# fields keep the order they were stored in.
+
+
+class _Reused(RegistryEvent):
+    """A running process was taken for a request."""
 
     instance_id: str
     fingerprint: str
 
 
-class WorkerReuseRejected(RegistryEvent):
-    """A registry candidate was not reused, and why."""
+class _ReuseRejected(RegistryEvent):
+    """A running process was not reused, and why."""
 
     instance_id: str
     reason: RejectReason
@@ -340,28 +345,43 @@ class WorkerReuseRejected(RegistryEvent):
     requested_fingerprint: str = ""
 
 
-class WorkerDraining(RegistryEvent):
-    """A process takes no new tasks, finishes those it runs, then stops."""
+class _Stopping(RegistryEvent):
+    """A process is stopped on purpose, and why."""
 
-    instance_id: str
-    reason: StopReason = "respawn"
-    detail: str = ""
-
-
-class WorkerStopped(RegistryEvent):
-    """A worker process stopped on purpose (asked to, idle, evicted, drained) and is gone."""
-
-    version: int = 2
     instance_id: str
     reason: StopReason = "requested"
     detail: str = ""
 
 
-class WorkerExited(RegistryEvent):
-    """A worker process was found dead (or not the one recorded)."""
+class _Exited(RegistryEvent):
+    """A process was found dead."""
 
     instance_id: str
     detail: str = ""
+
+
+class WorkerReused(_Reused):
+    """An existing worker process was taken for a request."""
+
+
+class WorkerReuseRejected(_ReuseRejected):
+    """A registry candidate was not reused, and why."""
+
+
+class WorkerDraining(_Stopping):
+    """A process takes no new tasks, finishes those it runs, then stops."""
+
+    reason: StopReason = "respawn"
+
+
+class WorkerStopped(_Stopping):
+    """A worker process stopped on purpose (asked to, idle, evicted, drained) and is gone."""
+
+    version: int = 2
+
+
+class WorkerExited(_Exited):
+    """A worker process was found dead (or not the one recorded)."""
 
 
 # --- registry stream: managed model servers (ADR-0012) -----------------------------------------
@@ -423,37 +443,22 @@ class ModelServerStartFailed(RegistryEvent):
     stopped: bool = False
 
 
-class ModelServerReused(RegistryEvent):
+class ModelServerReused(_Reused):
     """A running model server was taken for a request."""
 
-    instance_id: str
-    fingerprint: str
 
-
-class ModelServerReuseRejected(RegistryEvent):
+class ModelServerReuseRejected(_ReuseRejected):
     """A running server of the requested model was not reused, and why (recorded once per
     requested fingerprint)."""
 
-    instance_id: str
-    reason: RejectReason
-    detail: str = ""
-    fingerprint: str = ""
-    requested_fingerprint: str = ""
 
-
-class ModelServerStopped(RegistryEvent):
+class ModelServerStopped(_Stopping):
     """A model server was stopped on purpose (asked to, idle, evicted) and is gone."""
 
-    instance_id: str
-    reason: StopReason = "requested"
-    detail: str = ""
 
-
-class ModelServerExited(RegistryEvent):
+class ModelServerExited(_Exited):
     """A model server was found dead (or its pid taken by another process)."""
 
-    instance_id: str
-    detail: str = ""
     exit_status: int | None = None
 
 

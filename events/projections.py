@@ -118,13 +118,13 @@ class SessionState(BaseModel):
         return self.running.get(task_id) or self.recent.get(task_id)
 
 
-class RegistryEntry(BaseModel):
-    """One worker process in the device registry."""
+class _ProcessEntry(BaseModel):
+    """What the registry records of every process it runs, worker or model server: where it
+    runs, what it serves, which sessions used it and which fingerprints it was refused for."""
 
-    kind: Literal["worker"] = "worker"
-    worker_id: str
+    kind: str
+    worker_id: str | None = None
     instance_id: str
-    backend: Literal["server", "agent"] = "server"
     host: str
     pid: int
     pid_started_at: float
@@ -132,7 +132,6 @@ class RegistryEntry(BaseModel):
     status: WorkerStatus = "starting"
     fingerprint: str
     model: str
-    model_policy: ModelPolicy
     session_id: str
     started_at: datetime
     updated_at: datetime
@@ -148,69 +147,57 @@ class RegistryEntry(BaseModel):
         return self.status in ("starting", "ready", "draining")
 
 
-class Claim(BaseModel):
-    """A pending claim to spawn one process for (worker, fingerprint, host)."""
+class RegistryEntry(_ProcessEntry):
+    """One worker process in the device registry."""
+
+    kind: Literal["worker"] = "worker"
+    worker_id: str
+    backend: Literal["server", "agent"] = "server"
+    model_policy: ModelPolicy
+
+
+class _PendingClaim(BaseModel):
+    """A pending claim to start one process: who claimed it, when, and for what."""
 
     claim_id: str
-    worker_id: str
     fingerprint: str
     host: str
     claimant_pid: int
     claimant_started_at: float
     claimed_at: datetime
-    force_new: bool
     session_id: str
 
 
-class ModelServerEntry(BaseModel):
+class Claim(_PendingClaim):
+    """A pending claim to spawn one process for (worker, fingerprint, host)."""
+
+    worker_id: str
+    force_new: bool
+
+
+class ModelServerEntry(_ProcessEntry):
     """One managed model server in the device registry (ADR-0012): `pid` is the server's
     own process, `model` the `provider/model` it loaded, `url` its derived base_url."""
 
     kind: Literal["model_server"] = "model_server"
     worker_id: None = None  # a registry row's column; model servers serve every worker
-    instance_id: str
-    model: str
-    host: str
-    pid: int
-    pid_started_at: float
+    url: str
+    idle_timeout: float
     supervisor_pid: int
     supervisor_started_at: float
     port: int
-    url: str
-    status: WorkerStatus = "starting"
-    fingerprint: str
-    identity: dict[str, Any] = Field(default_factory=dict)
     command: list[str] = Field(default_factory=list)
     memory_mb: int = 0
     log_path: str
-    idle_timeout: float
-    session_id: str
-    started_at: datetime
-    updated_at: datetime
     ready_seconds: float | None = None
     claim_id: str | None = None
-    sessions: list[str] = Field(default_factory=list)
-    last_used_at: datetime | None = None
-    rejected_for: list[str] = Field(default_factory=list)
-
-    @property
-    def live(self) -> bool:
-        """Recorded as running (the process may still have died unseen)."""
-        return self.status in ("starting", "ready", "draining")
 
 
-class ServerClaim(BaseModel):
+class ServerClaim(_PendingClaim):
     """A pending claim to start the one server of (model, fingerprint, host)."""
 
-    claim_id: str
     model: str
-    fingerprint: str
-    host: str
-    claimant_pid: int
-    claimant_started_at: float
-    claimed_at: datetime
     start_timeout: float
-    session_id: str
     instance_id: str | None = None  # the server launched for it, once launched
 
 
@@ -464,18 +451,69 @@ def _on_registry(event: Event, state: RegistryState) -> None:
     """Registry events no fold registers for change nothing."""
 
 
+def _claimed(event: WorkerSpawnRequested | ModelServerStartRequested) -> dict[str, Any]:
+    """The fields every pending claim takes from the event that made it."""
+    return {
+        "claim_id": event.claim_id,
+        "fingerprint": event.fingerprint,
+        "host": event.host,
+        "claimant_pid": event.claimant_pid,
+        "claimant_started_at": event.claimant_started_at,
+        "claimed_at": event.timestamp,
+        "session_id": event.session_id,
+    }
+
+
+def _launched(event: WorkerSpawned | ModelServerStarted) -> dict[str, Any]:
+    """The fields every registry entry takes from the event that launched its process."""
+    return {
+        "instance_id": event.instance_id,
+        "host": event.host,
+        "pid": event.pid,
+        "pid_started_at": event.pid_started_at,
+        "url": event.url,
+        "fingerprint": event.fingerprint,
+        "model": event.model,
+        "session_id": event.session_id,
+        "started_at": event.timestamp,
+        "updated_at": event.timestamp,
+        "identity": event.identity,
+        "idle_timeout": event.idle_timeout,
+        "sessions": [event.session_id],
+        "last_used_at": event.timestamp,
+    }
+
+
+def _used(entry: _ProcessEntry | None, event: WorkerReused | ModelServerReused) -> None:
+    """A process was taken for a task: note the session and when."""
+    if entry is None:
+        return
+    sessions = entry.sessions
+    # A session reuses the same process task after task: its id is then the last one,
+    # found without scanning every session that ever used the process.
+    if not (sessions and sessions[-1] == event.session_id) and event.session_id not in sessions:
+        sessions.append(event.session_id)
+    _set(entry, last_used_at=event.timestamp, updated_at=event.timestamp)
+
+
+def _refused(entry: _ProcessEntry | None, wanted: str) -> None:
+    """Remember a fingerprint a process was not reused for, so a long-lived mismatch is
+    recorded once, not on every task."""
+    if entry is not None and wanted and wanted not in entry.rejected_for:
+        entry.rejected_for.append(wanted)
+
+
+def _move(entry: _ProcessEntry, status: WorkerStatus, at: datetime) -> None:
+    """Move a process to `status` where `_NEXT_STATUS` allows it; it was seen at `at`."""
+    if status in _NEXT_STATUS[entry.status]:
+        _set(entry, status=status)
+    _set(entry, updated_at=at)
+
+
 @_on_registry.register
 def _(event: WorkerSpawnRequested, state: RegistryState) -> None:
     state.claims[event.claim_id] = Claim(
-        claim_id=event.claim_id,
-        worker_id=str(event.worker_id),
-        fingerprint=event.fingerprint,
-        host=event.host,
-        claimant_pid=event.claimant_pid,
-        claimant_started_at=event.claimant_started_at,
-        claimed_at=event.timestamp,
-        force_new=event.force_new,
-        session_id=event.session_id,
+        **_claimed(event), worker_id=str(event.worker_id), force_new=event.force_new
     )
 
 
@@ -489,48 +527,22 @@ def _(event: WorkerSpawned, state: RegistryState) -> None:
     if event.claim_id:
         state.claims.pop(event.claim_id, None)
     state.entries[event.instance_id] = RegistryEntry(
+        **_launched(event),
         worker_id=str(event.worker_id),
-        instance_id=event.instance_id,
         backend=event.backend,
-        host=event.host,
-        pid=event.pid,
-        pid_started_at=event.pid_started_at,
-        url=event.url,
-        fingerprint=event.fingerprint,
-        model=event.model,
         model_policy=event.model_policy,
-        session_id=event.session_id,
-        started_at=event.timestamp,
-        updated_at=event.timestamp,
-        identity=event.identity,
-        idle_timeout=event.idle_timeout,
-        sessions=[event.session_id],
-        last_used_at=event.timestamp,
     )
 
 
 @_on_registry.register
 def _(event: WorkerReuseRejected, state: RegistryState) -> None:
-    # Remembered so a long-lived mismatch is recorded once, not on every task.
-    entry = state.entries.get(event.instance_id)
-    wanted = event.requested_fingerprint
-    known = entry is None or wanted in entry.rejected_for
-    if entry is not None and wanted and not known and event.reason != "force_new":
-        entry.rejected_for.append(wanted)
+    if event.reason != "force_new":  # a forced spawn says nothing about the process
+        _refused(state.entries.get(event.instance_id), event.requested_fingerprint)
 
 
 @_on_registry.register
 def _(event: WorkerReused, state: RegistryState) -> None:
-    entry = state.entries.get(event.instance_id)
-    if entry is not None:
-        sessions = entry.sessions
-        # A session reuses the same process task after task: its id is then the last one,
-        # found without scanning every session that ever used the process.
-        if not (sessions and sessions[-1] == event.session_id) and (
-            event.session_id not in sessions
-        ):
-            sessions.append(event.session_id)
-        _set(entry, last_used_at=event.timestamp, updated_at=event.timestamp)
+    _used(state.entries.get(event.instance_id), event)
 
 
 def _status(status: WorkerStatus) -> Any:
@@ -538,11 +550,8 @@ def _status(status: WorkerStatus) -> Any:
         event: WorkerReady | WorkerDraining | WorkerStopped | WorkerExited, state: RegistryState
     ) -> None:
         entry = state.entries.get(event.instance_id)
-        if entry is None:
-            return
-        if status in _NEXT_STATUS[entry.status]:
-            _set(entry, status=status)
-        _set(entry, updated_at=event.timestamp)
+        if entry is not None:
+            _move(entry, status, event.timestamp)
 
     return move
 
@@ -558,15 +567,7 @@ _on_registry.register(WorkerExited, _status("exited"))
 @_on_registry.register
 def _(event: ModelServerStartRequested, state: RegistryState) -> None:
     state.server_claims[event.claim_id] = ServerClaim(
-        claim_id=event.claim_id,
-        model=event.model,
-        fingerprint=event.fingerprint,
-        host=event.host,
-        claimant_pid=event.claimant_pid,
-        claimant_started_at=event.claimant_started_at,
-        claimed_at=event.timestamp,
-        start_timeout=event.start_timeout,
-        session_id=event.session_id,
+        **_claimed(event), model=event.model, start_timeout=event.start_timeout
     )
 
 
@@ -576,27 +577,14 @@ def _(event: ModelServerStarted, state: RegistryState) -> None:
     if claim is not None:
         _set(claim, instance_id=event.instance_id)
     state.servers[event.instance_id] = ModelServerEntry(
-        instance_id=event.instance_id,
-        model=event.model,
-        host=event.host,
-        pid=event.pid,
-        pid_started_at=event.pid_started_at,
+        **_launched(event),
         supervisor_pid=event.supervisor_pid,
         supervisor_started_at=event.supervisor_started_at,
         port=event.port,
-        url=event.url,
-        fingerprint=event.fingerprint,
-        identity=event.identity,
         command=event.command,
         memory_mb=event.memory_mb,
         log_path=event.log_path,
-        idle_timeout=event.idle_timeout,
-        session_id=event.session_id,
-        started_at=event.timestamp,
-        updated_at=event.timestamp,
         claim_id=event.claim_id,
-        sessions=[event.session_id],
-        last_used_at=event.timestamp,
     )
 
 
@@ -618,24 +606,12 @@ def _(event: ModelServerStartFailed, state: RegistryState) -> None:
 
 @_on_registry.register
 def _(event: ModelServerReused, state: RegistryState) -> None:
-    server = state.servers.get(event.instance_id)
-    if server is not None:
-        sessions = server.sessions
-        # A session reuses the same process task after task: its id is then the last one,
-        # found without scanning every session that ever used the process.
-        if not (sessions and sessions[-1] == event.session_id) and (
-            event.session_id not in sessions
-        ):
-            sessions.append(event.session_id)
-        _set(server, last_used_at=event.timestamp, updated_at=event.timestamp)
+    _used(state.servers.get(event.instance_id), event)
 
 
 @_on_registry.register
 def _(event: ModelServerReuseRejected, state: RegistryState) -> None:
-    server = state.servers.get(event.instance_id)
-    wanted = event.requested_fingerprint
-    if server is not None and wanted and wanted not in server.rejected_for:
-        server.rejected_for.append(wanted)
+    _refused(state.servers.get(event.instance_id), event.requested_fingerprint)
 
 
 def _server_status(status: WorkerStatus) -> Any:
@@ -643,9 +619,7 @@ def _server_status(status: WorkerStatus) -> Any:
         server = state.servers.get(event.instance_id)
         if server is None:
             return
-        if status in _NEXT_STATUS[server.status]:
-            _set(server, status=status)
-        _set(server, updated_at=event.timestamp)
+        _move(server, status, event.timestamp)
         if server.claim_id is not None:  # it died while starting: its claim ends with it
             claim = state.server_claims.get(server.claim_id)
             if claim is not None and claim.instance_id == server.instance_id:

@@ -1,5 +1,7 @@
 """Fixtures of the interop tests: each test has its own state dir and SQLite store, and the
-worker processes it started die with it."""
+worker processes it started die with it. `state_home`, `open_orch` and the reaper mirror the
+unit suite's on purpose: interop runs against the installed wheel from a tree without
+tests/, so it cannot import them."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ CLI = str(Path(sys.executable).parent / "orchestrator")
 
 
 def _workers_under(state_home: Path) -> list[psutil.Process]:
+    """Worker processes started under one test's state dir. Not in the shipped package:
+    scanning every process on the machine is test scaffolding."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         if "orchestrator.worker" not in (proc.info["cmdline"] or []):

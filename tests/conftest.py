@@ -65,12 +65,12 @@ def postgres_schema() -> Iterator[str]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-def worker_processes(state_home: Path) -> list[psutil.Process]:
-    """Worker processes started under a given state dir (so by one test)."""
+def processes_under(state_home: Path, matches: Callable[[list[str]], bool]) -> list[psutil.Process]:
+    """Processes whose command line `matches`, started under a given state dir (so by one
+    test)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "orchestrator.worker" not in cmd:
+        if not matches(proc.info["cmdline"] or []):
             continue
         try:
             if proc.environ().get("XDG_STATE_HOME") == str(state_home):
@@ -78,6 +78,18 @@ def worker_processes(state_home: Path) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def worker_processes(state_home: Path) -> list[psutil.Process]:
+    """Worker processes started under a given state dir (so by one test)."""
+    return processes_under(state_home, lambda cmd: "orchestrator.worker" in cmd)
+
+
+def kill_all(stragglers: list[psutil.Process]) -> None:
+    """Kill what a test left running, and wait (a few seconds at most) for it to go."""
+    for proc in stragglers:
+        proc.kill()
+    psutil.wait_procs(stragglers, timeout=5)
 
 
 @pytest.fixture(autouse=True)
@@ -89,10 +101,7 @@ def state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     monkeypatch.delenv("ORCHESTRATOR_STORE", raising=False)
     monkeypatch.delenv("ORCHESTRATOR_HOST_ID", raising=False)
     yield home
-    stragglers = worker_processes(home)
-    for proc in stragglers:
-        proc.kill()
-    psutil.wait_procs(stragglers, timeout=5)
+    kill_all(worker_processes(home))
 
 
 @pytest.fixture(params=STORES)

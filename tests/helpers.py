@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from orchestrator import Orchestrator
@@ -36,6 +39,55 @@ def lab_config(
             },
             "profiles": {"coder": {"backend": backend}},
         }
+    )
+
+
+def lab_settings(port: int, models: dict[str, Any], **config: Any) -> dict[str, Any]:
+    """A config as written (no built-in providers): its one provider `lab` speaks the OpenAI
+    protocol on a local port without retries and serves `models`; `lab/big` is the model,
+    `lab/small` the small one. `config` adds top-level keys (`profiles`, ...)."""
+    return {
+        "extends": "none",
+        "model": "lab/big",
+        "small_model": "lab/small",
+        "providers": {
+            "lab": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{port}/v1",
+                "max_retries": 0,
+                "models": models,
+            }
+        },
+        **config,
+    }
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def weather_call(number: int, city: str) -> dict[str, Any]:
+    """The tool call `call_<number>` a model answers with: `get_weather` for `city`."""
+    return {
+        "id": f"call_{number}",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+
+
+def run_command(
+    argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end (within `timeout` seconds), its output captured as text; a
+    failing exit does not raise: the test asserts what it expects of it."""
+    return subprocess.run(
+        argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, check=False
     )
 
 

@@ -24,29 +24,14 @@ from orchestrator.history import check
 from tests.chat import ChatServer, Reply
 from tests.chat import chat_server as serve_chat
 from tests.conftest import OpenOrch
-from tests.helpers import run, set_model
+from tests.helpers import WEATHER_TOOL, lab_settings, run, run_command, set_model, weather_call
 
 ROOT = Path(__file__).parent.parent
 CLI = str(Path(sys.executable).parent / "orchestrator")
 SYSTEM = "Be brief."
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-CALL = {
-    "id": "call_1",
-    "type": "function",
-    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-}
-CALL_2 = {
-    "id": "call_2",
-    "type": "function",
-    "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-}
+TOOL = WEATHER_TOOL
+CALL = weather_call(1, "Paris")
+CALL_2 = weather_call(2, "Rome")
 
 
 @pytest.fixture
@@ -57,24 +42,14 @@ def store(tmp_path: Path) -> str:
 
 def lab(port: int, backend: str = "agent", tiny_context: int = 8192) -> dict[str, Any]:
     """Provider `lab` on a local port: `big`, `small` and `tiny` (whose context is small)."""
-    return {
-        "extends": "none",
-        "model": "lab/big",
-        "small_model": "lab/small",
-        "providers": {
-            "lab": {
-                "kind": "openai",
-                "base_url": f"http://127.0.0.1:{port}/v1",
-                "max_retries": 0,
-                "models": {
-                    "big": {"tool_call": True, "context": 128_000},
-                    "small": {"context": 32_000},
-                    "tiny": {"context": tiny_context},
-                },
-            }
-        },
-        "profiles": {"coder": {"backend": backend, "system_prompt": SYSTEM}},
+    models = {
+        "big": {"tool_call": True, "context": 128_000},
+        "small": {"context": 32_000},
+        "tiny": {"context": tiny_context},
     }
+    return lab_settings(
+        port, models, profiles={"coder": {"backend": backend, "system_prompt": SYSTEM}}
+    )
 
 
 def sent(server: ChatServer) -> list[list[dict[str, Any]]]:
@@ -402,15 +377,8 @@ def test_trimming_never_parts_an_assistant_message_from_its_tool_results(
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ORCHESTRATOR_STORE": f"sqlite:///{tmp_path / 'events.db'}"}
-    return subprocess.run(
-        [CLI, "--config", str(tmp_path / "orchestrator.toml"), *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-    )
+    argv = [CLI, "--config", str(tmp_path / "orchestrator.toml"), *args]
+    return run_command(argv, tmp_path, env, timeout=120)
 
 
 def _write_toml(tmp_path: Path, port: int, backend: str = "server") -> None:

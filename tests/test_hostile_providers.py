@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from orchestrator import InvalidTaskArgs, Orchestrator
 from orchestrator.config import BackendKind
 from orchestrator.processes import worker_token
 from tests.chat import ChatServer, Reply
-from tests.helpers import config_with, lab_config, op, run
+from tests.helpers import config_with, lab_config, op, run, run_command
 
 ROOT = Path(__file__).parent.parent
 KEY = "sk-SECRETkey0123456789abcdefXYZ"
@@ -88,14 +87,8 @@ def _run_script(
 ) -> tuple[list[dict[str, Any]], str]:
     """Tasks run by a fresh orchestrator process with the library's default logging."""
     store = f"sqlite:///{tmp_path / 'e.db'}"
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(chat_server.port), backend, store, str(count), mode],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=180,
-        check=False,
-    )
+    argv = [sys.executable, "-c", SCRIPT, str(chat_server.port), backend, store, str(count), mode]
+    out = run_command(argv, ROOT, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     return [json.loads(line) for line in out.stdout.splitlines()], out.stderr
 
@@ -390,14 +383,7 @@ main()
 
 
 def test_a_cli_bug_prints_one_line_and_no_locals(evil_key: str, tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", CLI_BUG, f"sqlite:///{tmp_path / 'e.db'}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    out = run_command([sys.executable, "-c", CLI_BUG, f"sqlite:///{tmp_path / 'e.db'}"], ROOT)
     assert out.returncode == 1
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("error: internal error: KeyError at "), line

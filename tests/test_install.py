@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 import events
 import orchestrator
+from tests.helpers import run_command
 
 INSTALLED = os.environ.get("ORCHESTRATOR_TEST_INSTALLED") == "1"
 
@@ -43,23 +43,9 @@ def test_every_subpackage_and_marker_ships() -> None:
 def test_every_command_imports_from_the_install(tmp_path: Path) -> None:
     """The console script and `python -m orchestrator.worker` start from any directory."""
     bindir = Path(sys.executable).parent
-    out = subprocess.run(
-        [str(bindir / "orchestrator"), "--help"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    out = run_command([str(bindir / "orchestrator"), "--help"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     code = "import orchestrator.worker, orchestrator.mcp_server, orchestrator.cli"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    done = run_command([sys.executable, "-c", code], tmp_path)
     assert done.returncode == 0, done.stderr

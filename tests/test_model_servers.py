@@ -27,6 +27,7 @@ from events import EventLog, replay
 from events.projections import ModelServerEntry
 from orchestrator import Orchestrator
 from orchestrator.config import ConfigError, load_config
+from tests.conftest import kill_all, processes_under
 from tests.helpers import op, run, wait_for
 
 SERVER = str(Path(__file__).with_name("model_server.py"))
@@ -91,25 +92,12 @@ def no_server_left(state_home: Path) -> Iterator[None]:
     """Every model server (and supervisor) a test started under its state dir is gone at
     the end: killed here if the test left it."""
     yield
-    found = model_server_processes(state_home)
-    for proc in found:
-        proc.kill()
-    psutil.wait_procs(found, timeout=5)
+    kill_all(model_server_processes(state_home))
 
 
 def model_server_processes(state_home: Path) -> list[psutil.Process]:
     """Model servers and their supervisors started under one state dir."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "model_server" not in cmd:
-            continue
-        try:
-            if proc.environ().get("XDG_STATE_HOME") == str(state_home):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    return processes_under(state_home, lambda cmd: "model_server" in " ".join(cmd))
 
 
 @pytest.fixture

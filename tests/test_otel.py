@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from orchestrator import Orchestrator, telemetry
 from tests.chat import ChatServer, Reply
 from tests.conftest import OpenOrch
-from tests.helpers import config_with, run, set_model
+from tests.helpers import config_with, run, run_command, set_model
 
 ROOT = Path(__file__).parent.parent
 CLI = str(Path(sys.executable).parent / "orchestrator")
@@ -270,15 +270,7 @@ def _otel_env(**settings: str) -> dict[str, str]:
 
 
 def _export_otel(store: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [CLI, "--store", store, "export-otel", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    return run_command([CLI, "--store", store, "export-otel", *args], ROOT, env)
 
 
 @pytest.fixture
@@ -371,15 +363,8 @@ def test_live_spans_reach_an_otlp_receiver_through_a_batch_processor(store: str)
     """What a user of an OTLP backend (Phoenix, Jaeger...) sees: the task's span arrives,
     the child of the agent's step, once the application shuts its provider down."""
     with otlp_receiver() as receiver:
-        out = subprocess.run(
-            [sys.executable, "-c", LIVE_SCRIPT, store],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=_otel_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url),
-            timeout=60,
-            check=False,
-        )
+        env = _otel_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url)
+        out = run_command([sys.executable, "-c", LIVE_SCRIPT, store], ROOT, env)
         assert (out.returncode, out.stdout.strip()) == (0, "completed"), out.stderr
         got = {s.name: s for s in receiver.spans()}
     assert set(got) == {"agent-step", "chat local/echo-large"}

@@ -20,7 +20,7 @@ from orchestrator.config import ConfigError, load_config
 from tests.chat import ChatServer, Reply
 from tests.chat import chat_server as serve_chat
 from tests.conftest import OpenOrch
-from tests.helpers import run
+from tests.helpers import WEATHER_TOOL, lab_settings, run, run_command, weather_call
 
 ROOT = Path(__file__).parent.parent
 CLI = [str(Path(sys.executable).parent / "orchestrator")]
@@ -34,27 +34,13 @@ def store(tmp_path: Path) -> str:
 
 def lab(port: int, backend: str = "agent", fallbacks: tuple[str, ...] = (), **extra: Any) -> dict:
     """A config with provider `lab` (models big, small, spare; priced) on a local port."""
-    return {
-        "extends": "none",
-        "model": "lab/big",
-        "small_model": "lab/small",
-        "providers": {
-            "lab": {
-                "kind": "openai",
-                "base_url": f"http://127.0.0.1:{port}/v1",
-                "max_retries": 0,
-                "models": {
-                    "big": {"cost_input": 2.0, "cost_output": 10.0, "tool_call": True},
-                    "small": {"cost_input": 0.5, "cost_output": 1.0},
-                    "spare": {},
-                },
-            }
-        },
-        "profiles": {
-            "coder": {"backend": backend, "fallback_models": list(fallbacks)},
-        },
-        **extra,
+    models = {
+        "big": {"cost_input": 2.0, "cost_output": 10.0, "tool_call": True},
+        "small": {"cost_input": 0.5, "cost_output": 1.0},
+        "spare": {},
     }
+    profiles = {"coder": {"backend": backend, "fallback_models": list(fallbacks)}}
+    return lab_settings(port, models, **{"profiles": profiles, **extra})
 
 
 def models_asked(server: ChatServer) -> list[str]:
@@ -223,19 +209,8 @@ def test_property_served_model_follows_the_fallback_and_cooldown_rule(
 
 # --- tool calls ----------------------------------------------------------------------------------
 
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-CALL = {
-    "id": "call_1",
-    "type": "function",
-    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-}
+TOOL = WEATHER_TOOL
+CALL = weather_call(1, "Paris")
 
 
 @pytest.mark.parametrize("backend", ["agent", "server"])
@@ -308,9 +283,7 @@ def test_config_errors_name_the_file_and_key_in_one_line(
 
 def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ORCHESTRATOR_STORE": f"sqlite:///{cwd / 'e.db'}"}
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60, check=False
-    )
+    return run_command([*CLI, *args], cwd, env)
 
 
 def test_config_check_on_good_and_bad_files(tmp_path: Path) -> None:
@@ -375,13 +348,6 @@ def test_relative_and_absolute_sqlite_urls(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_cli_store_errors_print_the_url_as_written(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [*CLI, "--store", "sqlite:///missing/e.db", "workers"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        check=False,
-    )
+    out = run_command([*CLI, "--store", "sqlite:///missing/e.db", "workers"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.startswith("error: cannot open store sqlite:///missing/e.db: directory")

@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator import Orchestrator
 from tests.chat import ChatServer, Reply
-from tests.helpers import op, reset_model, run, set_model, wait_for
+from tests.helpers import lab_settings, op, reset_model, run, set_model, wait_for
 
 SESSION = "rec"
 
@@ -19,23 +19,12 @@ SESSION = "rec"
 def lab_config(port: int) -> dict[str, Any]:
     """Provider `lab` (big, small; priced) on a local port; coder on server processes,
     falling back to small."""
-    return {
-        "extends": "none",
-        "model": "lab/big",
-        "small_model": "lab/small",
-        "providers": {
-            "lab": {
-                "kind": "openai",
-                "base_url": f"http://127.0.0.1:{port}/v1",
-                "max_retries": 0,
-                "models": {
-                    "big": {"cost_input": 2.0, "cost_output": 10.0},
-                    "small": {"cost_input": 0.5, "cost_output": 1.0},
-                },
-            }
-        },
-        "profiles": {"coder": {"backend": "server", "fallback_models": ["lab/small"]}},
+    models = {
+        "big": {"cost_input": 2.0, "cost_output": 10.0},
+        "small": {"cost_input": 0.5, "cost_output": 1.0},
     }
+    profiles = {"coder": {"backend": "server", "fallback_models": ["lab/small"]}}
+    return lab_settings(port, models, profiles=profiles)
 
 
 @dataclass

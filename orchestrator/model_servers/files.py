@@ -54,32 +54,41 @@ def write_exit(directory: Path, reason: str, detail: str) -> None:
     tmp.unlink(missing_ok=True)
 
 
+def open_inflight(directory: Path) -> int:
+    """The server's in-flight lock file, opened (created if need be): the caller closes the
+    descriptor, which drops any lock taken on it. Raises OSError."""
+    return os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def try_lock(fd: int, operation: int) -> bool:
+    """Take `fcntl.LOCK_SH` or `fcntl.LOCK_EX` on `fd` without waiting: was it taken?"""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def is_busy(directory: Path) -> bool:
     """Does a request hold the server's in-flight lock (shared) right now?"""
     try:
-        fd = os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_inflight(directory)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
+        return not try_lock(fd, fcntl.LOCK_EX)
     finally:
         os.close(fd)
-    return False
 
 
 def lock_exclusive(fd: int, wait: float) -> bool:
     """Take the in-flight lock exclusively, trying for up to `wait` seconds."""
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    while not try_lock(fd, fcntl.LOCK_EX):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def touch(path: Path) -> None:

@@ -60,8 +60,10 @@ from orchestrator.model_servers.files import (
     is_busy,
     lock_exclusive,
     mtime,
+    open_inflight,
     ready_probe,
     touch,
+    try_lock,
     write_exit,
 )
 from orchestrator.model_servers.launch import launch, stop_launched, wait_ready
@@ -321,12 +323,10 @@ class ModelServers:
         exclusively). None when it is being stopped or is gone."""
         directory = Path(server.log_path).parent
         try:
-            fd = os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_inflight(directory)
         except OSError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(fd, fcntl.LOCK_SH):
             os.close(fd)
             return None
         if (directory / "exit").exists() or process_state(
@@ -508,7 +508,7 @@ class ModelServers:
         found dead is recorded exited)."""
         directory = Path(server.log_path).parent
         self._proven.pop(server.instance_id, None)
-        fd = os.open(directory / "inflight.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_inflight(directory)
         try:
             if not lock_exclusive(fd, 0.0 if not wait else 5.0) and not wait:
                 return False
