@@ -9,7 +9,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import orchestrator
+
+# Where the packages are: site-packages under `make test` (the installed wheel), else the
+# source tree. Either way it is the code that runs.
+ROOT = Path(orchestrator.__file__ or "").resolve().parent.parent
 PACKAGES = ("orchestrator", "events")
 
 
