@@ -67,6 +67,7 @@ from orchestrator.reuse import (
     plan,
     to_probe,
 )
+from orchestrator.transport import Transport
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
 READY_TIMEOUT = 30.0
@@ -130,8 +131,12 @@ class Acquired:
 class WorkerPool:
     """Server workers of one orchestrator, backed by the shared registry stream."""
 
-    def __init__(self, log: EventLog, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, log: EventLog, log_dir: Path | None = None, transport: Transport | None = None
+    ) -> None:
         self.log = log
+        # How the pool's calls reach worker processes (None: HTTP on 127.0.0.1).
+        self.transport = transport
         self.host = host_id()
         self.registry: StreamView[RegistryState] = StreamView(
             log, REGISTRY_STREAM, RegistryState, apply_registry
@@ -267,7 +272,7 @@ class WorkerPool:
         proven = self._proven.get(entry.instance_id)
         if not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
             return Probe("alive")
-        client = WorkerClient(str(entry.url), entry.instance_id)
+        client = WorkerClient(str(entry.url), entry.instance_id, self.transport)
         try:
             answer = client.health()
         except WorkerUnreachable as exc:
@@ -372,7 +377,7 @@ class WorkerPool:
             if not self._register(claim_id, [spawned, WorkerReady(**ids, instance_id=instance_id)]):
                 _kill(proc)
                 return None
-            WorkerClient(url, instance_id).adopt()
+            WorkerClient(url, instance_id, self.transport).adopt()
         except Exception as exc:
             if proc is not None:
                 _kill(proc)
@@ -433,7 +438,7 @@ class WorkerPool:
         last `ACQUIRED_GRACE` seconds (acquirers mark it before deciding, see
         `mark_acquired`), refuses; once it accepts, a prompt that still reaches it is
         answered `503 draining` and its task acquires again."""
-        client = WorkerClient(str(entry.url), entry.instance_id)
+        client = WorkerClient(str(entry.url), entry.instance_id, self.transport)
         try:
             client.drain("evicted", unless_used_within=ACQUIRED_GRACE)
         except (WorkerUnreachable, WorkerReplyError):
@@ -597,7 +602,7 @@ class WorkerPool:
             return False
         # It is killed below if it does not go by itself.
         with contextlib.suppress(WorkerUnreachable, WorkerReplyError):
-            WorkerClient(str(entry.url), entry.instance_id).shutdown()
+            WorkerClient(str(entry.url), entry.instance_id, self.transport).shutdown()
         self._wait_gone(entry)
         self._reap(entry.instance_id)
         self._record_end(
@@ -620,7 +625,7 @@ class WorkerPool:
             WorkerDraining(**ids, instance_id=entry.instance_id, reason="respawn", detail=detail)
         )
         try:
-            WorkerClient(str(entry.url), entry.instance_id).drain("respawn")
+            WorkerClient(str(entry.url), entry.instance_id, self.transport).drain("respawn")
         except (WorkerUnreachable, WorkerReplyError):
             self.stop(entry, ids, reason="respawn", detail=detail)
             return

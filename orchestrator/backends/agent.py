@@ -12,6 +12,7 @@ from orchestrator.backends import Lease, PromptRequest, StopResult, interruptibl
 from orchestrator.config import BackendKind, OrchestratorConfig
 from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion, complete, credentials_for, with_base_url
+from orchestrator.transport import Transport
 
 
 class AgentBackend:
@@ -20,9 +21,13 @@ class AgentBackend:
     kind: BackendKind = "agent"
 
     def __init__(
-        self, config: OrchestratorConfig, environ: Callable[[], Mapping[str, str]]
+        self,
+        config: OrchestratorConfig,
+        environ: Callable[[], Mapping[str, str]],
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
+        self._transport = transport
         self._environ = environ
         self._lock = threading.Lock()
         self.agents: dict[str, Lease] = {}
@@ -63,6 +68,7 @@ class AgentBackend:
                 tools=request.tools,
                 max_reply=self.config.limits.max_reply,
                 messages=request.messages,
+                transport=self._transport,
             ),
             cancel,
         )

@@ -20,15 +20,20 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.model_servers import ModelServers
 from orchestrator.pool import WorkerPool
 from orchestrator.resolver import check_worker
+from orchestrator.transport import Transport
 
 
 class Backends:
     """Where this orchestrator's worker tasks run, by the backend their profile names."""
 
-    def __init__(self, config: OrchestratorConfig, log: EventLog) -> None:
+    def __init__(
+        self, config: OrchestratorConfig, log: EventLog, transport: Transport | None = None
+    ) -> None:
         self.config = config
-        self.pool = WorkerPool(log, log.private_dir("workers"))
-        self.agent = AgentBackend(config, lambda: os.environ)
+        # `transport` carries the agents' provider requests and the calls to worker
+        # processes (None: real sockets); model servers are always reached over sockets.
+        self.pool = WorkerPool(log, log.private_dir("workers"), transport)
+        self.agent = AgentBackend(config, lambda: os.environ, transport)
         self.server = ServerBackend(self.pool, config, lambda: os.environ)
         # Managed model servers share the registry stream (and its view) with the workers.
         self.servers = ModelServers(

@@ -68,7 +68,7 @@ class ServerBackend:
         """Send the message (with the credentials it needs, read now) and accept the reply
         only from the process that was acquired."""
         assert lease.url is not None
-        client = WorkerClient(lease.url, lease.instance_id)
+        client = WorkerClient(lease.url, lease.instance_id, self.pool.transport)
         budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
         credentials = credentials_for(self.config.providers, request.model, self._environ())
         max_reply = self.config.limits.max_reply
@@ -157,7 +157,7 @@ class ServerBackend:
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Tell the worker to drop the task's request: its prompt answers 409 at once."""
         if lease.url is not None:
-            _tell_cancel(WorkerClient(lease.url, lease.instance_id), task_id)
+            _tell_cancel(WorkerClient(lease.url, lease.instance_id, self.pool.transport), task_id)
 
     def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
         """Cancel a task another orchestrator serves: which of the worker's processes on this
@@ -165,7 +165,9 @@ class ServerBackend:
         task ignores it)."""
         for entry in self.pool.live_entries(worker_id):
             if entry.url is not None and entry.status in ("ready", "draining"):
-                _tell_cancel(WorkerClient(str(entry.url), entry.instance_id), task_id)
+                _tell_cancel(
+                    WorkerClient(str(entry.url), entry.instance_id, self.pool.transport), task_id
+                )
 
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Stop every live process of the worker on this host, whatever its recorded status."""
