@@ -36,9 +36,10 @@ from orchestrator.api import (
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import ServerBackend
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.model_servers import ModelServers
-from orchestrator.pool import WorkerPool, WorkerSpec
+from orchestrator.pool import WorkerPool
 from orchestrator.processes import own_identity
 from orchestrator.resolver import ModelDecision
 from orchestrator.runner import TaskRunner

@@ -44,10 +44,10 @@ from orchestrator.api import TaskStartArgs, round_cost
 from orchestrator.backends import Backend, Cancelled, Lease, PromptRequest, TaskError
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import DRAINING_RETRIES, Draining
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.conversation import ConversationError, Parent
 from orchestrator.errors import OrchestratorError
 from orchestrator.explain import OverrideCause
-from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion, ProviderError, internal_error
 from orchestrator.resolver import (
     CatalogueModel,

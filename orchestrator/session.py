@@ -41,11 +41,11 @@ from events.reads import last_config
 from events.reads import overrides_at as read_overrides_at
 from events.store import EventLog, Filter, StoreError, StoreMoved, StreamConflict
 from events.streams import Appendable, StreamTail, StreamView, append_together, session_view
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
-from orchestrator.pool import WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
 from orchestrator.resolver import (
     CatalogueModel,

@@ -33,6 +33,7 @@ from orchestrator.api import (
     UsageRow,
     WorkerView,
 )
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.conversation import conversation_models, read_recorded, rows_of
 from orchestrator.explain import (
@@ -45,7 +46,6 @@ from orchestrator.explain import (
     replay_view,
 )
 from orchestrator.history import DiffRow, WhatIfRow
-from orchestrator.pool import WorkerSpec
 from orchestrator.resolver import CatalogueModel, ModelDecision, ResolutionError
 
 

@@ -32,8 +32,8 @@ __all__ = [
     "interruptible",
 ]
 
-if TYPE_CHECKING:  # the pool uses this package's client: no import back at run time
-    from orchestrator.pool import WorkerSpec
+if TYPE_CHECKING:
+    from orchestrator.backends.spec import WorkerSpec
 
 
 class TaskError(OrchestratorError, RuntimeError):

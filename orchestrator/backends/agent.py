@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.backends import Lease, PromptRequest, StopResult, interruptible
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import BackendKind, OrchestratorConfig
-from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion, complete, credentials_for, with_base_url
 from orchestrator.transport import Transport
 

@@ -14,8 +14,9 @@ from orchestrator.backends import (
     TaskError,
 )
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import BackendKind, OrchestratorConfig
-from orchestrator.pool import Acquired, WorkerPool, WorkerSpec
+from orchestrator.pool import Acquired, WorkerPool
 from orchestrator.processes import settled_state
 from orchestrator.providers import (
     Completion,
