@@ -125,17 +125,14 @@ class TaskRunner:
         cancel (the fold lets the first terminal event win) but its registry facts are
         still recorded."""
         try:
-            deferred = (
-                *(run.lease[1].deferred if run.lease else ()),
-                *self.backends.servers.take_deferred(run.task_id),
-            )
-            if self.session.moved is not None:
-                return  # nowhere to record it: every later call says so
-            if event is None or run.cancel.is_set():
-                if deferred:
-                    self.session.record(*deferred)
+            end = () if event is None or run.cancel.is_set() else (event,)
+            # The store moved: nowhere to record anything (every later call says so).
+            moved = self.session.moved is not None
+            record = None if moved else self.session.record
+            # The backends add the facts they owe and record it all in one write.
+            self.backends.release(run.lease, record, *end, task_id=run.task_id)
+            if moved or not end:
                 return
-            self.session.record(event, *deferred)
             if run.traced is not None:
                 self._emit_span(run.task_id, *run.traced)
         finally:

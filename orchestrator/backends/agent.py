@@ -8,7 +8,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.backends import Lease, PromptRequest, StopResult, interruptible
+from events.catalogue import Event
+from orchestrator.backends import (
+    Lease,
+    PromptRequest,
+    StopResult,
+    WorkerProcess,
+    interruptible,
+)
 from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import BackendKind, OrchestratorConfig
 from orchestrator.providers import Completion, complete, credentials_for, with_base_url
@@ -73,6 +80,10 @@ class AgentBackend:
             cancel,
         )
 
+    def release(self, lease: Lease) -> tuple[Event, ...]:
+        """Nothing to record: an in-process agent is not in the registry."""
+        return ()
+
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Nothing to tell anyone: `prompt` stops waiting as soon as the cancel event is set."""
 
@@ -85,3 +96,10 @@ class AgentBackend:
     def running(self, worker_id: str) -> bool:
         """Is there an in-process worker for this id?"""
         return worker_id in self.agents
+
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's in-process agent, if there is one."""
+        agent = self.agents.get(worker_id)
+        if agent is None:
+            return []
+        return [WorkerProcess("agent", agent.instance_id, agent.fingerprint, "running")]

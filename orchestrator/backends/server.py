@@ -6,12 +6,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from events.catalogue import Event
 from orchestrator.backends import (
     Cancelled,
     Lease,
     PromptRequest,
     StopResult,
     TaskError,
+    WorkerProcess,
 )
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.backends.spec import WorkerSpec
@@ -155,6 +157,10 @@ class ServerBackend:
             "request checks its /health first."
         )
 
+    def release(self, lease: Lease) -> tuple[Event, ...]:
+        """A plain reuse's facts, deferred by the pool to be recorded with the task's end."""
+        return lease.deferred
+
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Tell the worker to drop the task's request: its prompt answers 409 at once."""
         if lease.url is not None:
@@ -181,6 +187,13 @@ class ServerBackend:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker recorded as running on this host?"""
         return bool(self.pool.live_entries(worker_id))
+
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes on this host recorded as running."""
+        return [
+            WorkerProcess("server", e.instance_id, e.fingerprint, e.status, e.pid, e.url)
+            for e in self.pool.live_entries(worker_id)
+        ]
 
 
 class Draining(TaskError):
