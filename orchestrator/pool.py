@@ -10,6 +10,9 @@ probing pids and `/health` before the registry lock is taken (never while it is 
 starting processes (through `orchestrator.launcher`, which owns them as OS processes),
 registering them only while their claim still stands (a claim taken over is fenced: its
 late process is stopped), and stopping, draining and evicting.
+
+Over 400 lines on purpose: the registry protocol (claim, fence, register, record an end
+once) is read in one module; the OS processes themselves are the launcher's.
 """
 
 from __future__ import annotations
