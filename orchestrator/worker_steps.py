@@ -62,8 +62,7 @@ class WorkerSteps:
         ids = session.ids(task_id, worker_id)
         if session.profile(worker_id).backend == "agent":
             backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-            agent = backends.agent.agents.get(worker_id)
-            if agent is not None and agent.fingerprint == spec.fingerprint:
+            if any(p.fingerprint == spec.fingerprint for p in backends.agent.processes(worker_id)):
                 return False
             backends.agent.acquire(spec, ids, force_new=True)
             return True
