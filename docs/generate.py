@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -67,7 +67,22 @@ def events_page() -> str:
         version = cls.model_fields["version"].default
         doc = " ".join((cls.__doc__ or "").split())
         lines.append(f"| `{name}` | {version} | {fields} | {doc} |")
+    lines += ["", "## Reasons", "", "A `reason` is one of a fixed set:", ""]
+    for reasons, names in _reason_sets().items():
+        events = ", ".join(f"`{n}`" for n in names)
+        lines.append(f"- {events}: {', '.join(f'`{r}`' for r in reasons)}.")
     return "\n".join(lines) + "\n"
+
+
+def _reason_sets() -> dict[tuple[str, ...], list[str]]:
+    """Each set of `reason` values (as its event classes declare it) and the events that
+    take it, in catalogue order."""
+    sets: dict[tuple[str, ...], list[str]] = {}
+    for name, cls in EVENT_TYPES.items():
+        field = cls.model_fields.get("reason")
+        if field is not None and get_origin(field.annotation) is Literal:
+            sets.setdefault(get_args(field.annotation), []).append(name)
+    return sets
 
 
 def task_api_reference() -> str:

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from orchestrator.backends import TaskError
     from orchestrator.config import ConfigError, OrchestratorConfig
     from orchestrator.errors import OrchestratorError
+    from orchestrator.launcher import SpawnError
     from orchestrator.ops import OpError
     from orchestrator.orchestrator import Orchestrator
-    from orchestrator.pool import SpawnError
     from orchestrator.providers import ProviderError
     from orchestrator.resolver import ResolutionError
 
@@ -49,7 +49,7 @@ _HOMES = {
     "OrchestratorError": "orchestrator.errors",
     "ProviderError": "orchestrator.providers",
     "ResolutionError": "orchestrator.resolver",
-    "SpawnError": "orchestrator.pool",
+    "SpawnError": "orchestrator.launcher",
     "StoreError": "events.store",
     "StoreMoved": "events.store",
     "TaskError": "orchestrator.backends",

@@ -23,6 +23,7 @@ from events.projections import TaskRecord
 from orchestrator.api import TaskHandle
 from orchestrator.config import OrchestratorConfig
 from orchestrator.orchestrator import Orchestrator
+from orchestrator.transport import Transport
 
 FOREIGN_POLL = 0.05
 BLOCKING_THREADS = 4
@@ -48,10 +49,11 @@ class AsyncOrchestrator:
         config: OrchestratorConfig | dict[str, Any] | str | Path | None = None,
         store: str | None = None,
         session_id: str | None = None,
+        transport: Transport | None = None,
     ) -> _Opening:
         """`await AsyncOrchestrator.open(...)` or `async with AsyncOrchestrator.open(...)`;
         the arguments are `Orchestrator.open`'s."""
-        return _Opening(config, store, session_id)
+        return _Opening(config, store, session_id, transport)
 
     @property
     def session_id(self) -> str:

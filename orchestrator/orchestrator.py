@@ -36,13 +36,15 @@ from orchestrator.api import (
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import ServerBackend
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.model_servers import ModelServers
-from orchestrator.pool import WorkerPool, WorkerSpec
+from orchestrator.pool import WorkerPool
 from orchestrator.processes import own_identity
 from orchestrator.resolver import ModelDecision
 from orchestrator.runner import TaskRunner
 from orchestrator.session import Session
+from orchestrator.transport import Transport
 
 AWAIT_POLL = 0.05
 MAX_ARGS_BYTES = 1024 * 1024  # one task's arguments, encoded (ADR-0006)
@@ -54,11 +56,16 @@ class Orchestrator:
     """One session's view of the pool, driven only through the Task API."""
 
     def __init__(
-        self, config: OrchestratorConfig, log: EventLog, session_id: str, owns_log: bool
+        self,
+        config: OrchestratorConfig,
+        log: EventLog,
+        session_id: str,
+        owns_log: bool,
+        transport: Transport | None = None,
     ) -> None:
         self.session_id = session_id
         self._owns_log = owns_log
-        self.backends = Backends(config, log)
+        self.backends = Backends(config, log, transport)
         self.state = Session(config, log, session_id, self.backends)
         log.hold_host_lease(self.state.host)
         self.runner = TaskRunner(self.state, self.backends)
@@ -70,12 +77,15 @@ class Orchestrator:
         config: OrchestratorConfig | dict[str, Any] | str | Path | None = None,
         store: str | EventLog | None = None,
         session_id: str | None = None,
+        transport: Transport | None = None,
     ) -> Orchestrator:
-        """Open a session on a store: a new one (`session_id=None`) or a resumed one."""
+        """Open a session on a store: a new one (`session_id=None`) or a resumed one.
+        `transport` (an `orchestrator.transport.Transport`) carries this orchestrator's HTTP
+        requests to providers and worker processes instead of sockets (for tests)."""
         sid = check_session_id(session_id) if session_id else f"s-{uuid.uuid4().hex[:10]}"
         cfg = load_config(config)
         log = store if isinstance(store, EventLog) else EventLog(store)
-        return cls(cfg, log, sid, owns_log=not isinstance(store, EventLog))
+        return cls(cfg, log, sid, owns_log=not isinstance(store, EventLog), transport=transport)
 
     def __enter__(self) -> Orchestrator:
         return self

@@ -7,18 +7,18 @@ claim and waits for the process that claim produces (ADR-0003).
 
 The decision itself is `orchestrator.reuse.plan`, pure. This module does the I/O around it:
 probing pids and `/health` before the registry lock is taken (never while it is held),
-starting processes, registering them only while their claim still stands (a claim taken
-over is fenced: its late process is stopped), and stopping, draining and evicting.
+starting processes (through `orchestrator.launcher`, which owns them as OS processes),
+registering them only while their claim still stands (a claim taken over is fenced: its
+late process is stopped), and stopping, draining and evicting.
+
+Over 400 lines on purpose: the registry protocol (claim, fence, register, record an end
+once) is read in one module; the OS processes themselves are the launcher's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import select
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +31,6 @@ from typing import Any
 from events.catalogue import (
     REGISTRY_STREAM,
     Event,
-    ModelPolicy,
     StopReason,
     WorkerDraining,
     WorkerExited,
@@ -45,8 +44,10 @@ from events.projections import Claim, RegistryEntry, RegistryState, apply_regist
 from events.store import EventLog, StreamConflict, state_dir
 from events.streams import StreamView
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
-from orchestrator.config import OrchestratorConfig
-from orchestrator.errors import OrchestratorError
+
+# The spec lives with the backends; importing it from here still works.
+from orchestrator.backends.spec import WorkerSpec
+from orchestrator.launcher import READY_TIMEOUT, Launcher, SpawnError
 from orchestrator.processes import (
     ProcessState,
     host_id,
@@ -54,8 +55,6 @@ from orchestrator.processes import (
     process_state,
     start_time,
     terminate,
-    worker_environment,
-    worker_token,
 )
 from orchestrator.reuse import (
     CLAIM_TIMEOUT,
@@ -67,9 +66,8 @@ from orchestrator.reuse import (
     plan,
     to_probe,
 )
-from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
+from orchestrator.transport import Transport
 
-READY_TIMEOUT = 30.0
 WAIT_POLL = 0.05
 # A process whose identity /health (or a /prompt reply) proved this recently is trusted
 # without another /health round trip; its pid and start time are still checked every time.
@@ -83,35 +81,6 @@ ROOM_POLL = 0.2
 LEAVING_GRACE = 5.0
 # What a worker writes in its exit marker, as the reason its stop is recorded with.
 EXIT_REASONS: dict[str, StopReason] = {"idle": "idle", "respawn": "respawn", "evicted": "evicted"}
-
-
-class SpawnError(OrchestratorError, RuntimeError):
-    """A worker process could not be started; the message says why."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything needed to start (or recognise) one worker process."""
-
-    worker_id: str
-    model: str
-    model_policy: ModelPolicy
-    fingerprint: str
-    identity: dict[str, Any]
-    system_prompt: str
-    config: OrchestratorConfig
-
-    def request(self, host: str, force_new: bool = False) -> Request:
-        """The pool request this spec makes."""
-        return Request(
-            self.worker_id,
-            self.fingerprint,
-            self.model,
-            self.model_policy,
-            host,
-            force_new,
-            self.identity,
-        )
 
 
 @dataclass(frozen=True)
@@ -130,14 +99,18 @@ class Acquired:
 class WorkerPool:
     """Server workers of one orchestrator, backed by the shared registry stream."""
 
-    def __init__(self, log: EventLog, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, log: EventLog, log_dir: Path | None = None, transport: Transport | None = None
+    ) -> None:
         self.log = log
+        # How the pool's calls reach worker processes (None: HTTP on 127.0.0.1).
+        self.transport = transport
         self.host = host_id()
         self.registry: StreamView[RegistryState] = StreamView(
             log, REGISTRY_STREAM, RegistryState, apply_registry
         )
         self.log_dir = log_dir or state_dir() / "workers"
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self.launcher = Launcher(self.log_dir)
         self._proven: dict[str, float] = {}
         self._watchers: list[threading.Thread] = []
         self.started_here: set[str] = set()
@@ -262,18 +235,18 @@ class WorkerPool:
             healthy = False if proc == "alive" else None  # lingering and unkillable: unusable
             return Probe(proc, healthy, "did not exit", stopped_reason=leaving, killed=killed)
         if proc != "alive":
-            self._reap(entry.instance_id)
+            self.launcher.reap(entry.instance_id)
             return Probe(proc, stopped_reason=leaving)
         proven = self._proven.get(entry.instance_id)
         if not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
             return Probe("alive")
-        client = WorkerClient(str(entry.url), entry.instance_id)
+        client = WorkerClient(str(entry.url), entry.instance_id, self.transport)
         try:
             answer = client.health()
         except WorkerUnreachable as exc:
             # Our pid and start time, yet it does not answer: ours and broken, so stopped.
             killed = terminate(entry.pid, entry.pid_started_at)
-            self._reap(entry.instance_id)
+            self.launcher.reap(entry.instance_id)
             detail = f"/health did not answer: {exc}"
             return Probe("alive", healthy=False, detail=detail, killed=killed)
         except WorkerReplyError as exc:
@@ -327,13 +300,13 @@ class WorkerPool:
         state afterwards and whether it had to be killed."""
         deadline = time.monotonic() + LEAVING_GRACE
         while time.monotonic() < deadline:
-            self._reap(entry.instance_id)
+            self.launcher.reap(entry.instance_id)
             proc = process_state(entry.pid, entry.pid_started_at)
             if proc != "alive":
                 return proc, False
             time.sleep(WAIT_POLL)
         killed = terminate(entry.pid, entry.pid_started_at)
-        self._reap(entry.instance_id)
+        self.launcher.reap(entry.instance_id)
         return process_state(entry.pid, entry.pid_started_at), killed
 
     # --- spawning --------------------------------------------------------------------------
@@ -353,7 +326,7 @@ class WorkerPool:
         proc: subprocess.Popen[bytes] | None = None
         try:
             self._make_room(ids, max_processes)
-            proc, url = self._launch(spec, instance_id, idle_timeout)
+            proc, url = self.launcher.launch(spec, instance_id, idle_timeout)
             spawned = WorkerSpawned(
                 **ids,
                 claim_id=claim_id,
@@ -370,16 +343,16 @@ class WorkerPool:
                 idle_timeout=idle_timeout,
             )
             if not self._register(claim_id, [spawned, WorkerReady(**ids, instance_id=instance_id)]):
-                _kill(proc)
+                self.launcher.kill(proc)
                 return None
-            WorkerClient(url, instance_id).adopt()
+            WorkerClient(url, instance_id, self.transport).adopt()
         except Exception as exc:
             if proc is not None:
-                _kill(proc)
+                self.launcher.kill(proc)
             error = exc if isinstance(exc, SpawnError) else SpawnError(_spawn_error(spec, exc))
             self._end_claim(claim_id, ids, str(error))
             raise error from exc
-        self._children[instance_id] = proc
+        self.launcher.keep(instance_id, proc)
         self.started_here.add(instance_id)
         self.prove(instance_id)
         entry = self.registry.refresh().entries[instance_id]
@@ -433,14 +406,14 @@ class WorkerPool:
         last `ACQUIRED_GRACE` seconds (acquirers mark it before deciding, see
         `mark_acquired`), refuses; once it accepts, a prompt that still reaches it is
         answered `503 draining` and its task acquires again."""
-        client = WorkerClient(str(entry.url), entry.instance_id)
+        client = WorkerClient(str(entry.url), entry.instance_id, self.transport)
         try:
             client.drain("evicted", unless_used_within=ACQUIRED_GRACE)
         except (WorkerUnreachable, WorkerReplyError):
             return False  # in use, or not answering (found gone, it is recorded next round)
         self.distrust(entry.instance_id)
-        self._wait_gone(entry)
-        self._reap(entry.instance_id)
+        self.launcher.wait_gone(entry)
+        self.launcher.reap(entry.instance_id)
         detail = f"max_processes {max_processes} reached; least recently used, not in use"
         ended_ids = {**ids, "worker_id": entry.worker_id}
         self._record_end(
@@ -451,51 +424,6 @@ class WorkerPool:
         self.prune(entry.instance_id)
         return True
 
-    def _launch(
-        self, spec: WorkerSpec, instance_id: str, idle_timeout: float
-    ) -> tuple[subprocess.Popen[bytes], str]:
-        worker_spec = {
-            "worker_id": spec.worker_id,
-            "instance_id": instance_id,
-            "fingerprint": spec.fingerprint,
-            "model": spec.model,
-            "model_policy": spec.model_policy,
-            "system_prompt": spec.system_prompt,
-            "idle_timeout": idle_timeout,
-            "spawner_pid": os.getpid(),
-            "log_dir": str(self.log_dir),
-            "providers": {pid: p.identity() for pid, p in spec.config.providers.items()},
-        }
-        env = worker_environment(
-            os.environ, {SPEC_ENV: json.dumps(worker_spec), TOKEN_ENV: worker_token(instance_id)}
-        )
-        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{instance_id}.log"
-        log_fd = os.open(log_path, os.O_CREAT | os.O_WRONLY, 0o600)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.worker"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log_fd,
-                env=env,
-                start_new_session=True,  # outlives this orchestrator, for reuse
-            )
-        except OSError as exc:
-            raise SpawnError(f"cannot start worker process: {exc}") from exc
-        finally:
-            os.close(log_fd)
-        assert proc.stdout is not None
-        line = _read_line(proc, READY_TIMEOUT)
-        proc.stdout.close()
-        if not line.startswith("READY "):
-            _kill(proc)
-            raise SpawnError(
-                f'worker "{spec.worker_id}" (pid {proc.pid}) did not print READY within '
-                f"{READY_TIMEOUT:.0f}s; see {log_path}"
-            )
-        return proc, str(json.loads(line[len("READY ") :])["url"])
-
     # --- stopping --------------------------------------------------------------------------
 
     def _record(self, *events: Event) -> None:
@@ -503,7 +431,7 @@ class WorkerPool:
 
     def mark_exited(self, entry: RegistryEntry, ids: dict[str, Any], detail: str) -> None:
         """Record that a process was found dead (or, with an exit marker, why it left)."""
-        self._reap(entry.instance_id)
+        self.launcher.reap(entry.instance_id)
         self.distrust(entry.instance_id)
         probe = Probe("gone", stopped_reason=self.exit_marker(entry.instance_id))
         self._record_end(ended(entry, probe, ids, detail))
@@ -535,7 +463,7 @@ class WorkerPool:
             proc = process_state(entry.pid, entry.pid_started_at)
             if proc == "alive":
                 continue
-            self._reap(entry.instance_id)
+            self.launcher.reap(entry.instance_id)
             detail = (
                 f"pid {entry.pid} now belongs to another process"
                 if proc == "recycled"
@@ -597,9 +525,9 @@ class WorkerPool:
             return False
         # It is killed below if it does not go by itself.
         with contextlib.suppress(WorkerUnreachable, WorkerReplyError):
-            WorkerClient(str(entry.url), entry.instance_id).shutdown()
-        self._wait_gone(entry)
-        self._reap(entry.instance_id)
+            WorkerClient(str(entry.url), entry.instance_id, self.transport).shutdown()
+        self.launcher.wait_gone(entry)
+        self.launcher.reap(entry.instance_id)
         self._record_end(
             WorkerStopped(**ids, instance_id=entry.instance_id, reason=reason, detail=detail)
         )
@@ -620,16 +548,16 @@ class WorkerPool:
             WorkerDraining(**ids, instance_id=entry.instance_id, reason="respawn", detail=detail)
         )
         try:
-            WorkerClient(str(entry.url), entry.instance_id).drain("respawn")
+            WorkerClient(str(entry.url), entry.instance_id, self.transport).drain("respawn")
         except (WorkerUnreachable, WorkerReplyError):
             self.stop(entry, ids, reason="respawn", detail=detail)
             return
 
         def watch() -> None:
             while process_state(entry.pid, entry.pid_started_at) == "alive":
-                self._reap(entry.instance_id)
+                self.launcher.reap(entry.instance_id)
                 time.sleep(WAIT_POLL * 4)
-            self._reap(entry.instance_id)
+            self.launcher.reap(entry.instance_id)
             self._record_end(
                 WorkerStopped(**ids, instance_id=entry.instance_id, reason="respawn", detail=detail)
             )
@@ -644,72 +572,19 @@ class WorkerPool:
         for watcher in self._watchers:
             watcher.join(max(0.0, deadline - time.monotonic()))
 
-    def _wait_gone(self, entry: RegistryEntry) -> None:
-        import psutil
-
-        child = self._children.get(entry.instance_id)
-        try:
-            if child is not None:
-                child.wait(timeout=5)
-                return
-            psutil.Process(entry.pid).wait(timeout=5)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            terminate(entry.pid, entry.pid_started_at)
-        except psutil.NoSuchProcess:
-            return
-
-    def _reap(self, instance_id: str) -> None:
-        child = self._children.get(instance_id)
-        if child is not None and child.poll() is not None:
-            self._children.pop(instance_id, None)  # another thread may have reaped it too
-
     def abandon(self) -> None:
         """Stop every process this pool started, recording nothing: the store it would be
         recorded in is gone (a registry nobody can read must not leave processes behind)."""
-        for child in list(self._children.values()):
-            with contextlib.suppress(OSError):
-                child.terminate()
-        for instance_id, child in list(self._children.items()):
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(timeout=5)
-            del self._children[instance_id]
+        self.launcher.abandon()
 
     def reap_children(self) -> None:
         """Collect exit statuses of our children that ended (no zombies left behind)."""
-        for instance_id in list(self._children):
-            self._reap(instance_id)
+        self.launcher.reap_children()
 
 
 def _spawn_error(spec: WorkerSpec, exc: BaseException) -> str:
     what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f'cannot spawn worker "{spec.worker_id}": {what}'
-
-
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    fd = proc.stdout.fileno()
-    while not buf.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode(errors="replace").strip()
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    proc.kill()
-    proc.wait(timeout=5)
 
 
 def _reuse_reason(entry: RegistryEntry) -> str:

@@ -16,9 +16,17 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping
-from functools import cache
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.transport import (
+    Request,
+    Response,
+    Transport,
+    TransportInvalid,
+    TransportTimeout,
+    TransportUnreachable,
+    default_provider_transport,
+)
 
 # `typing` stays out of a worker's imports (4 ms of its start-up, ADR-0008): what this
 # module needs of it is for the type checker only.
@@ -172,11 +180,13 @@ def complete(
     tools: list[dict[str, Any]] | None = None,
     max_reply: int = DEFAULT_MAX_REPLY,
     messages: list[dict[str, Any]] | None = None,
+    transport: Transport | None = None,
 ) -> Completion:
     """Send one message to `model` (a `provider/model`) and return the answer. `messages`
     (a conversation: every message after the system prompt, the new one included) replaces
     the single user message `text`. A reply larger than `reply_limit(max_reply)` bytes is
-    refused while it streams."""
+    refused while it streams. HTTP goes through `transport` (the pooled sockets with a
+    deadline when None)."""
     provider_id, provider = provider_of(providers, model)
     _, name = split_model(model)
     if messages is None:
@@ -190,29 +200,15 @@ def complete(
             text=reply, usage={"input_tokens": words, "output_tokens": len(reply.split())}
         )
     return _openai_chat(
-        provider_id, provider, name, messages, system_prompt, credentials or {}, tools, max_reply
-    )
-
-
-@cache
-def _pool() -> Any:
-    import socket
-    import ssl
-
-    import httpcore
-
-    from orchestrator.deadline import DeadlineBackend
-
-    # One pool per process (building a TLS context loads the CA bundle); Nagle off for small
-    # bodies. httpcore directly, not httpx: its sockets take a network backend, and ours ends
-    # every operation at the request's deadline.
-    return httpcore.ConnectionPool(
-        ssl_context=ssl.create_default_context(),
-        max_connections=100,
-        max_keepalive_connections=20,
-        keepalive_expiry=5.0,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        network_backend=DeadlineBackend(),
+        provider_id,
+        provider,
+        name,
+        messages,
+        system_prompt,
+        credentials or {},
+        tools,
+        max_reply,
+        transport or default_provider_transport(),
     )
 
 
@@ -235,24 +231,24 @@ def _openai_chat(
     credentials: Mapping[str, str],
     tools: list[dict[str, Any]] | None,
     max_reply: int,
+    transport: Transport,
 ) -> Completion:
     if not provider.base_url:
         raise ProviderError(f'Provider "{provider_id}" has no base_url.')
     secrets = [v for v in credentials.values() if v]
-    headers = [(b"Content-Type", b"application/json"), (b"Accept-Encoding", b"identity")]
+    headers = [("Content-Type", "application/json"), ("Accept-Encoding", "identity")]
     if provider.api_key_env:
         secret = credentials.get(provider.api_key_env, "")
         if not secret:
             raise ProviderError(
                 f'Provider "{provider_id}" needs an API key: set {provider.api_key_env}.'
             )
-        try:
-            headers.append((b"Authorization", f"Bearer {secret}".encode("ascii")))
-        except UnicodeEncodeError:
+        if not secret.isascii():
             raise ProviderError(
                 f"The API key in {provider.api_key_env} holds characters an HTTP header "
                 "cannot carry; check its value."
-            ) from None
+            )
+        headers.append(("Authorization", f"Bearer {secret}"))
     if system_prompt:
         messages = [{"role": "system", "content": system_prompt}, *messages]
     body: dict[str, Any] = {"model": name, "messages": messages}
@@ -269,7 +265,8 @@ def _openai_chat(
         if attempt:
             time.sleep(_retry_delay(last, attempt - 1))
         try:
-            done = _one_request(where, provider, url, payload, headers, max_reply)
+            request = Request("POST", url, headers, payload, provider.timeout)
+            done = _one_request(where, transport, request, max_reply)
             return _redacted_completion(done, secrets)
         except ProviderError as exc:
             last = _redacted(exc, secrets)
@@ -360,30 +357,16 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     return "".join(out)
 
 
-def _one_request(
-    where: str,
-    provider: Provider,
-    url: str,
-    payload: bytes,
-    headers: list[tuple[bytes, bytes]],
-    max_reply: int,
-) -> Completion:
-    import httpcore
-
+def _one_request(where: str, transport: Transport, request: Request, max_reply: int) -> Completion:
     from orchestrator.deadline import within
 
-    timeout = provider.timeout
+    timeout = request.timeout
+    url = request.url
     limit = reply_limit(max_reply)
-    extensions = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}
     try:
         # The attempt as a whole, not each socket read, ends after `timeout`: a provider
         # that drips its headers or body one byte at a time is cut off all the same.
-        with (
-            within(timeout),
-            _pool().stream(
-                "POST", url, headers=headers, content=payload, extensions=extensions
-            ) as resp,
-        ):
+        with within(timeout), transport.handle(request) as resp:
             status = resp.status
             if status >= 400:
                 raw = _read(resp, ERROR_BODY_MAX)
@@ -395,12 +378,12 @@ def _one_request(
                         f"within [limits] max_reply ({max_reply:,} characters) needs; ask for "
                         "a shorter answer."
                     )
-            retry_after = _header(resp.headers, b"retry-after")
-    except httpcore.TimeoutException:
+            retry_after = resp.header("retry-after")
+    except TransportTimeout:
         raise ProviderError(f"{where} timed out after {timeout:g} s", True) from None
-    except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+    except TransportUnreachable as exc:
         raise ProviderError(f"{where} at {url} did not answer: {exc}", True) from None
-    except (httpcore.UnsupportedProtocol, httpcore.LocalProtocolError, ValueError) as exc:
+    except TransportInvalid as exc:
         raise ProviderError(f"{where}: the request to {url} cannot be sent: {exc}") from None
     body = raw or b""
     if status >= 400:
@@ -414,15 +397,15 @@ def _one_request(
     return _completion(where, body)
 
 
-def _read(resp: Any, limit: int) -> bytes | None:
+def _read(resp: Response, limit: int) -> bytes | None:
     """At most `limit` bytes of the body, read as they stream: None when there is more. A
     status >= 400 keeps what fits (its excerpt is all that is shown)."""
-    declared = _header(resp.headers, b"content-length")
+    declared = resp.header("content-length")
     if resp.status < 400 and declared is not None and declared.isdigit() and int(declared) > limit:
         return None
     chunks: list[bytes] = []
     size = 0
-    for chunk in resp.iter_stream():
+    for chunk in resp.iter_bytes():
         size += len(chunk)
         if size > limit:
             if resp.status >= 400:
@@ -431,13 +414,6 @@ def _read(resp: Any, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1").strip()
-    return None
 
 
 def _completion(where: str, body: bytes) -> Completion:

@@ -44,10 +44,10 @@ from orchestrator.api import TaskStartArgs, round_cost
 from orchestrator.backends import Backend, Cancelled, Lease, PromptRequest, TaskError
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import DRAINING_RETRIES, Draining
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.conversation import ConversationError, Parent
 from orchestrator.errors import OrchestratorError
 from orchestrator.explain import OverrideCause
-from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion, ProviderError, internal_error
 from orchestrator.resolver import (
     CatalogueModel,
@@ -125,17 +125,14 @@ class TaskRunner:
         cancel (the fold lets the first terminal event win) but its registry facts are
         still recorded."""
         try:
-            deferred = (
-                *(run.lease[1].deferred if run.lease else ()),
-                *self.backends.servers.take_deferred(run.task_id),
-            )
-            if self.session.moved is not None:
-                return  # nowhere to record it: every later call says so
-            if event is None or run.cancel.is_set():
-                if deferred:
-                    self.session.record(*deferred)
+            end = () if event is None or run.cancel.is_set() else (event,)
+            # The store moved: nowhere to record anything (every later call says so).
+            moved = self.session.moved is not None
+            record = None if moved else self.session.record
+            # The backends add the facts they owe and record it all in one write.
+            self.backends.release(run.lease, record, *end, task_id=run.task_id)
+            if moved or not end:
                 return
-            self.session.record(event, *deferred)
             if run.traced is not None:
                 self._emit_span(run.task_id, *run.traced)
         finally:

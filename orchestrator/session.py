@@ -33,7 +33,6 @@ from events.projections import (
     ModelsState,
     Override,
     Owner,
-    RegistryEntry,
     RegistryState,
     apply_models,
 )
@@ -41,11 +40,12 @@ from events.reads import last_config
 from events.reads import overrides_at as read_overrides_at
 from events.store import EventLog, Filter, StoreError, StoreMoved, StreamConflict
 from events.streams import Appendable, StreamTail, StreamView, append_together, session_view
+from orchestrator.backends import WorkerProcess
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, ProfileConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
-from orchestrator.pool import WorkerSpec
 from orchestrator.processes import host_id, own_identity, process_state
 from orchestrator.resolver import (
     CatalogueModel,
@@ -78,12 +78,9 @@ class Processes(Protocol):
         """The store went away: stop what was started here."""
         ...
 
-    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
-        """The worker's processes on this host recorded as running."""
-        ...
-
-    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
-        """The worker's in-process agent, if any: (fingerprint, instance id)."""
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes (its in-process agent, those on this host), as the
+        views show them."""
         ...
 
 
@@ -296,13 +293,9 @@ class Session:
         """This session's running tasks and the orchestrator process that owns each."""
         return dict(self.view.refresh().owners)
 
-    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
-        """The worker's processes on this host recorded as running."""
-        return self.processes.live_entries(worker_id)
-
-    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
-        """The worker's in-process agent, if any: (fingerprint, instance id)."""
-        return self.processes.agent_instance(worker_id)
+    def worker_processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes (its in-process agent, those on this host)."""
+        return self.processes.processes(worker_id)
 
     def in_registry(self, worker_id: str) -> bool:
         """Has the device registry ever recorded a process of the worker (one indexed row)?"""

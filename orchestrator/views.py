@@ -35,6 +35,8 @@ from orchestrator.api import (
     WorkerView,
     check_task_id,
 )
+from orchestrator.backends import WorkerProcess
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, did_you_mean, load_config
 from orchestrator.conversation import conversation_models, read_recorded, rows_of
 from orchestrator.explain import (
@@ -47,7 +49,6 @@ from orchestrator.explain import (
     replay_view,
 )
 from orchestrator.history import DiffRow, WhatIfRow
-from orchestrator.pool import WorkerSpec
 from orchestrator.resolver import CatalogueModel, ModelDecision, ResolutionError
 
 
@@ -86,12 +87,9 @@ class ViewContext(Protocol):
         """This session's running tasks and the orchestrator process that owns each."""
         ...
 
-    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
-        """The worker's processes on this host recorded as running."""
-        ...
-
-    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
-        """The worker's in-process agent here, if any: (fingerprint, instance id)."""
+    def worker_processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes: its in-process agent here, those on this host
+        recorded as running (as each backend answers `processes`)."""
         ...
 
 
@@ -150,18 +148,23 @@ def workers(orch: ViewContext, writer: ViewWriter) -> list[WorkerView]:
             reason=decision.reason,
             fingerprint=spec.fingerprint,
         )
-        agent = orch.agent_instance(worker_id)
-        if profile.backend == "agent" and agent and agent[0] == spec.fingerprint:
-            row.status, row.instance_id = "running", agent[1]
-        for entry in orch.live_entries(worker_id):
-            if entry.fingerprint == spec.fingerprint:
-                row.status, row.instance_id, row.pid, row.url = (
-                    entry.status,
-                    entry.instance_id,
-                    entry.pid,
-                    entry.url,
-                )
-                break
+        # A server process of the fingerprint wins over the in-process agent (which
+        # counts only for an agent profile).
+        matching = [
+            p
+            for p in orch.worker_processes(worker_id)
+            if p.fingerprint == spec.fingerprint
+            and (p.backend == "server" or profile.backend == "agent")
+        ]
+        matching.sort(key=lambda p: p.backend != "server")
+        if matching:
+            found = matching[0]
+            row.status, row.instance_id, row.pid, row.url = (
+                found.status,
+                found.instance_id,
+                found.pid,
+                found.url,
+            )
         rows.append(row)
     return rows
 

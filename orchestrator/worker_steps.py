@@ -24,9 +24,10 @@ class WorkerSteps:
         session = self.session
         spec = session.worker_spec(worker_id, session.session_decision(worker_id))
         ids = session.ids(task_id, worker_id)
-        lease = self.backends.of(worker_id).acquire(spec, ids, force_new, True)
+        backend = self.backends.of(worker_id)
+        lease = backend.acquire(spec, ids, force_new, True)
         assert lease is not None
-        session.record(*lease.deferred)
+        self.backends.release((backend, lease), session.record)
         return {
             "worker_id": worker_id,
             "instance_id": lease.instance_id,
@@ -61,8 +62,7 @@ class WorkerSteps:
         ids = session.ids(task_id, worker_id)
         if session.profile(worker_id).backend == "agent":
             backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-            agent = backends.agent.agents.get(worker_id)
-            if agent is not None and agent.fingerprint == spec.fingerprint:
+            if any(p.fingerprint == spec.fingerprint for p in backends.agent.processes(worker_id)):
                 return False
             backends.agent.acquire(spec, ids, force_new=True)
             return True
@@ -74,7 +74,7 @@ class WorkerSteps:
         ]
         lease = backends.server.acquire(spec, ids, force_new=False, spawn=True)
         assert lease is not None
-        session.record(*lease.deferred)
+        backends.release((backends.server, lease), session.record)
         backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
         for entry in before:
             if set(entry.sessions) <= {sid}:

@@ -4,7 +4,9 @@
 - `ServerBackend` (`backends.server`): a real OS process per fingerprint, found or spawned
   through the device registry, spoken to with `WorkerClient` (`backends.client`).
 
-The orchestrator only ever calls `acquire`, `prompt`, `cancel`, `stop` and `running`.
+The orchestrator only ever calls `acquire`, `prompt`, `release`, `cancel`, `stop`,
+`running` and `processes`; a backend alone knows what registry facts its leases owe (the
+runner hands them its task's end to record them with, in one write).
 `task_cancel` sets the task's cancel event and calls `cancel`: the agent backend stops waiting
 for its provider call (run on a thread of its own), the server backend tells the worker, which
 drops the request and answers at once; either way a late reply is dropped.
@@ -29,11 +31,12 @@ __all__ = [
     "PromptRequest",
     "StopResult",
     "TaskError",
+    "WorkerProcess",
     "interruptible",
 ]
 
-if TYPE_CHECKING:  # the pool uses this package's client: no import back at run time
-    from orchestrator.pool import WorkerSpec
+if TYPE_CHECKING:
+    from orchestrator.backends.spec import WorkerSpec
 
 
 class TaskError(OrchestratorError, RuntimeError):
@@ -74,6 +77,18 @@ class PromptRequest:
 
 
 @dataclass(frozen=True)
+class WorkerProcess:
+    """One running process (or in-process agent) of a worker, as the views show it."""
+
+    backend: BackendKind
+    instance_id: str
+    fingerprint: str
+    status: str
+    pid: int | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class StopResult:
     """What `stop` did: instances stopped, and those found already dead."""
 
@@ -96,6 +111,11 @@ class Backend(Protocol):
         """Serve one message; raises `ProviderError`, `TaskError` or `Cancelled`."""
         ...
 
+    def release(self, lease: Lease) -> tuple[Event, ...]:
+        """The task is done with `lease`: the registry facts it still owes the log (a
+        plain reuse's `WorkerReused`), to be recorded with the task's end."""
+        ...
+
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Interrupt the request of `task_id` in flight on `lease` (from another thread)."""
         ...
@@ -106,4 +126,8 @@ class Backend(Protocol):
 
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker recorded as running?"""
+        ...
+
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes this backend runs (on this host), as the views show them."""
         ...

@@ -8,10 +8,18 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.backends import Lease, PromptRequest, StopResult, interruptible
+from events.catalogue import Event
+from orchestrator.backends import (
+    Lease,
+    PromptRequest,
+    StopResult,
+    WorkerProcess,
+    interruptible,
+)
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import BackendKind, OrchestratorConfig
-from orchestrator.pool import WorkerSpec
 from orchestrator.providers import Completion, complete, credentials_for, with_base_url
+from orchestrator.transport import Transport
 
 
 class AgentBackend:
@@ -20,9 +28,13 @@ class AgentBackend:
     kind: BackendKind = "agent"
 
     def __init__(
-        self, config: OrchestratorConfig, environ: Callable[[], Mapping[str, str]]
+        self,
+        config: OrchestratorConfig,
+        environ: Callable[[], Mapping[str, str]],
+        transport: Transport | None = None,
     ) -> None:
         self.config = config
+        self._transport = transport
         self._environ = environ
         self._lock = threading.Lock()
         self.agents: dict[str, Lease] = {}
@@ -63,9 +75,14 @@ class AgentBackend:
                 tools=request.tools,
                 max_reply=self.config.limits.max_reply,
                 messages=request.messages,
+                transport=self._transport,
             ),
             cancel,
         )
+
+    def release(self, lease: Lease) -> tuple[Event, ...]:
+        """Nothing to record: an in-process agent is not in the registry."""
+        return ()
 
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Nothing to tell anyone: `prompt` stops waiting as soon as the cancel event is set."""
@@ -79,3 +96,10 @@ class AgentBackend:
     def running(self, worker_id: str) -> bool:
         """Is there an in-process worker for this id?"""
         return worker_id in self.agents
+
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's in-process agent, if there is one."""
+        agent = self.agents.get(worker_id)
+        if agent is None:
+            return []
+        return [WorkerProcess("agent", agent.instance_id, agent.fingerprint, "running")]

@@ -9,26 +9,33 @@ the registry's view); nothing else holds them. The views read them through
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from events.projections import RegistryEntry, RegistryState
+from events.catalogue import Event
+from events.projections import RegistryState
 from events.store import EventLog
 from events.streams import StreamView
-from orchestrator.backends import Backend
+from orchestrator.backends import Backend, Lease, WorkerProcess
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.server import ServerBackend
 from orchestrator.config import OrchestratorConfig
 from orchestrator.model_servers import ModelServers
 from orchestrator.pool import WorkerPool
 from orchestrator.resolver import check_worker
+from orchestrator.transport import Transport
 
 
 class Backends:
     """Where this orchestrator's worker tasks run, by the backend their profile names."""
 
-    def __init__(self, config: OrchestratorConfig, log: EventLog) -> None:
+    def __init__(
+        self, config: OrchestratorConfig, log: EventLog, transport: Transport | None = None
+    ) -> None:
         self.config = config
-        self.pool = WorkerPool(log, log.private_dir("workers"))
-        self.agent = AgentBackend(config, lambda: os.environ)
+        # `transport` carries the agents' provider requests and the calls to worker
+        # processes (None: real sockets); model servers are always reached over sockets.
+        self.pool = WorkerPool(log, log.private_dir("workers"), transport)
+        self.agent = AgentBackend(config, lambda: os.environ, transport)
         self.server = ServerBackend(self.pool, config, lambda: os.environ)
         # Managed model servers share the registry stream (and its view) with the workers.
         self.servers = ModelServers(
@@ -49,14 +56,28 @@ class Backends:
         """Is a process of the worker running (on its backend)?"""
         return self.of(worker_id).running(worker_id)
 
-    def live_entries(self, worker_id: str) -> list[RegistryEntry]:
-        """The worker's processes on this host recorded as running."""
-        return self.pool.live_entries(worker_id)
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes on every backend: its in-process agent, then the
+        processes on this host recorded as running."""
+        return [p for backend in self.by_kind.values() for p in backend.processes(worker_id)]
 
-    def agent_instance(self, worker_id: str) -> tuple[str, str] | None:
-        """The worker's in-process agent, if any: (fingerprint, instance id)."""
-        agent = self.agent.agents.get(worker_id)
-        return None if agent is None else (agent.fingerprint, agent.instance_id)
+    def release(
+        self,
+        held: tuple[Backend, Lease] | None,
+        record: Callable[..., object] | None,
+        *events: Event,
+        task_id: str | None = None,
+    ) -> None:
+        """A task is done with its lease (`held`: the backend and lease, if it got one):
+        record `events` (the task's end, if any) with the registry facts the lease still
+        owes and, given the `task_id`, those of the model server it used, in one write
+        through `record`. `record` None: there is nowhere to record them (the store moved),
+        and they are dropped."""
+        facts = held[0].release(held[1]) if held is not None else ()
+        if task_id is not None:
+            facts = (*facts, *self.servers.take_deferred(task_id))
+        if record is not None and (events or facts):
+            record(*events, *facts)
 
     def abandon(self) -> None:
         """The store went away: stop the processes started here (their registry is gone)."""

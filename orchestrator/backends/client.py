@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-import socket
-from functools import cache
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.processes import worker_token
-
-if TYPE_CHECKING:  # httpx loads with the first call: commands that call no worker skip it
-    import httpx
-
+from orchestrator.transport import (
+    Request,
+    Response,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    TransportUnreachable,
+    default_worker_transport,
+)
 
 # What a worker's answers other than /prompt take at most (a health record, a few fields).
 CONTROL_REPLY_MAX = 1024 * 1024
@@ -62,31 +65,14 @@ class PromptReply(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-@cache
-def _client() -> httpx.Client:
-    # Workers speak plain HTTP on 127.0.0.1. An empty trust store skips loading the CA bundle
-    # (~40 ms per client) and refuses any TLS peer; trust_env=False keeps proxy variables from
-    # routing loopback traffic elsewhere; Nagle off, or keep-alive requests wait ~40 ms on
-    # delayed ACKs. One client per process, shared by threads.
-    import ssl
-
-    import httpx
-
-    transport = httpx.HTTPTransport(
-        verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=20.0),
-    )
-    return httpx.Client(transport=transport, trust_env=False)
-
-
 class WorkerClient:
     """Authenticated calls to one worker process at `url`, known as `instance_id`."""
 
-    def __init__(self, url: str, instance_id: str) -> None:
+    def __init__(self, url: str, instance_id: str, transport: Transport | None = None) -> None:
         self.url = url
         self.instance_id = instance_id
-        self._headers = {"Authorization": f"Bearer {worker_token(instance_id)}"}
+        self.transport = transport or default_worker_transport()
+        self._headers = [("Authorization", f"Bearer {worker_token(instance_id)}")]
 
     def health(self, timeout: float = 2.0) -> Health:
         """`GET /health`, validated."""
@@ -127,19 +113,20 @@ class WorkerClient:
         timeout: float,
         max_bytes: int = CONTROL_REPLY_MAX,
     ) -> dict[str, Any]:
-        import httpx
-
         where = f"{self.url}{path}"
+        headers = list(self._headers)
+        content = b""
+        if body is not None:
+            headers.append(("Content-Type", "application/json"))
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            with _client().stream(
-                method, where, json=body, headers=self._headers, timeout=timeout
-            ) as resp:
+            with self.transport.handle(Request(method, where, headers, content, timeout)) as resp:
                 raw = _read(resp, max_bytes)
-        except httpx.TimeoutException as exc:
+        except TransportTimeout as exc:
             raise WorkerUnreachable(f"{where}: no answer within {timeout:g} s", True) from exc
-        except httpx.ConnectError as exc:
-            raise WorkerUnreachable(f"{where}: {exc}", refused=True) from exc
-        except httpx.HTTPError as exc:
+        except TransportUnreachable as exc:
+            raise WorkerUnreachable(f"{where}: {exc}", refused=exc.refused) from exc
+        except TransportError as exc:
             raise WorkerUnreachable(f"{where}: {exc}") from exc
         if raw is None:
             raise WorkerReplyError(f"{where} answered with more than {max_bytes:,} bytes")
@@ -147,12 +134,12 @@ class WorkerClient:
             data = json.loads(raw)
         except (ValueError, RecursionError):
             data = None
-        if resp.status_code >= 400:
+        if resp.status >= 400:
             detail = data.get("error") if isinstance(data, dict) else None
             retryable = bool(data.get("retryable")) if isinstance(data, dict) else False
             raise WorkerReplyError(
-                str(detail or f"{where} answered HTTP {resp.status_code}"),
-                resp.status_code,
+                str(detail or f"{where} answered HTTP {resp.status}"),
+                resp.status,
                 retryable,
             )
         if not isinstance(data, dict):
@@ -160,7 +147,7 @@ class WorkerClient:
         return data
 
 
-def _read(resp: httpx.Response, limit: int) -> bytes | None:
+def _read(resp: Response, limit: int) -> bytes | None:
     """The body, read as it streams; None once it passes `limit` bytes."""
     chunks: list[bytes] = []
     size = 0

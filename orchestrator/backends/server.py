@@ -6,16 +6,19 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from events.catalogue import Event
 from orchestrator.backends import (
     Cancelled,
     Lease,
     PromptRequest,
     StopResult,
     TaskError,
+    WorkerProcess,
 )
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
+from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import BackendKind, OrchestratorConfig
-from orchestrator.pool import Acquired, WorkerPool, WorkerSpec
+from orchestrator.pool import Acquired, WorkerPool
 from orchestrator.processes import settled_state
 from orchestrator.providers import (
     Completion,
@@ -68,7 +71,7 @@ class ServerBackend:
         """Send the message (with the credentials it needs, read now) and accept the reply
         only from the process that was acquired."""
         assert lease.url is not None
-        client = WorkerClient(lease.url, lease.instance_id)
+        client = WorkerClient(lease.url, lease.instance_id, self.pool.transport)
         budget = request_budget(self.config.providers, request.model) + PROMPT_MARGIN
         credentials = credentials_for(self.config.providers, request.model, self._environ())
         max_reply = self.config.limits.max_reply
@@ -154,10 +157,14 @@ class ServerBackend:
             "request checks its /health first."
         )
 
+    def release(self, lease: Lease) -> tuple[Event, ...]:
+        """A plain reuse's facts, deferred by the pool to be recorded with the task's end."""
+        return lease.deferred
+
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Tell the worker to drop the task's request: its prompt answers 409 at once."""
         if lease.url is not None:
-            _tell_cancel(WorkerClient(lease.url, lease.instance_id), task_id)
+            _tell_cancel(WorkerClient(lease.url, lease.instance_id, self.pool.transport), task_id)
 
     def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
         """Cancel a task another orchestrator serves: which of the worker's processes on this
@@ -165,7 +172,9 @@ class ServerBackend:
         task ignores it)."""
         for entry in self.pool.live_entries(worker_id):
             if entry.url is not None and entry.status in ("ready", "draining"):
-                _tell_cancel(WorkerClient(str(entry.url), entry.instance_id), task_id)
+                _tell_cancel(
+                    WorkerClient(str(entry.url), entry.instance_id, self.pool.transport), task_id
+                )
 
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Stop every live process of the worker on this host, whatever its recorded status."""
@@ -178,6 +187,13 @@ class ServerBackend:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker recorded as running on this host?"""
         return bool(self.pool.live_entries(worker_id))
+
+    def processes(self, worker_id: str) -> list[WorkerProcess]:
+        """The worker's processes on this host recorded as running."""
+        return [
+            WorkerProcess("server", e.instance_id, e.fingerprint, e.status, e.pid, e.url)
+            for e in self.pool.live_entries(worker_id)
+        ]
 
 
 class Draining(TaskError):

@@ -1,0 +1,151 @@
+"""Worker processes as OS processes: start one and read its READY line, kill one that is
+not wanted, wait for one to go, and collect the exit statuses of those started here (no
+zombies). What the registry records about them is the pool's business (`orchestrator.pool`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from events.projections import RegistryEntry
+from orchestrator.backends.spec import WorkerSpec
+from orchestrator.errors import OrchestratorError
+from orchestrator.processes import terminate, worker_environment, worker_token
+from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
+
+READY_TIMEOUT = 30.0
+
+
+class SpawnError(OrchestratorError, RuntimeError):
+    """A worker process could not be started; the message says why."""
+
+
+class Launcher:
+    """The worker processes this orchestrator started, by instance id; their logs go to
+    `log_dir`."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def launch(
+        self, spec: WorkerSpec, instance_id: str, idle_timeout: float
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start the worker process of `spec` and wait for its READY line: the process and
+        its url. Not kept yet: `keep` it once registered, or `kill` it."""
+        worker_spec = {
+            "worker_id": spec.worker_id,
+            "instance_id": instance_id,
+            "fingerprint": spec.fingerprint,
+            "model": spec.model,
+            "model_policy": spec.model_policy,
+            "system_prompt": spec.system_prompt,
+            "idle_timeout": idle_timeout,
+            "spawner_pid": os.getpid(),
+            "log_dir": str(self.log_dir),
+            "providers": {pid: p.identity() for pid, p in spec.config.providers.items()},
+        }
+        env = worker_environment(
+            os.environ, {SPEC_ENV: json.dumps(worker_spec), TOKEN_ENV: worker_token(instance_id)}
+        )
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{instance_id}.log"
+        log_fd = os.open(log_path, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.worker"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_fd,
+                env=env,
+                start_new_session=True,  # outlives this orchestrator, for reuse
+            )
+        except OSError as exc:
+            raise SpawnError(f"cannot start worker process: {exc}") from exc
+        finally:
+            os.close(log_fd)
+        assert proc.stdout is not None
+        line = _read_line(proc, READY_TIMEOUT)
+        proc.stdout.close()
+        if not line.startswith("READY "):
+            self.kill(proc)
+            raise SpawnError(
+                f'worker "{spec.worker_id}" (pid {proc.pid}) did not print READY within '
+                f"{READY_TIMEOUT:.0f}s; see {log_path}"
+            )
+        return proc, str(json.loads(line[len("READY ") :])["url"])
+
+    def keep(self, instance_id: str, proc: subprocess.Popen[bytes]) -> None:
+        """A launched process is registered: reap it when it ends."""
+        self._children[instance_id] = proc
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        """Kill a launched process nobody will use, and collect it."""
+        proc.kill()
+        proc.wait(timeout=5)
+
+    def wait_gone(self, entry: RegistryEntry) -> None:
+        """Wait (5 s at most) for the entry's process to exit; terminate it if it lingers."""
+        import psutil
+
+        child = self._children.get(entry.instance_id)
+        try:
+            if child is not None:
+                child.wait(timeout=5)
+                return
+            psutil.Process(entry.pid).wait(timeout=5)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            terminate(entry.pid, entry.pid_started_at)
+        except psutil.NoSuchProcess:
+            return
+
+    def reap(self, instance_id: str) -> None:
+        """Collect the exit status of a process started here, if it has ended."""
+        child = self._children.get(instance_id)
+        if child is not None and child.poll() is not None:
+            self._children.pop(instance_id, None)  # another thread may have reaped it too
+
+    def reap_children(self) -> None:
+        """Collect the exit statuses of every process started here that ended."""
+        for instance_id in list(self._children):
+            self.reap(instance_id)
+
+    def abandon(self) -> None:
+        """Stop every process started here at once (terminate, then kill)."""
+        for child in list(self._children.values()):
+            with contextlib.suppress(OSError):
+                child.terminate()
+        for instance_id, child in list(self._children.items()):
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)
+            del self._children[instance_id]
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fd = proc.stdout.fileno()
+    while not buf.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").strip()
