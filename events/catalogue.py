@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -535,7 +535,7 @@ def _stopped_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     # the fixed set and moves the rest to `detail`.
     reason = str(data.get("reason", "requested"))
     head, _, rest = reason.partition(" with ")
-    known = ("requested", "respawn", "idle", "evicted", "orchestrator closed", "unhealthy")
+    known = get_args(StopReason)
     if reason in known:
         return {**data, "version": 2}
     if head in known:
