@@ -372,17 +372,22 @@ def check_session_id(session_id: str) -> str:
         ) from None
 
 
+def id_problem(value: Any, what: str = "a task id") -> str | None:
+    """What keeps `value` from being an id a store can look up (text, valid Unicode, at
+    most `MAX_ID` characters), or None."""
+    problem = "must be text" if not isinstance(value, str) else json_problem(value, "")
+    if problem is None and len(value) > MAX_ID:
+        problem = f"too long: {what} is at most {MAX_ID} characters"
+    return None if problem is None else problem.removeprefix("the value: ")
+
+
 def check_task_id(task_id: Any) -> str:
     """A task id a store can look up, or `InvalidTaskArgs` naming what is wrong with it."""
-    problem = "must be text" if not isinstance(task_id, str) else json_problem(task_id, "")
-    if problem is None and len(task_id) > MAX_ID:
-        problem = f"too long: a task id is at most {MAX_ID} characters"
+    problem = id_problem(task_id)
     if problem is None:
         return str(task_id)
     shown = _printable(repr(task_id)[:80])
-    raise InvalidTaskArgs(
-        f"Invalid task id {shown}: task_id: {problem.removeprefix('the value: ')}."
-    )
+    raise InvalidTaskArgs(f"Invalid task id {shown}: task_id: {problem}.")
 
 
 def _printable(text: str) -> str:

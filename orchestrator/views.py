@@ -36,7 +36,7 @@ from orchestrator.api import (
     ProfileView,
     UsageRow,
     WorkerView,
-    check_task_id,
+    id_problem,
 )
 from orchestrator.backends import WorkerProcess
 from orchestrator.backends.spec import WorkerSpec
@@ -244,7 +244,8 @@ def events(
     _check_ids(session_id=session_id, worker_id=worker_id, task_id=task_id)
     if limit is not None and (not isinstance(limit, int) or not 1 <= limit <= MAX_POSITION):
         raise InvalidTaskArgs(
-            f"Invalid task_list arguments: limit: a number of rows >= 1, got {limit!r}."
+            f"Invalid task_list arguments: limit: a number of rows from 1 to {MAX_POSITION}, "
+            f"got {str(limit)[:40]!r}."
         )
     where = Filter(
         session_id=session_id, worker_id=worker_id, task_id=task_id, types=(type,) if type else ()
@@ -313,12 +314,9 @@ def _check_position(name: str, value: int) -> None:
 def _check_ids(**ids: str | None) -> None:
     """Id filters a store can look up (text, valid Unicode, not too long)."""
     for name, value in ids.items():
-        if value is not None:
-            try:
-                check_task_id(value)
-            except InvalidTaskArgs as exc:
-                detail = str(exc).split(": ", 2)[-1]
-                raise InvalidTaskArgs(f"Invalid task_list arguments: {name}: {detail}") from None
+        problem = None if value is None else id_problem(value, "an id")
+        if problem is not None:
+            raise InvalidTaskArgs(f"Invalid task_list arguments: {name}: {problem}.")
 
 
 def explain(
