@@ -282,8 +282,10 @@ class Session:
         return check_worker(worker_id, self.config)
 
     def override(self, worker_id: str) -> Override | None:
-        """This session's override for a worker, if any."""
-        return self.view.refresh().overrides.get(worker_id)
+        """This session's override for a worker, as of the state this process knows. A
+        decision reads it inside `decide`, which catches up after a conflict; a read for
+        its own sake goes through `session_decision`, which catches up first."""
+        return self.view.state.overrides.get(worker_id)
 
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
@@ -311,7 +313,8 @@ class Session:
         return self.log.head()
 
     def session_decision(self, worker_id: str) -> ModelDecision:
-        """The model this session's worker uses when a task names none."""
+        """The model this session's worker uses when a task names none (read now)."""
+        self.view.refresh()
         return decide_model(
             worker_id, None, self.override(worker_id), self.config, self.catalogue()
         )
