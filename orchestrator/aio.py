@@ -33,11 +33,16 @@ _T = TypeVar("_T")
 class AsyncOrchestrator:
     """One session's Task API as coroutines (see the module docstring)."""
 
-    def __init__(self, orch: Orchestrator, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        orch: Orchestrator,
+        loop: asyncio.AbstractEventLoop,
+        blocking: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.sync = orch
         self._loop = loop
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._blocking = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="aio")
+        self._blocking = blocking or _executor()
         orch.on_task_end(self._ended)
 
     async def _call(self, call: Callable[[], _T]) -> _T:
@@ -138,8 +143,15 @@ class _Opening:
         self._opened: AsyncOrchestrator | None = None
 
     async def _open(self) -> AsyncOrchestrator:
-        orch = await asyncio.to_thread(Orchestrator.open, *self._args)
-        return AsyncOrchestrator(orch, asyncio.get_running_loop())
+        # Opened on the orchestrator's own executor, not the loop's default one.
+        blocking = _executor()
+        loop = asyncio.get_running_loop()
+        try:
+            orch = await loop.run_in_executor(blocking, Orchestrator.open, *self._args)
+        except BaseException:
+            blocking.shutdown(wait=False)
+            raise
+        return AsyncOrchestrator(orch, loop, blocking)
 
     def __await__(self) -> Generator[Any, None, AsyncOrchestrator]:
         return self._open().__await__()
@@ -156,3 +168,7 @@ class _Opening:
     ) -> None:
         if self._opened is not None:
             await self._opened.close()
+
+
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="aio")
