@@ -17,15 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from events.catalogue import Event
 from events.projections import TaskRecord
 from events.store import EventLog
 from orchestrator import views
 from orchestrator.api import TaskHandle, check_session_id, parse_task_args
 from orchestrator.backends.bundle import Backends
-from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, load_config
-from orchestrator.resolver import ModelDecision
 from orchestrator.runner import TaskRunner
 from orchestrator.session import Session, SessionWriter
 from orchestrator.transport import Transport
@@ -52,10 +49,12 @@ class Orchestrator:
         self.state = Session(config, log, session_id, self.backends)
         log.hold_host_lease(self.state.host)
         self.runner = TaskRunner(self.state, self.backends)
-        # The parts, for the CLI, the front ends and the tests.
+        # The parts, and the Session's record and reads, for the CLI, front ends and tests.
         self.config, self.log, self.session = config, log, self.state.view
         self.pool, self.server = self.backends.pool, self.backends.server
         self.servers = self.backends.servers
+        self.record, self.session_decision = self.state.record, self.state.session_decision
+        self.worker_spec = self.state.worker_spec
         self.writer = SessionWriter(self.state, self.pool.settle_host, self.servers.sweep)
         self._closed = False
 
@@ -98,20 +97,6 @@ class Orchestrator:
         self.backends.close(self.session_id, stop, CLOSE_GRACE)
         if self._owns_log:
             self.log.close()
-
-    # --- what the CLI, the front ends and the tests read and record -------------------------
-
-    def record(self, *events: Event, decided: int | None = None) -> list[int]:
-        """Append facts, each to its own stream (`Session.record`)."""
-        return self.state.record(*events, decided=decided)
-
-    def session_decision(self, worker_id: str) -> ModelDecision:
-        """The model this session's worker uses when a task names none."""
-        return self.state.session_decision(worker_id)
-
-    def worker_spec(self, worker_id: str, decision: ModelDecision) -> WorkerSpec:
-        """The process a session-level decision asks for."""
-        return self.state.worker_spec(worker_id, decision)
 
     # --- Task API --------------------------------------------------------------------------
 

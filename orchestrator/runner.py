@@ -1,6 +1,7 @@
-"""The act side: runs a session's tasks on its backends.
+"""The act side: starts a session's tasks and runs them on its backends.
 
-A `TaskRunner` decides a worker task's model through the `Session` (recorded before any
+`start` checks a task's arguments against the limits and builds its `TaskStarted`. A
+`TaskRunner` decides a worker task's model through the `Session` (recorded before any
 process is touched), then serves it on a pool thread: the fallback chain, cooldown
 counting, a managed model's server held while the request runs. Each running task has
 one `RunningTask` record, and `finish()` is its only way out: the end event, the registry
