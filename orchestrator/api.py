@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Any, Literal, get_args
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -44,6 +45,7 @@ MAX_TOOLS = 64
 MAX_DEPTH = 64  # levels of nesting in a task's arguments (tool definitions nest)
 MAX_POSITION = 2**63 - 1  # a log position a store can hold
 MAX_TOOL_RESULTS = 128  # tool results one task sends back
+MAX_ARGS_BYTES = 1024 * 1024  # one task's arguments, encoded (ADR-0006)
 
 WorkerId = Annotated[
     str,
@@ -359,6 +361,20 @@ def check_limits(args: TaskStartArgs, max_text: int) -> None:
     ]
     if problems:
         raise InvalidTaskArgs(_paragraph(problems))
+
+
+def recorded_args(args: TaskStartArgs, max_text: int) -> dict[str, Any]:
+    """The arguments as `TaskStarted` records them, once they pass the configured text
+    limit (`check_limits`) and, encoded, `MAX_ARGS_BYTES`."""
+    check_limits(args, max_text)
+    recorded = args.model_dump(mode="json", exclude_none=True)
+    encoded = len(orjson.dumps(recorded))  # what TaskStarted will hold, dumped once
+    if encoded > MAX_ARGS_BYTES:
+        raise InvalidTaskArgs(
+            f"Invalid task_start arguments: arguments: {encoded:,} bytes once encoded; "
+            f"the limit for one task is {MAX_ARGS_BYTES:,} (see docs/task-api.md)."
+        )
+    return recorded
 
 
 def check_session_id(session_id: str) -> str:

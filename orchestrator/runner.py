@@ -1,6 +1,7 @@
-"""The act side: runs a session's tasks on its backends.
+"""The act side: starts a session's tasks and runs them on its backends.
 
-A `TaskRunner` decides a worker task's model through the `Session` (recorded before any
+`start` checks a task's arguments against the limits and builds its `TaskStarted`. A
+`TaskRunner` decides a worker task's model through the `Session` (recorded before any
 process is touched), then serves it on a pool thread: the fallback chain, cooldown
 counting, a managed model's server held while the request runs. Each running task has
 one `RunningTask` record, and `finish()` is its only way out: the end event, the registry
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -40,7 +42,7 @@ from events.logs import get_logger
 from events.projections import Override, TaskRecord
 from events.store import Filter, StoreMoved, record_from
 from orchestrator import conversation, ops, telemetry
-from orchestrator.api import TaskStartArgs, round_cost
+from orchestrator.api import TaskHandle, TaskStartArgs, recorded_args, round_cost
 from orchestrator.backends import Backend, Cancelled, Lease, PromptRequest, TaskError
 from orchestrator.backends.bundle import Backends
 from orchestrator.backends.server import DRAINING_RETRIES, Draining
@@ -48,6 +50,7 @@ from orchestrator.backends.spec import WorkerSpec
 from orchestrator.conversation import ConversationError, Parent
 from orchestrator.errors import OrchestratorError
 from orchestrator.explain import OverrideCause
+from orchestrator.processes import own_identity
 from orchestrator.providers import Completion, ProviderError, internal_error
 from orchestrator.resolver import (
     CatalogueModel,
@@ -198,6 +201,34 @@ class TaskRunner:
         error = internal_error(exc)
         _log.error(what, task_id=task_id, error=error, bug=True)
         return error
+
+    def start(self, args: TaskStartArgs) -> TaskHandle:
+        """Start a task from parsed arguments (checked against the limits here): an op runs
+        to its end before this returns, a worker task is decided here and served on a pool
+        thread. Its `TaskStarted` is recorded with the first decision about it, never alone."""
+        session = self.session
+        recorded = recorded_args(args, session.config.limits.max_text)
+        task_id = f"t-{uuid.uuid4().hex[:12]}"
+        pid, started_at = own_identity()
+        op_worker = args.worker.worker_id if args.worker else None
+        started = TaskStarted(
+            session_id=session.session_id,
+            task_id=task_id,
+            worker_id=args.worker_id if args.kind == "worker" else op_worker,
+            kind=args.kind,
+            op=args.op,
+            args=recorded,
+            host=session.host,
+            pid=pid,
+            pid_started_at=started_at,
+        )
+        if args.kind == "op":
+            self.run_op(args, started)
+        else:
+            self.start_worker(args, started)
+        # Our own appends are folded already: no read needed for the status.
+        task = session.view.state.task(task_id)
+        return TaskHandle(task_id=task_id, status=task.status if task else "completed")
 
     # --- worker tasks ----------------------------------------------------------------------
 

@@ -1,19 +1,20 @@
 """One session of the event log: the decide side of the orchestrator.
 
-A `Session` holds the log, the configuration, the session's id and the live views of the
-streams it writes, with the caches that keep decisions cheap (the model catalogue, the
-configuration's digest). It is the context the op deciders and the views read, and the
-only writer of the log in this process: `record(*events)` sends each event to the stream
-its class declares (this session's, another session's, the registry, memory, models,
-config), in one transaction, bringing `SessionOpened` and `ConfigRecorded` itself.
-It is also the `ViewContext` the views read. It starts no process and runs no task: that
-is the `TaskRunner`'s (`orchestrator.runner`).
+A `Session` is a `SessionReader` (`orchestrator.reading`: the log, the configuration, the
+session's id and stream, the catalogue and what deciders and views read) that also writes,
+over the live backends. It is the only writer of the log in this process: `record(*events)`
+sends each event to the stream its class declares (this session's, another session's, the
+registry, memory, models, config), in one transaction, bringing `SessionOpened` and
+`ConfigRecorded` itself. It is the context the op deciders and the views read, answers
+`peek` (ending a task whose owning process is gone), and `SessionWriter` is the views'
+writer over it. It starts no process and runs no task: that is the `TaskRunner`'s
+(`orchestrator.runner`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from events.catalogue import (
@@ -29,31 +30,18 @@ from events.catalogue import (
     stream_of,
 )
 from events.logs import get_logger
-from events.projections import (
-    ModelsState,
-    Override,
-    Owner,
-    RegistryState,
-    apply_models,
-)
-from events.reads import last_config
-from events.reads import overrides_at as read_overrides_at
-from events.store import EventLog, Filter, StoreError, StoreMoved, StreamConflict
-from events.streams import Appendable, StreamTail, StreamView, append_together, session_view
-from orchestrator.backends import WorkerProcess
-from orchestrator.backends.spec import WorkerSpec
-from orchestrator.config import OrchestratorConfig, ProfileConfig
+from events.projections import ModelsState, Owner, RegistryState, TaskRecord, apply_models
+from events.reads import last_config, read_task
+from events.store import EventLog, StoreError, StoreMoved, StreamConflict
+from events.streams import Appendable, StreamTail, StreamView, append_together
+from orchestrator.api import InvalidTaskArgs, check_task_id
+from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
-from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.history import recorded_config
-from orchestrator.processes import host_id, own_identity, process_state
-from orchestrator.resolver import (
-    CatalogueModel,
-    ModelDecision,
-    build_catalogue,
-    check_worker,
-    decide_model,
-)
+from orchestrator.processes import own_identity, process_state
+from orchestrator.reading import ProcessReads, SessionReader
+from orchestrator.resolver import CatalogueModel
+from orchestrator.views import known_tasks
 
 _T = TypeVar("_T")
 # Each retry means another writer's decision landed first; this many in a row means a storm.
@@ -61,9 +49,9 @@ MAX_REDECIDE = 200
 _log = get_logger("orchestrator")
 
 
-class Processes(Protocol):
+class Processes(ProcessReads, Protocol):
     """What a session reads of the processes side: the registry's live view (it appends
-    registry facts to it) and whether a worker's process runs."""
+    registry facts to it), whether a worker's process runs, and what the views show."""
 
     @property
     def registry(self) -> StreamView[RegistryState]:
@@ -78,30 +66,21 @@ class Processes(Protocol):
         """The store went away: stop what was started here."""
         ...
 
-    def processes(self, worker_id: str) -> list[WorkerProcess]:
-        """The worker's processes (its in-process agent, those on this host), as the
-        views show them."""
-        ...
 
-
-class Session:
+class Session(SessionReader):
     """One session's log, configuration and streams (see the module docstring)."""
+
+    processes: Processes
 
     def __init__(
         self, config: OrchestratorConfig, log: EventLog, session_id: str, processes: Processes
     ) -> None:
-        self.config = config
-        self.log = log
-        self.session_id = session_id
-        self.host = host_id()
-        self.processes = processes
-        self.view = session_view(log, session_id)
+        super().__init__(config, log, session_id, processes)
         self.memory = StreamTail(log, MEMORY_STREAM)  # written to, never folded here
         self.models = StreamView(log, MODELS_STREAM, ModelsState, apply_models)
         self._config_stream = StreamTail(log, CONFIG_STREAM)
         self._others: dict[str, StreamTail] = {}  # other sessions' streams written to
         self._opened_recorded = False
-        self._catalogues: dict[tuple[bool, ...], list[CatalogueModel]] = {}
         self._configs: dict[tuple[str, ...], tuple[str, dict[str, Any]]] = {}
         self._recorded_digest: str | None = None  # the newest ConfigRecorded, once read
         self.moved: StoreMoved | None = None  # the store file went away under us
@@ -224,6 +203,38 @@ class Session:
             return process_state(owner.pid, owner.pid_started_at) == "alive"
         return self.log.host_alive(owner.host)
 
+    def peek(self, task_id: str) -> TaskRecord:
+        """A task's record now, whatever session started it; never blocks. A task left
+        running by an orchestrator process that is gone is ended `failed` here, naming that
+        process."""
+        self.check_moved()
+        check_task_id(task_id)
+        state = self.view.state
+        task = state.task(task_id)
+        if task is None or task.status == "running":
+            # Only a running or unknown task can have changed: a finished one never does.
+            state = self.view.refresh()
+            task = state.task(task_id)
+        if task is None:
+            return self._foreign_task(task_id)
+        owner = state.owners.get(task_id)
+        if task.status == "running" and self.settle(self.session_id, task_id, owner):
+            return self.peek(task_id)
+        return task.model_copy()
+
+    def _foreign_task(self, task_id: str) -> TaskRecord:
+        """A task of another session (or an old one of this session), read through the
+        index; one left running by a dead orchestrator is ended first."""
+        found = read_task(self.log, task_id)
+        if found is None:
+            raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(self, task_id))
+        task, owner = found
+        if owner is not None and self.settle(task.session_id, task_id, owner):
+            found = read_task(self.log, task_id)
+            assert found is not None
+            task = found[0]
+        return task
+
     # --- the configuration ------------------------------------------------------------------
 
     def config_digest(self, catalogue: list[CatalogueModel]) -> str:
@@ -259,83 +270,37 @@ class Session:
                 )
         return [ConfigRecorded(session_id=self.session_id, config_digest=digest, **payload)]
 
-    def catalogue(self) -> list[CatalogueModel]:
-        """The model catalogue, with usability read from the environment now (built once
-        per set of providers whose key is present; do not change the rows)."""
-        keys = tuple(
-            bool(p.api_key_env and os.environ.get(p.api_key_env))
-            for p in self.config.providers.values()
-        )
-        found = self._catalogues.get(keys)
-        if found is None:
-            found = self._catalogues[keys] = build_catalogue(self.config, os.environ)
-        return found
-
-    # --- what deciders read (ops.OpContext) --------------------------------------------------
-
-    def ids(self, task_id: str | None, worker_id: str | None) -> dict[str, Any]:
-        """The ids every event about a task carries."""
-        return {"session_id": self.session_id, "task_id": task_id, "worker_id": worker_id}
-
-    def profile(self, worker_id: str) -> ProfileConfig:
-        """The profile of a known worker id (raises `ResolutionError` with suggestions)."""
-        return check_worker(worker_id, self.config)
-
-    def override(self, worker_id: str) -> Override | None:
-        """This session's override for a worker, as of the state this process knows. A
-        decision reads it inside `decide`, which catches up after a conflict; a read for
-        its own sake goes through `session_decision`, which catches up first."""
-        return self.view.state.overrides.get(worker_id)
+    # --- what deciders read besides the reader's (ops.OpContext) ------------------------------
 
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
         return self.processes.running(worker_id)
 
-    def owners(self) -> dict[str, Owner]:
-        """This session's running tasks and the orchestrator process that owns each."""
-        return dict(self.view.refresh().owners)
 
-    def worker_processes(self, worker_id: str) -> list[WorkerProcess]:
-        """The worker's processes (its in-process agent, those on this host)."""
-        return self.processes.processes(worker_id)
+class SessionWriter:
+    """The views' writer (`views.ViewWriter`) of a live session: a task whose owning
+    process is gone is ended through the session, and this host's worker processes and
+    model servers found gone are recorded by their owners (the pool, the model servers)
+    before a view shows them."""
 
-    def in_registry(self, worker_id: str) -> bool:
-        """Has the device registry ever recorded a process of the worker (one indexed row)?"""
-        where = Filter(stream=REGISTRY_STREAM, worker_id=worker_id)
-        return any(True for _ in self.log.select(where, limit=1))
+    def __init__(
+        self,
+        session: Session,
+        settle_host: Callable[[str], object],
+        sweep_servers: Callable[[Mapping[str, Any]], None],
+    ) -> None:
+        self._session = session
+        self._settle_host = settle_host
+        self._sweep_servers = sweep_servers
 
-    def overrides_at(self, session_id: str, position: int) -> dict[str, Override] | None:
-        """A session's overrides as of a log position; None if it had no events by then."""
-        return read_overrides_at(self.log, session_id, position)
+    def settle(self, session_id: str, task_id: str, owner: Owner | None) -> bool:
+        """End a running task whose owning orchestrator process is gone; True if it did."""
+        return self._session.settle(session_id, task_id, owner)
 
-    def head(self) -> int:
-        """The newest log position."""
-        return self.log.head()
+    def settle_workers(self) -> None:
+        """Record this host's worker processes found gone (before a view shows them)."""
+        self._settle_host(self._session.session_id)
 
-    def session_decision(self, worker_id: str) -> ModelDecision:
-        """The model this session's worker uses when a task names none (read now)."""
-        self.view.refresh()
-        return decide_model(
-            worker_id, None, self.override(worker_id), self.config, self.catalogue()
-        )
-
-    def worker_spec(self, worker_id: str, decision: ModelDecision) -> WorkerSpec:
-        """The process a session-level decision asks for."""
-        profile = self.profile(worker_id)
-        ident = identity(
-            worker_id,
-            profile.backend,
-            decision.resolved_model,
-            decision.model_policy,
-            profile,
-            self.config,
-        )
-        return WorkerSpec(
-            worker_id=worker_id,
-            model=decision.resolved_model,
-            model_policy=decision.model_policy,
-            fingerprint=fingerprint(ident),
-            identity=ident,
-            system_prompt=profile.system_prompt,
-            config=self.config,
-        )
+    def settle_servers(self) -> None:
+        """Record what became of this host's managed model servers."""
+        self._sweep_servers({"session_id": self._session.session_id})

@@ -1,16 +1,19 @@
 """The views of `task_list`: projections of the log for this session and the whole store.
 
-Views read, through a `ViewContext` (the session: its log, configuration and decisions,
-and the processes this host runs); they decide nothing and change no override or process.
+Views read, through a `ViewContext` (a session's log, configuration and decisions, and the
+processes this host runs: the live `Session`, or a `reading.SessionReader` over a bare
+log); they decide nothing and change no override or process.
 One kind of write is theirs, and it goes through the `ViewWriter` passed in: a view that
 meets a task still `running` whose owning orchestrator process is gone (`tasks`) ends it
 `failed`, and the `workers` and `registry` views first record this host's processes found
 gone, so nothing that is gone is shown running. So a store opened only to read
 (`EventLog(url, create=False)`, which makes no store) may still be appended to by a view
-when one exists, unless its writer refuses (the inspector's does).
+when one exists, unless its writer refuses (`reading.NO_WRITES`, the inspector's).
+`run(view, ctx, writer, **filters)` is `task_list` for any context and writer.
 
-It stays one module of about 430 lines because it is the one list of views: `VIEWS` and
-`filters_of` here are what `task_list`, the tool schema, "Did you mean" and the docs read.
+It stays one module of about 450 lines because it is the one list of views: `VIEWS`,
+`filters_of` and `run` here are what `task_list`, the inspector, the tool schema, "Did you
+mean" and the docs read.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ from orchestrator.resolver import CatalogueModel, ModelDecision, ResolutionError
 
 class ViewContext(Protocol):
     """What a view reads: the log, the configuration, whose session it is, its decisions,
-    and this host's processes (`orchestrator.session.Session` is one)."""
+    and this host's processes (`reading.SessionReader` is one, over a bare log; the live
+    `session.Session` extends it)."""
 
     @property
     def session_id(self) -> str:
@@ -97,7 +101,8 @@ class ViewContext(Protocol):
 
 
 class ViewWriter(Protocol):
-    """The writes a view may make (a reader that must not write refuses them)."""
+    """The writes a view may make (`session.SessionWriter` makes them; `reading.NoWrites`,
+    for a reader that must not write, refuses them)."""
 
     def settle(self, session_id: str, task_id: str, owner: Owner | None) -> bool:
         """End a running task whose owning process is gone; True if it did."""
@@ -433,3 +438,23 @@ VIEWS: dict[str, Callable[..., list[Any]]] = {
     "diff": diff,
     "conversation": conversation,
 }
+
+
+def run(view: str, ctx: ViewContext, writer: ViewWriter, **filters: Any) -> list[Any]:
+    """The rows of `view` (what `task_list(view, **filters)` answers): an unknown view or
+    filter raises `InvalidTaskArgs` with "Did you mean" (a filter's message lists the
+    view's filters)."""
+    handler = VIEWS.get(view)
+    if handler is None:
+        raise InvalidTaskArgs(
+            f'Invalid task_list arguments: view: unknown view "{view}".' + did_you_mean(view, VIEWS)
+        )
+    allowed = filters_of(handler)
+    for name in filters:
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise InvalidTaskArgs(
+                f'Invalid task_list arguments: {name}: the {view} view has no filter "{name}"'
+                f" (its filters: {known})." + did_you_mean(name, allowed)
+            )
+    return handler(ctx, writer, **filters)

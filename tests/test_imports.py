@@ -112,6 +112,15 @@ def test_the_views_do_not_import_the_orchestrator() -> None:
     assert "orchestrator.orchestrator" not in imported
 
 
+def test_the_inspector_reads_without_the_orchestrator_or_its_backends() -> None:
+    modules = _modules()
+    running = {"orchestrator.orchestrator", "orchestrator.session", "orchestrator.runner"}
+    running |= {"orchestrator.backends.bundle", "orchestrator.pool"}
+    for name in ("orchestrator.ui.data", "orchestrator.reading"):
+        imported = _imports(name, modules[name], set(modules), typing=True)
+        assert not imported & running, (name, imported & running)
+
+
 def test_the_walk_finds_a_circle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

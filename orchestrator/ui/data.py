@@ -1,9 +1,10 @@
 """Everything the inspector reads, and the only module of it that touches the core.
 
 The store is opened so that it cannot be written: `ReadOnlyLog` refuses appends and skips
-snapshot saves and host leases, and the orchestrators that answer views (`Reader`, one per
-session asked about) never settle a task nor record anything. So serving every page leaves
-the log exactly as it was.
+snapshot saves and host leases, and views are answered by `views.run` on a
+`reading.SessionReader` (one per session asked about: no backend, no process, no writer)
+with `reading.NO_WRITES`, which never settles a task nor records anything. So serving
+every page leaves the log exactly as it was.
 
 What would cost a scan of the log on every request is kept in memory instead and brought
 up to date as the log grows, by one follower thread: a summary of every session (the
@@ -45,8 +46,8 @@ from orchestrator import history, views
 from orchestrator.api import InvalidTaskArgs, check_session_id
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.history import DiffRow, Flat, WhatIfRow
-from orchestrator.orchestrator import Orchestrator
 from orchestrator.processes import host_id, process_state
+from orchestrator.reading import NO_WRITES, SessionReader
 from orchestrator.ui.travel import Marker, Process, RegistryHistory, SessionHistory
 
 READ_PAGE = 5000  # events folded per hold of the lock while catching up
@@ -74,19 +75,6 @@ class ReadOnlyLog(EventLog):
 
     def hold_host_lease(self, host: str) -> None:
         """Skipped: the inspector runs no task, so it must not make this host look alive."""
-
-
-class Reader(Orchestrator):
-    """An orchestrator that answers views and never writes: a task whose owner is gone is
-    shown as the log has it rather than ended, and any record raises."""
-
-    def settle(self, session_id: str, task_id: str, owner: Any) -> bool:
-        """Never: ending a dead owner's task is a write."""
-        return False
-
-    def record(self, *events: Event, **more: Any) -> list[int]:
-        """Refused: the inspector appends nothing."""
-        raise StoreError("the inspector is read-only: it appends nothing to the log")
 
 
 @dataclass
@@ -136,7 +124,7 @@ class Inspector:
         self._summary_position = 0
         self._registry_seen = 0  # the log read for registry events up to here
         self._histories: OrderedDict[str, SessionHistory] = OrderedDict()
-        self._readers: OrderedDict[str, Reader] = OrderedDict()
+        self._readers: OrderedDict[str, SessionReader] = OrderedDict()
         self.head = self.log.head()
         self._head_changed = threading.Condition()
         self._stop = threading.Event()
@@ -216,8 +204,6 @@ class Inspector:
         if self._follower is not None:
             self._follower.join(timeout=5)
         with self.lock:
-            for reader in self._readers.values():
-                reader.close()
             self._readers.clear()
             self.log.close()
 
@@ -253,24 +239,24 @@ class Inspector:
 
     # --- views, exactly as task_list answers them -------------------------------------------
 
-    def reader(self, session_id: str) -> Reader:
-        """The view-answering orchestrator of a session (kept for the next request)."""
+    def reader(self, session_id: str) -> SessionReader:
+        """The view context of a session (kept for the next request)."""
         with self.lock:
             found = self._readers.get(session_id)
             if found is None:
                 check_session_id(session_id)
-                found = Reader(self.config, self.log, session_id, owns_log=False)
+                found = SessionReader(self.config, self.log, session_id)
                 self._readers[session_id] = found
                 if len(self._readers) > KEPT_SESSIONS:
-                    _, oldest = self._readers.popitem(last=False)
-                    oldest.close()
+                    self._readers.popitem(last=False)
             self._readers.move_to_end(session_id)
             return found
 
     def view(self, name: str, filters: Mapping[str, Any], session_id: str = "cli") -> list[Any]:
-        """`task_list(name, **filters)` on `session_id`'s orchestrator."""
+        """`task_list(name, **filters)` as `session_id`'s orchestrator answers it, writing
+        nothing."""
         with self.lock:
-            return self.reader(session_id).task_list(name, **filters)
+            return views.run(name, self.reader(session_id), NO_WRITES, **filters)
 
     @staticmethod
     def view_filters(name: str, raw: Mapping[str, str]) -> dict[str, Any]:
