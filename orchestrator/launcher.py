@@ -1,6 +1,10 @@
-"""Worker processes as OS processes: start one and read its READY line, kill one that is
-not wanted, wait for one to go, and collect the exit statuses of those started here (no
-zombies). What the registry records about them is the pool's business (`orchestrator.pool`).
+"""OS processes started here. `Launcher` owns them once started: it collects the exit
+statuses of those that ended (no zombies), kills one nobody will use, waits for one to go,
+stops one, and stops them all when the store is gone. `WorkerLauncher` adds the worker's
+launch (start it and read its READY line); the model servers' supervisors are launched by
+`orchestrator.model_servers.launch` and owned by a `Launcher` all the same. What the
+registry records about either is their owners' business (`orchestrator.pool`,
+`orchestrator.model_servers`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from events.projections import RegistryEntry
 from orchestrator.backends.spec import WorkerSpec
 from orchestrator.errors import OrchestratorError
 from orchestrator.processes import terminate, worker_environment, worker_token
@@ -28,12 +31,93 @@ class SpawnError(OrchestratorError, RuntimeError):
 
 
 class Launcher:
-    """The worker processes this orchestrator started, by instance id; their logs go to
-    `log_dir`."""
+    """The processes this orchestrator started and keeps, by instance id. `grace`: how long
+    a process asked to stop gets before it is killed; with `kill_lingering` False one that
+    outlasts it when all are abandoned is left to go by itself (a supervisor killed outright
+    would leave its server running unwatched)."""
+
+    def __init__(self, grace: float = 5.0, kill_lingering: bool = True) -> None:
+        self.grace = grace
+        self.kill_lingering = kill_lingering
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def keep(self, instance_id: str, proc: subprocess.Popen[bytes]) -> None:
+        """A launched process is ours to collect when it ends (and to stop on `abandon`)."""
+        self._children[instance_id] = proc
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes], grace: float = 0.0) -> None:
+        """Stop a launched process nobody will use, and collect it: at once, or with `grace`
+        seconds to go after SIGTERM first."""
+        if proc.poll() is not None:
+            return
+        if grace > 0:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                return
+        proc.kill()
+        proc.wait(timeout=5)
+
+    def wait_gone(self, instance_id: str, pid: int, started_at: float) -> None:
+        """Wait (`grace` seconds at most) for a process asked to go to exit; terminate it if
+        it lingers (only while `pid` is still the process started at `started_at`)."""
+        import psutil
+
+        child = self._children.get(instance_id)
+        try:
+            if child is not None:
+                child.wait(timeout=self.grace)
+                return
+            psutil.Process(pid).wait(timeout=self.grace)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            terminate(pid, started_at)
+        except psutil.NoSuchProcess:
+            return
+
+    def stop(self, instance_id: str, pid: int, started_at: float) -> None:
+        """Terminate the process at `pid` now if it is still the one started at
+        `started_at` (killed after `grace` seconds), and collect it if it is ours."""
+        terminate(pid, started_at, timeout=self.grace)
+        child = self._children.get(instance_id)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+        self.reap(instance_id)
+
+    def reap(self, instance_id: str) -> None:
+        """Collect the exit status of a process started here, if it has ended."""
+        child = self._children.get(instance_id)
+        if child is not None and child.poll() is not None:
+            self._children.pop(instance_id, None)  # another thread may have reaped it too
+
+    def reap_children(self) -> None:
+        """Collect the exit statuses of every process started here that ended."""
+        for instance_id in list(self._children):
+            self.reap(instance_id)
+
+    def abandon(self) -> None:
+        """Stop every process started here at once: SIGTERM to all, then `grace` seconds
+        each (then SIGKILL, with `kill_lingering`)."""
+        for child in list(self._children.values()):
+            with contextlib.suppress(OSError):
+                child.terminate()
+        for instance_id, child in list(self._children.items()):
+            try:
+                child.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                if self.kill_lingering:
+                    child.kill()
+                    child.wait(timeout=5)
+            self._children.pop(instance_id, None)
+
+
+class WorkerLauncher(Launcher):
+    """Worker processes, launched with their logs in `log_dir`."""
 
     def __init__(self, log_dir: Path) -> None:
+        super().__init__()
         self.log_dir = log_dir
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     def launch(
         self, spec: WorkerSpec, instance_id: str, idle_timeout: float
@@ -81,55 +165,6 @@ class Launcher:
                 f"{READY_TIMEOUT:.0f}s; see {log_path}"
             )
         return proc, str(json.loads(line[len("READY ") :])["url"])
-
-    def keep(self, instance_id: str, proc: subprocess.Popen[bytes]) -> None:
-        """A launched process is registered: reap it when it ends."""
-        self._children[instance_id] = proc
-
-    @staticmethod
-    def kill(proc: subprocess.Popen[bytes]) -> None:
-        """Kill a launched process nobody will use, and collect it."""
-        proc.kill()
-        proc.wait(timeout=5)
-
-    def wait_gone(self, entry: RegistryEntry) -> None:
-        """Wait (5 s at most) for the entry's process to exit; terminate it if it lingers."""
-        import psutil
-
-        child = self._children.get(entry.instance_id)
-        try:
-            if child is not None:
-                child.wait(timeout=5)
-                return
-            psutil.Process(entry.pid).wait(timeout=5)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            terminate(entry.pid, entry.pid_started_at)
-        except psutil.NoSuchProcess:
-            return
-
-    def reap(self, instance_id: str) -> None:
-        """Collect the exit status of a process started here, if it has ended."""
-        child = self._children.get(instance_id)
-        if child is not None and child.poll() is not None:
-            self._children.pop(instance_id, None)  # another thread may have reaped it too
-
-    def reap_children(self) -> None:
-        """Collect the exit statuses of every process started here that ended."""
-        for instance_id in list(self._children):
-            self.reap(instance_id)
-
-    def abandon(self) -> None:
-        """Stop every process started here at once (terminate, then kill)."""
-        for child in list(self._children.values()):
-            with contextlib.suppress(OSError):
-                child.terminate()
-        for instance_id, child in list(self._children.items()):
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait(timeout=5)
-            del self._children[instance_id]
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

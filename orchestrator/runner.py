@@ -162,7 +162,7 @@ class TaskRunner:
         else:
             if rec.kind == "worker" and rec.worker_id is not None:
                 # Another orchestrator's task: its request is interrupted where it runs.
-                self.backends.server.cancel_anywhere(str(rec.worker_id), rec.task_id)
+                self.backends.cancel_anywhere(str(rec.worker_id), rec.task_id)
             self._wake(rec.task_id)
 
     def _take_slot(self, run: RunningTask) -> int | None:

@@ -1,9 +1,11 @@
 """What an op's `act` step may do with worker processes (`ops.Workers`): spawn, stop and
-respawn a worker's process, after the op's decision is in the log."""
+respawn a worker's process, after the op's decision is in the log. Only through the
+backends (`backends.bundle.Backends` and each `Backend`): the steps know no pool."""
 
 from __future__ import annotations
 
 from orchestrator import ops
+from orchestrator.backends import Lease
 from orchestrator.backends.bundle import Backends
 from orchestrator.session import Session
 
@@ -42,17 +44,9 @@ class WorkerSteps:
 
     def stop(self, worker_id: str, task_id: str) -> ops.Result:
         """Stop the worker's processes on this host, and its in-process agent."""
-        ids = self.session.ids(task_id, worker_id)
-        backends = self.backends
         # Its processes found gone are recorded first, and listed as already gone.
-        found = backends.pool.settle_host(self.session.session_id, worker_id)
-        server = backends.server.stop(worker_id, ids)
-        agent = backends.agent.stop(worker_id, ids)
-        return {
-            "worker_id": worker_id,
-            "stopped": server.stopped + agent.stopped,
-            "exited": [e.instance_id for e in found] + server.exited,
-        }
+        result = self.backends.stop(worker_id, self.session.ids(task_id, worker_id))
+        return {"worker_id": worker_id, "stopped": result.stopped, "exited": result.exited}
 
     def respawn(self, worker_id: str, task_id: str) -> bool:
         """Start now the process the session's (new) model asks for, then retire the process
@@ -60,25 +54,10 @@ class WorkerSteps:
         session, backends = self.session, self.backends
         spec = session.worker_spec(worker_id, session.session_decision(worker_id))
         ids = session.ids(task_id, worker_id)
-        if session.profile(worker_id).backend == "agent":
-            backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-            if any(p.fingerprint == spec.fingerprint for p in backends.agent.processes(worker_id)):
-                return False
-            backends.agent.acquire(spec, ids, force_new=True)
-            return True
-        sid = session.session_id
-        before = [
-            e
-            for e in backends.pool.live_entries(worker_id)
-            if e.status == "ready" and sid in e.sessions and e.fingerprint != spec.fingerprint
-        ]
-        lease = backends.server.acquire(spec, ids, force_new=False, spawn=True)
-        assert lease is not None
-        backends.release((backends.server, lease), session.record)
-        backends.servers.warm(spec.model, ids)  # a managed model's server, so no task waits
-        for entry in before:
-            if set(entry.sessions) <= {sid}:
-                backends.pool.retire(
-                    entry, ids, detail=f"replaced by {lease.instance_id} for {spec.model}"
-                )
-        return True
+        backend = backends.of(worker_id)
+
+        def ready(lease: Lease) -> None:
+            backends.release((backend, lease), session.record)
+            backends.warm(spec.model, ids)  # a managed model's server, so no task waits
+
+        return backend.respawn(spec, ids, ready)

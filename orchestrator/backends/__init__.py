@@ -4,9 +4,11 @@
 - `ServerBackend` (`backends.server`): a real OS process per fingerprint, found or spawned
   through the device registry, spoken to with `WorkerClient` (`backends.client`).
 
-The orchestrator only ever calls `acquire`, `prompt`, `release`, `cancel`, `stop`,
-`running` and `processes`; a backend alone knows what registry facts its leases owe (the
-runner hands them its task's end to record them with, in one write).
+The orchestrator only ever calls `acquire`, `prompt`, `release`, `cancel`,
+`cancel_anywhere`, `respawn`, `stop`, `running` and `processes` (through
+`backends.bundle.Backends`); a backend alone knows what registry facts its leases owe (the
+runner hands them its task's end to record them with, in one write), and only a backend's
+processes side (`orchestrator.pool`, `orchestrator.model_servers`) appends registry facts.
 `task_cancel` sets the task's cancel event and calls `cancel`: the agent backend stops waiting
 for its provider call (run on a thread of its own), the server backend tells the worker, which
 drops the request and answers at once; either way a late reply is dropped.
@@ -15,6 +17,7 @@ drops the request and answers at once; either way a late reply is dropped.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,8 +123,22 @@ class Backend(Protocol):
         """Interrupt the request of `task_id` in flight on `lease` (from another thread)."""
         ...
 
+    def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
+        """Interrupt `task_id` where another orchestrator serves it, if this backend can
+        reach it (a process without that task ignores it)."""
+        ...
+
+    def respawn(
+        self, spec: WorkerSpec, ids: dict[str, Any], ready: Callable[[Lease], None]
+    ) -> bool:
+        """Have the process `spec` asks for serve the worker now (reused or started), hand
+        its lease to `ready` (which records what it owes), then retire what it replaces that
+        only this session used (ADR-0003, "Respawn"). False when nothing had to change."""
+        ...
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
-        """Stop every process of the worker this backend can reach."""
+        """Stop every process of the worker this backend can reach; those found gone
+        already are recorded so and listed as exited."""
         ...
 
     def running(self, worker_id: str) -> bool:

@@ -87,6 +87,21 @@ class AgentBackend:
     def cancel(self, lease: Lease, task_id: str) -> None:
         """Nothing to tell anyone: `prompt` stops waiting as soon as the cancel event is set."""
 
+    def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
+        """Nothing to reach: another orchestrator's agents run inside it."""
+
+    def respawn(
+        self, spec: WorkerSpec, ids: dict[str, Any], ready: Callable[[Lease], None]
+    ) -> bool:
+        """Replace the in-process worker unless it has the spec's fingerprint already
+        (then False); `ready` gets the one serving the worker either way."""
+        current = self.agents.get(spec.worker_id)
+        if current is not None and current.fingerprint == spec.fingerprint:
+            ready(current)
+            return False
+        ready(self.acquire(spec, ids, force_new=True))
+        return True
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
         """Drop the in-process worker."""
         with self._lock:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from events.catalogue import Event
 from events.projections import RegistryState
 from events.store import EventLog
 from events.streams import StreamView
-from orchestrator.backends import Backend, Lease, WorkerProcess
+from orchestrator.backends import Backend, Lease, StopResult, WorkerProcess
 from orchestrator.backends.agent import AgentBackend
 from orchestrator.backends.server import ServerBackend
 from orchestrator.config import OrchestratorConfig
@@ -55,6 +56,22 @@ class Backends:
     def running(self, worker_id: str) -> bool:
         """Is a process of the worker running (on its backend)?"""
         return self.of(worker_id).running(worker_id)
+
+    def cancel_anywhere(self, worker_id: str, task_id: str) -> None:
+        """Interrupt a task another orchestrator serves, wherever a backend can reach it."""
+        for backend in self.by_kind.values():
+            backend.cancel_anywhere(worker_id, task_id)
+
+    def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
+        """Stop the worker's processes on this host, then its in-process agent."""
+        results = [self.server.stop(worker_id, ids), self.agent.stop(worker_id, ids)]
+        return StopResult(
+            [i for r in results for i in r.stopped], [i for r in results for i in r.exited]
+        )
+
+    def warm(self, model: str, ids: dict[str, Any]) -> None:
+        """Start (or find) a managed model's server now, so no task waits for it."""
+        self.servers.warm(model, ids)
 
     def processes(self, worker_id: str) -> list[WorkerProcess]:
         """The worker's processes on every backend: its in-process agent, then the

@@ -176,10 +176,34 @@ class ServerBackend:
                     WorkerClient(str(entry.url), entry.instance_id, self.pool.transport), task_id
                 )
 
+    def respawn(
+        self, spec: WorkerSpec, ids: dict[str, Any], ready: Callable[[Lease], None]
+    ) -> bool:
+        """Take (or spawn) a process of the spec's fingerprint, hand it to `ready`, then
+        drain the processes of another fingerprint this session used before, unless another
+        session has used them too (ADR-0003, "Respawn")."""
+        sid = ids["session_id"]
+        before = [
+            e
+            for e in self.pool.live_entries(spec.worker_id)
+            if e.status == "ready" and sid in e.sessions and e.fingerprint != spec.fingerprint
+        ]
+        lease = self.acquire(spec, ids, force_new=False, spawn=True)
+        assert lease is not None
+        ready(lease)
+        for entry in before:
+            if set(entry.sessions) <= {sid}:
+                self.pool.retire(
+                    entry, ids, detail=f"replaced by {lease.instance_id} for {spec.model}"
+                )
+        return True
+
     def stop(self, worker_id: str, ids: dict[str, Any]) -> StopResult:
-        """Stop every live process of the worker on this host, whatever its recorded status."""
+        """Stop every live process of the worker on this host, whatever its recorded status;
+        those found gone first are recorded so and listed as exited."""
+        found = self.pool.settle_host(ids["session_id"], worker_id)
         stopped: list[str] = []
-        exited: list[str] = []
+        exited: list[str] = [e.instance_id for e in found]
         for entry in self.pool.stoppable(worker_id):
             (stopped if self.pool.stop(entry, ids) else exited).append(entry.instance_id)
         return StopResult(stopped, exited)

@@ -6,9 +6,11 @@ Two parts, like the worker pool:
 - the decision, pure (`plan`, `room` in `decision`): a function of the registry state, the
   request and what probes said about each server (alive, busy, last used), as
   `orchestrator.reuse` is for worker processes;
-- the I/O (`ModelServers` in `servers`): probing, launching through the supervisor
-  (`launch`, `supervisor.py`), polling the ready path, leasing and stopping, with the
-  server's files and port in `files`; what a server is comes from the configuration
+- the I/O: getting a server (`ModelServers` in `servers`: decide, claim, make room, start,
+  register while the claim stands), built on the servers the registry records
+  (`RunningServers` in `running`: probe, stop, sweep); launching through the supervisor and
+  polling the ready path (`launch`, `supervisor.py`); holding one for a request (`lease`);
+  the server's files and port (`files`); what a server is comes from the configuration
   (`spec`).
 """
 
@@ -29,14 +31,9 @@ from orchestrator.model_servers.decision import (
 )
 from orchestrator.model_servers.files import free_port, read_log_tail, ready_probe
 from orchestrator.model_servers.launch import LOG_TAIL, SUPERVISOR
-from orchestrator.model_servers.servers import (
-    HEALTH_TIMEOUT,
-    PROOF_LEASE,
-    ROOM_WAIT,
-    WAIT_POLL,
-    ModelServers,
-    ServerLease,
-)
+from orchestrator.model_servers.lease import ServerLease
+from orchestrator.model_servers.running import HEALTH_TIMEOUT, PROOF_LEASE
+from orchestrator.model_servers.servers import ROOM_WAIT, WAIT_POLL, ModelServers
 from orchestrator.model_servers.spec import (
     ModelServerError,
     ServerSpec,

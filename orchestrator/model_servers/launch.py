@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.launcher import Launcher
 from orchestrator.model_servers.decision import CLAIM_MARGIN
 from orchestrator.model_servers.files import exit_marker, read_log_tail, ready_probe
 from orchestrator.model_servers.spec import ModelServerError, ServerSpec
@@ -18,6 +19,9 @@ from orchestrator.processes import start_time, terminate, worker_environment
 
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 LOG_TAIL = 10
+# A supervisor asked to stop gets this long to stop its server's group (its own grace is
+# 5 s per signal) before it is killed.
+SUPERVISOR_GRACE = 15.0
 
 
 def launch(
@@ -105,13 +109,7 @@ def stop_launched(
     pid_started: float | None = None,
 ) -> int | None:
     """Stop a server we launched (through its supervisor) and return its exit status."""
-    if sup.poll() is None:
-        sup.terminate()
-        try:
-            sup.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            sup.kill()
-            sup.wait(timeout=5)
+    Launcher.kill(sup, grace=SUPERVISOR_GRACE)
     if pid is not None and pid_started:
         terminate(pid, pid_started)  # should its supervisor have failed to
     return exit_marker(directory)[1]

@@ -1,23 +1,18 @@
-"""The I/O of managed model servers (`ModelServers`): probing, launching, polling the ready
-path, leasing and stopping, over the shared registry.
+"""Getting a managed model server (`ModelServers`): reuse a ready one, wait for one being
+started, or claim a start and make room, launch, register it while the claim stands and wait
+until it is ready; then hold it for the request (`lease`).
 
 A request in flight holds a shared `flock` on the server's `inflight.lock` for as long as it
 runs; an eviction, an idle stop or `stop` takes the lock exclusively (non-blocking for an
 eviction or idle stop), so nothing stops a server that serves a request, across threads and
 processes, and a lock whose holder dies is released by the kernel. The mtime of `used` is the
-server's last use; the file `exit` says why it ended.
-
-It stays one module over 400 lines because `ModelServers` is one class whose acquiring,
-starting, probing and stopping share its state (the registry lock and claim fencing, the
-supervisors it launched, the servers proven healthy); what needs none of that lives beside
-it (`decision`, `spec`, `launch`, `files`).
+server's last use; the file `exit` says why it ended. Probing and stopping the servers the
+registry records are `running.RunningServers`'; the registry's write protocol is shared with
+the worker pool (`orchestrator.backends.registry_writes`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import re
 import subprocess
 import threading
@@ -29,18 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
-    REGISTRY_STREAM,
     Event,
     ModelServerReady,
     ModelServerReused,
     ModelServerStarted,
     ModelServerStartFailed,
     ModelServerStartRequested,
-    ModelServerStopped,
-    StopReason,
 )
-from events.projections import ModelServerEntry, RegistryState, ServerClaim
-from events.store import EventLog, StreamConflict
+from events.projections import ModelServerEntry, RegistryState
+from events.store import EventLog
 from events.streams import StreamView
 from orchestrator.config import OrchestratorConfig
 from orchestrator.model_servers.decision import (
@@ -49,74 +41,23 @@ from orchestrator.model_servers.decision import (
     ServerProbe,
     ServerRequest,
     candidates,
-    gone_event,
     plan,
     room,
 )
-from orchestrator.model_servers.files import (
-    exit_marker,
-    first_line,
-    free_port,
-    is_busy,
-    lock_exclusive,
-    mtime,
-    open_inflight,
-    ready_probe,
-    touch,
-    try_lock,
-    write_exit,
-)
+from orchestrator.model_servers.files import first_line, free_port, touch
 from orchestrator.model_servers.launch import launch, stop_launched, wait_ready
+from orchestrator.model_servers.lease import ServerLease, take_lease
+from orchestrator.model_servers.running import RunningServers
 from orchestrator.model_servers.spec import ModelServerError, ServerSpec, server_spec
-from orchestrator.processes import (
-    ProcessState,
-    host_id,
-    own_identity,
-    process_state,
-    start_time,
-    terminate,
-)
+from orchestrator.processes import ProcessState, start_time
 from orchestrator.providers import split_model
 
 WAIT_POLL = 0.05
 # How long a start waits for a busy server to become evictable before it fails.
 ROOM_WAIT = 60.0
-# A server whose ready path answered this recently is trusted on its pid and start time.
-PROOF_LEASE = 30.0
-HEALTH_TIMEOUT = 5.0
 
 
-class ServerLease:
-    """The server serving one request: its base_url, held (shared lock) until released."""
-
-    def __init__(
-        self, entry: ModelServerEntry, fd: int, started: bool, on_release: Callable[[], None]
-    ) -> None:
-        self.entry = entry
-        self.base_url = entry.url
-        self.started = started
-        self._fd: int | None = fd
-        self._on_release = on_release
-
-    def release(self) -> None:
-        """The request ended: mark the server used now and let go of it."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            touch(Path(self.entry.log_path).parent / "used")
-        finally:
-            os.close(fd)  # drops the shared lock
-            self._on_release()
-
-    def __enter__(self) -> ServerLease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class ModelServers:
+class ModelServers(RunningServers):
     """The managed model servers of one orchestrator, backed by the shared registry."""
 
     def __init__(
@@ -126,17 +67,10 @@ class ModelServers:
         config: OrchestratorConfig,
         run_dir: Callable[[], Path],
     ) -> None:
-        self.log = log
-        self.registry = registry
-        self.config = config
-        self.host = host_id()
-        self._run_dir = run_dir
+        super().__init__(log, registry, config, run_dir)
         self._specs: dict[str, ServerSpec | None] = {}
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._proven: dict[str, float] = {}
         self._deferred: dict[str, list[Event]] = {}
         self._lock = threading.Lock()
-        self.started_here: set[str] = set()
 
     # --- what a model needs ----------------------------------------------------------------
 
@@ -175,7 +109,7 @@ class ModelServers:
                 looked = [s.model_copy() for s in candidates(state, request)]
                 claims = [c.model_copy() for c in state.server_claims.values()]
             probes.update(self._probe_all(looked, probes))
-            decided = self._decide(request, ids, probes, self._claimants(claims))
+            decided = self._decide(request, ids, probes, self.writes.claimants(claims))
             if decided is None:
                 continue
             if decided.reuse is not None:
@@ -233,24 +167,20 @@ class ModelServers:
         """One decision under the registry lock, appended at the version it was made on.
         None when it must be made again (a conflict, or a server not probed yet). A plain
         reuse appends nothing here: it is recorded with the task's end."""
-        with self.registry.lock:
-            state = self.registry.refresh()
-            version = self.registry.version
+
+        def make(state: RegistryState) -> tuple[ServerPlan, list[Event]] | None:
             decided = plan(state, request, probes, claimants, datetime.now(UTC), ids)
             if decided.unprobed:
                 return None
             if decided.start:
-                pid, started = own_identity()
-                decided.claim_id = uuid.uuid4().hex
+                claim = self.writes.claim()
+                decided.claim_id = claim["claim_id"]
                 decided.events.append(
                     ModelServerStartRequested(
                         **ids,
-                        claim_id=decided.claim_id,
+                        **claim,
                         fingerprint=request.fingerprint,
                         model=request.model,
-                        host=self.host,
-                        claimant_pid=pid,
-                        claimant_started_at=started,
                         start_timeout=request.start_timeout,
                     )
                 )
@@ -258,89 +188,19 @@ class ModelServers:
             if decided.reuse is not None:  # the reuse itself is deferred; the rest is not
                 now = decided.events[:-1]
                 decided.events = decided.events[-1:]
-            if now:
-                try:
-                    self.log.append(REGISTRY_STREAM, now, version)
-                except StreamConflict:
-                    return None
-            return decided
+            return decided, now
 
-    def _claimants(self, claims: Iterable[ServerClaim]) -> dict[str, ProcessState]:
-        return {
-            c.claim_id: process_state(c.claimant_pid, c.claimant_started_at)
-            for c in claims
-            if c.host == self.host
-        }
-
-    # --- probing -----------------------------------------------------------------------------
+        return self.writes.decide(make)
 
     def _probe_all(
         self, servers: Iterable[ModelServerEntry], known: Mapping[str, ServerProbe]
     ) -> dict[str, ServerProbe]:
         return {s.instance_id: self.probe(s) for s in servers if s.instance_id not in known}
 
-    def probe(self, server: ModelServerEntry, health: bool = True) -> ServerProbe:
-        """Is the server's process alive, busy, and (unless proven recently or busy) does
-        its ready path answer? One that is ours and does not answer is stopped here."""
-        directory = Path(server.log_path).parent
-        proc = process_state(server.pid, server.pid_started_at)
-        if proc != "alive":
-            reason, status = self._last_word(server, directory)
-            return ServerProbe(proc, exit_reason=reason, exit_status=status)
-        busy = is_busy(directory)
-        last_used = mtime(directory / "used")
-        proven = self._proven.get(server.instance_id)
-        if busy or not health or (proven is not None and time.monotonic() - proven < PROOF_LEASE):
-            return ServerProbe("alive", busy=busy, last_used=last_used)
-        ready_path = str(server.identity.get("ready_path", "/v1/models"))
-        problem = ready_probe(server.port, ready_path, HEALTH_TIMEOUT)
-        if problem is None:
-            self._proven[server.instance_id] = time.monotonic()
-            return ServerProbe("alive", busy=busy, last_used=last_used, healthy=True)
-        detail = f"GET {ready_path} on port {server.port}: {problem}"
-        killed = self._kill(server)
-        return ServerProbe("alive", healthy=False, detail=detail, killed=killed)
-
-    def _last_word(
-        self, server: ModelServerEntry, directory: Path
-    ) -> tuple[str | None, int | None]:
-        """Why a server that is gone ended, as its supervisor wrote it: the supervisor
-        reaps the server, then writes, so a supervisor still running gets a moment."""
-        deadline = time.monotonic() + 1.0
-        while True:
-            reason, status = exit_marker(directory)
-            sup = process_state(server.supervisor_pid, server.supervisor_started_at)
-            if reason is not None or sup != "alive" or time.monotonic() > deadline:
-                self._reap(server.instance_id)
-                return reason, status
-            time.sleep(0.02)
-
-    # --- leasing -----------------------------------------------------------------------------
-
     def _lease(self, server: ModelServerEntry, started: bool) -> ServerLease | None:
-        """Take the server's shared in-flight lock, then make sure nobody stopped it
-        meanwhile (an evictor or idle stop writes `exit` while it holds the lock
-        exclusively). None when it is being stopped or is gone."""
-        directory = Path(server.log_path).parent
-        try:
-            fd = open_inflight(directory)
-        except OSError:
-            return None
-        if not try_lock(fd, fcntl.LOCK_SH):
-            os.close(fd)
-            return None
-        if (directory / "exit").exists() or process_state(
-            server.pid, server.pid_started_at
-        ) != "alive":
-            os.close(fd)
-            return None
-        touch(directory / "used")
-        return ServerLease(
-            server,
-            fd,
-            started,
-            lambda: self._proven.__setitem__(server.instance_id, time.monotonic()),
-        )
+        """Hold the server for one request (`lease.take_lease`); None when it is being
+        stopped or is gone. Its release counts as proof that it answers."""
+        return take_lease(server, started, lambda: self.proofs.prove(server.instance_id))
 
     # --- starting ----------------------------------------------------------------------------
 
@@ -381,8 +241,8 @@ class ModelServers:
                 log_path=str(log_path),
                 idle_timeout=self.config.pool.idle_timeout,
             )
-            self._children[instance_id] = sup
-            if not self._fenced(claim_id, [started_event]):
+            self.launcher.keep(instance_id, sup)  # abandoned with the rest, if need be
+            if not self.writes.fenced(claim_id, [started_event]):
                 stop_launched(sup, directory, pid, pid_started)
                 return None
             wait_ready(spec, sup, directory, log_path, port, began)
@@ -394,7 +254,7 @@ class ModelServers:
             )
             touch(directory / "used")
             (directory / "adopted").touch(mode=0o600)  # the supervisor stops watching us
-            if not self._fenced(claim_id, [ready]):
+            if not self.writes.fenced(claim_id, [ready]):
                 stop_launched(sup, directory, pid, pid_started)
                 return None
         except ModelServerError as exc:
@@ -415,19 +275,6 @@ class ModelServers:
                 "was ready; run the task again"
             )
         return lease
-
-    def _fenced(self, claim_id: str, events: list[Event]) -> bool:
-        """Append only while our claim is still open."""
-        while True:
-            with self.registry.lock:
-                state = self.registry.refresh()
-                if claim_id not in state.server_claims:
-                    return False
-                try:
-                    self.log.append(REGISTRY_STREAM, events, self.registry.version)
-                except StreamConflict:
-                    continue
-                return True
 
     def _end_claim(
         self,
@@ -451,9 +298,7 @@ class ModelServers:
             exit_status=error.exit_status if error.exit_status is not None else status,
             stopped=error.stopped,
         )
-        with self.registry.lock:
-            if claim_id in self.registry.refresh().server_claims:
-                self.registry.append([failed])
+        self.writes.fenced(claim_id, [failed])  # ends our claim, unless taken over
 
     def _make_room(self, request: ServerRequest, claim_id: str, ids: dict[str, Any]) -> None:
         """Stop the least recently used idle servers until the start fits; wait while the
@@ -483,127 +328,6 @@ class ModelServers:
                     f"{ROOM_WAIT:g} s; try again, or raise [pool] max_model_servers"
                 )
             time.sleep(0.1)
-
-    # --- stopping and finding the dead ------------------------------------------------------
-
-    def _record_gone(
-        self, server: ModelServerEntry, probe: ServerProbe, ids: Mapping[str, Any]
-    ) -> None:
-        with self.registry.lock:
-            now = self.registry.refresh().servers.get(server.instance_id)
-            if now is not None and now.live:
-                self.registry.append([gone_event(now, probe, ids)])
-
-    def stop(
-        self,
-        server: ModelServerEntry,
-        ids: Mapping[str, Any],
-        reason: StopReason = "requested",
-        detail: str = "",
-        wait: bool = True,
-    ) -> bool:
-        """Stop a server and record it. With `wait=False` (an eviction) a server with a
-        request in flight is left alone and False returned; otherwise its requests get up to
-        a few seconds to finish before it is stopped anyway. True when it is gone (a server
-        found dead is recorded exited)."""
-        directory = Path(server.log_path).parent
-        self._proven.pop(server.instance_id, None)
-        fd = open_inflight(directory)
-        try:
-            if not lock_exclusive(fd, 0.0 if not wait else 5.0) and not wait:
-                return False
-            if process_state(server.pid, server.pid_started_at) != "alive":
-                reason_left, status = self._last_word(server, directory)
-                probe = ServerProbe("gone", exit_reason=reason_left, exit_status=status)
-                self._record_gone(server, probe, ids)
-                return True
-            write_exit(directory, reason, detail)
-            self._terminate(server)
-        finally:
-            os.close(fd)
-        with self.registry.lock:
-            now = self.registry.refresh().servers.get(server.instance_id)
-            if now is not None and now.live:
-                self.registry.append(
-                    [
-                        ModelServerStopped(
-                            **ids, instance_id=server.instance_id, reason=reason, detail=detail
-                        )
-                    ]
-                )
-        return True
-
-    def _terminate(self, server: ModelServerEntry) -> None:
-        """The supervisor stops the server's group; then make sure both are gone."""
-        child = self._children.get(server.instance_id)
-        if process_state(server.supervisor_pid, server.supervisor_started_at) == "alive":
-            terminate(server.supervisor_pid, server.supervisor_started_at, timeout=15.0)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=5)
-        terminate(server.pid, server.pid_started_at)
-        self._reap(server.instance_id)
-
-    def _kill(self, server: ModelServerEntry) -> bool:
-        directory = Path(server.log_path).parent
-        write_exit(directory, "unhealthy", "its ready path did not answer")
-        self._terminate(server)
-        return process_state(server.pid, server.pid_started_at) != "alive"
-
-    def stoppable(self) -> list[ModelServerEntry]:
-        """Servers of this host recorded running or whose process still runs."""
-        state = self.registry.refresh()
-        return [
-            s
-            for s in state.servers.values()
-            if s.host == self.host and (s.live or process_state(s.pid, s.pid_started_at) == "alive")
-        ]
-
-    def stop_matching(
-        self, which: str | None, ids: Mapping[str, Any]
-    ) -> tuple[list[str], list[str]]:
-        """Stop this host's servers named by instance id or `provider/model` (every one
-        when `which` is None), whatever their recorded status: (stopped, already gone)."""
-        stopped: list[str] = []
-        gone: list[str] = []
-        for server in self.stoppable():
-            if which is None or which in (server.instance_id, server.model):
-                alive = process_state(server.pid, server.pid_started_at) == "alive"
-                self.stop(server, ids)
-                (stopped if alive else gone).append(server.instance_id)
-        return stopped, gone
-
-    def sweep(self, ids: Mapping[str, Any]) -> None:
-        """Record what became of this host's servers that look live: found dead, or
-        stopped by their supervisor (idle). The registry tells the truth when read."""
-        for server in self.stoppable():
-            claim = self.registry.state.server_claims.get(server.claim_id or "")
-            if claim is not None and self._claimants([claim]).get(claim.claim_id) == "alive":
-                continue  # starting, and its starter is on it
-            probe = self.probe(server, health=False)
-            if probe.process != "alive":
-                self._record_gone(server, probe, ids)
-
-    def _reap(self, instance_id: str) -> None:
-        child = self._children.get(instance_id)
-        if child is not None and child.poll() is not None:
-            del self._children[instance_id]
-
-    def reap_children(self) -> None:
-        """Collect the exit statuses of supervisors that ended (no zombies)."""
-        for instance_id in list(self._children):
-            self._reap(instance_id)
-
-    def abandon(self) -> None:
-        """Stop every server this orchestrator started, recording nothing (the store is
-        gone: no one could ever find them)."""
-        for child in list(self._children.values()):
-            with contextlib.suppress(OSError):
-                child.terminate()
-        for instance_id, child in list(self._children.items()):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(timeout=15)
-            del self._children[instance_id]
 
 
 def _slug(name: str) -> str:
