@@ -4,7 +4,11 @@ the fold from the start, on every store. One of another shape, or a bad one, is 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -18,6 +22,7 @@ from events.streams import StreamView
 from orchestrator import views_at_scale
 from orchestrator.ui.data import ReadOnlyLog
 from orchestrator.ui.travel import RegistryHistory
+from tests.conftest import postgres_schema
 from tests.test_views_at_scale import _event, assert_same_answers, slow_registry
 
 
@@ -103,6 +108,45 @@ def test_a_new_process_starts_from_the_saved_checkpoint_with_the_full_folds_rows
     finally:
         if close:
             log.close()
+
+
+CHILD = """
+import json, sys
+from events.checkpoints import RegistryCheckpoints
+from events.store import EventLog
+from orchestrator import views_at_scale
+log = EventLog(sys.argv[1], create=False)
+start = RegistryCheckpoints.from_store(log).position
+rows = [e.model_dump(mode="json") for e in views_at_scale.registry(log)]
+print(json.dumps({"start": start, "rows": rows}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_another_process_reads_the_same_rows_from_the_saved_checkpoint(
+    kind: str, tmp_path: Any
+) -> None:
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(postgres_schema())
+            if kind == "postgresql"
+            else f"sqlite:///{tmp_path / 'events.db'}"
+        )
+        log = EventLog(url)
+        stack.callback(log.close)
+        write_as_writers_do(log, seed=11, count=300)
+        saved = load_saved(log)
+        assert saved is not None
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,  # with this process's environment: the code under test
+        )
+        found = json.loads(done.stdout)
+        assert found["start"] == saved.position
+        assert found["rows"] == [e.model_dump(mode="json") for e in slow_registry(log)]
 
 
 def test_the_inspector_starts_from_the_saved_checkpoint_without_writing(tmp_path: Any) -> None:
