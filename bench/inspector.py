@@ -4,7 +4,9 @@ Side by side on a 10k-event and a 1M-event log (`bench.logbuild`; `--quick`: 10k
 100k): the p95 server time of every page and API call (in-process, through the ASGI app),
 the time-travel slider at random positions of a session, the first read of the log, and
 the live latency from an append by another writer to the event reaching the stream, on
-SQLite and PostgreSQL. `--views`: only the views made cheap by ADR-0014, before and after.
+SQLite and PostgreSQL; and the first call in a new process of the registry API and the
+processes page (each in `FIRST_RUNS` new processes, beside the warm p95). `--views`: only
+the views made cheap by ADR-0014, before and after.
 Logs are kept in DIR (default /tmp/orchestrator-bench) for reuse.
 """
 
@@ -26,7 +28,7 @@ from events.store import EventLog, Filter
 
 RUNS = 30
 SLOW_RUNS = 3  # views that fold the whole log (replay, diff, whatif of every session)
-SLOW = ("api whatif (all sessions)", "api replay", "api diff", "api registry")
+SLOW = ("api whatif (all sessions)", "api replay", "api diff")
 
 
 def p95(samples: list[float]) -> float:
@@ -186,6 +188,59 @@ def views_before_after(url: str, runs: int = 10) -> dict[str, tuple[float, float
     return out
 
 
+FIRST_RUNS = 5  # new processes per first call measured
+FIRST_CALLS = {"api registry": "/api/views/registry", "page processes": "/processes"}
+
+
+def first_call(url: str, path: str) -> dict[str, float]:
+    """In this process: open the inspector on `url` (no follower, nothing read yet) and
+    time its first and second GET of `path` (ms), and the opening (s)."""
+    from starlette.testclient import TestClient
+
+    from orchestrator.ui.app import create_app
+    from orchestrator.ui.data import Inspector
+
+    t0 = time.perf_counter()
+    data = Inspector(url)
+    opened = time.perf_counter() - t0
+    times = []
+    with TestClient(create_app(data, "t"), headers={"Authorization": "Bearer t"}) as client:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            reply = client.get(path)
+            times.append(1000 * (time.perf_counter() - t0))
+            assert reply.status_code == 200, (path, reply.text[:200])
+    data.close()
+    return {"open_s": opened, "first_ms": times[0], "second_ms": times[1]}
+
+
+def first_calls(url: str) -> dict[str, dict[str, float]]:
+    """The first call in a new process, `FIRST_RUNS` new processes per call: the median
+    and the slowest first call (ms), the median second one, the median opening (s)."""
+    import subprocess
+
+    out = {}
+    for name, path in FIRST_CALLS.items():
+        runs = []
+        for _ in range(FIRST_RUNS):
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.inspector", "--first-call", url, path],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        firsts = [r["first_ms"] for r in runs]
+        out[name] = {
+            "first_median_ms": statistics.median(firsts),
+            "first_max_ms": max(firsts),
+            "second_median_ms": statistics.median(r["second_ms"] for r in runs),
+            "open_median_s": statistics.median(r["open_s"] for r in runs),
+        }
+    return out
+
+
 def live_latency(url: str, samples: int = 20) -> dict[str, float]:
     """From an append by another writer (its own connection) to the stream having it."""
     from orchestrator.ui.data import Inspector
@@ -247,6 +302,10 @@ def _postgres_url() -> tuple[str, Any] | None:
 
 def main() -> None:
     """Measure and print; results also go to bench/inspector-results.json."""
+    if "--first-call" in sys.argv:  # a child of `first_calls`
+        at = sys.argv.index("--first-call")
+        print(json.dumps(first_call(sys.argv[at + 1], sys.argv[at + 2])))
+        return
     quick = "--quick" in sys.argv
     directory = Path(
         sys.argv[sys.argv.index("--dir") + 1] if "--dir" in sys.argv else "/tmp/orchestrator-bench"
@@ -262,6 +321,14 @@ def main() -> None:
         return
     measured = {size: pages(_log(directory, size)) for size in sizes}
     small, big = sizes
+    firsts = {size: first_calls(_log(directory, size)) for size in sizes}
+    print(f"\n{'first call in a new process (ms)':44} {small:>10,} {big:>10,}")
+    for name in FIRST_CALLS:
+        for key in ("first_median_ms", "first_max_ms", "second_median_ms", "open_median_s"):
+            a, b = firsts[small][name][key], firsts[big][name][key]
+            print(f"{name + ' ' + key:44} {a:10.1f} {b:10.1f}")
+        measured[small][f"first {name}"] = firsts[small][name]
+        measured[big][f"first {name}"] = firsts[big][name]
     print(f"\n{'call (p95 ms, server time in-process)':44} {small:>10,} {big:>10,}  ratio")
     for name in measured[small]["calls"]:
         a, b = measured[small]["calls"][name], measured[big]["calls"][name]

@@ -2,7 +2,9 @@
 
 The log is many sessions' tasks (TaskStarted, ModelResolved, TaskCompleted and a WorkerReused
 in the registry per task, an override now and then), written through the same `EventLog` the
-orchestrator uses, in batches. The measured session, `bench`, is small and written last.
+orchestrator uses, in batches, the registry's as the pool appends them (after refreshing its
+view, which saves the registry's snapshot and checkpoint when due). The measured session,
+`bench`, is small and written last.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import orjson
 
 from bench.measure import Stats, timed
 from events.catalogue import (
+    REGISTRY_STREAM,
     Event,
     ModelResolved,
     TaskCompleted,
@@ -27,8 +30,10 @@ from events.catalogue import (
     WorkerSpawned,
     event_from_json,
 )
+from events.projections import RegistryState, apply_registry
 from events.replay import replay
 from events.store import EventLog, Filter
+from events.streams import StreamView
 from orchestrator import Orchestrator
 
 SESSION_SIZE = 1000  # events per filler session
@@ -79,7 +84,9 @@ def build_log(url: str, size: int) -> float:
         ),
         WorkerReady(**ids, instance_id="coder-bench"),
     ]
-    registry_version = 0
+    # The registry is appended as the pool appends it: after refreshing its view, which
+    # saves the registry's snapshot and checkpoint when due (the log writers leave).
+    view = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
     written = 0
     n = 0
     started = time.perf_counter()
@@ -101,10 +108,11 @@ def build_log(url: str, size: int) -> float:
             batch += s_events
             registry += r_events
         log.append(f"session:{session_id}", batch, 0)
-        log.append("registry", registry, registry_version)
-        registry_version += len(registry)
+        view.refresh()
+        log.append(REGISTRY_STREAM, registry, view.version)
         written += len(batch) + len(registry)
         registry = []
+    view.refresh()
     elapsed = time.perf_counter() - started
     with Orchestrator.open(store=log, session_id="bench") as orch:
         for model in ("local/echo-small", "local/echo-vision"):

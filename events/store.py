@@ -395,16 +395,20 @@ class EventLog:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    def load_snapshot(self, stream: str) -> tuple[int, dict[str, Any]] | None:
-        """The newest snapshot of a stream's state: (version, state)."""
+    def load_snapshot(
+        self, stream: str, at_most: int | None = None
+    ) -> tuple[int, dict[str, Any]] | None:
+        """The newest snapshot of a stream's state (with `at_most`: the newest at or before
+        that version): (version, state). One read of the snapshot table's key."""
         with _guarded(self.url, "reading"):
-            rows = self._snapshots.select_events(stream, desc=True, limit=1)
+            rows = self._snapshots.select_events(stream, lte=at_most, desc=True, limit=1)
         if not rows:
             return None
         return rows[0].originator_version, json.loads(rows[0].state)
 
-    def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
-        """Store a stream's folded state at `version` (idempotent across writers)."""
+    def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> bool:
+        """Store a stream's folded state at `version` (idempotent across writers). True
+        when the store has it now (a read-only log keeps nothing, and says so)."""
         self.check_in_place()
         try:
             with _guarded(self.url, "writing a snapshot"):
@@ -412,7 +416,8 @@ class EventLog:
                     [StoredEvent(stream, version, "snapshot", json.dumps(state).encode())]
                 )
         except IntegrityError:
-            return  # another process saved the same snapshot: same fold, same state
+            pass  # another process saved the same snapshot: same fold, same state
+        return True
 
     def private_dir(self, name: str) -> Path:
         """A user-only directory that belongs to this store: beside a SQLite file

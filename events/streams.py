@@ -1,7 +1,9 @@
 """Live state of one stream: newest snapshot plus the events after it, caught up on demand.
 
 Loading a stream reads one snapshot and at most `SNAPSHOT_EVERY` events, however long the
-log is; catching up reads only the events appended since the last look.
+log is; catching up reads only the events appended since the last look. When the registry's
+snapshot is saved, its history's checkpoint is brought up to date and saved when due
+(`events.checkpoints`), so every writer leaves the log with them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from events.catalogue import MEMORY_STREAM, Event, session_stream
+from events.catalogue import MEMORY_STREAM, REGISTRY_STREAM, Event, session_stream
+from events.checkpoints import registry_checkpoints
 from events.projections import MemoryState, SessionState, apply_memory, apply_session
 from events.store import EventLog, StreamConflict
 
@@ -64,6 +67,10 @@ class StreamView(Generic[S]):
                     self.stream, self.version, self.state.model_dump(mode="json")
                 )
                 self._snapshot_version = self.version
+                if self.stream == REGISTRY_STREAM:
+                    # The registry's history rides along: caught up from its newest saved
+                    # checkpoint, saving one when due, so no reader folds it from the start.
+                    registry_checkpoints(self.log)
             return self.state
 
     def append(self, events: list[Event]) -> None:

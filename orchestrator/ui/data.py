@@ -70,8 +70,9 @@ class ReadOnlyLog(EventLog):
         """Refused: the inspector appends nothing."""
         raise StoreError("the inspector is read-only: it appends nothing to the log")
 
-    def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> None:
+    def save_snapshot(self, stream: str, version: int, state: dict[str, Any]) -> bool:
         """Skipped: looking leaves the store as it was (snapshots too)."""
+        return False
 
     def hold_host_lease(self, host: str) -> None:
         """Skipped: the inspector runs no task, so it must not make this host look alive."""
@@ -119,10 +120,11 @@ class Inspector:
         self.host = host_id()
         self.summaries: dict[str, SessionSummary] = {}
         self.usage: UsageBuckets = {}
-        self.registry = RegistryHistory()
+        # From the newest checkpoint the writers saved (ADR-0014), not the registry's start.
+        self.registry = RegistryHistory.from_store(self.log)
         checkpoints.share(self.log, self.registry)  # the views' registry reads use it too
         self._summary_position = 0
-        self._registry_seen = 0  # the log read for registry events up to here
+        self._registry_seen = self.registry.position  # the log read for registry events up to here
         self._histories: OrderedDict[str, SessionHistory] = OrderedDict()
         self._readers: OrderedDict[str, SessionReader] = OrderedDict()
         self.head = self.log.head()

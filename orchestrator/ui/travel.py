@@ -6,12 +6,12 @@ A session's state at any position is answered without a replay from the start:
   so its cost is the session's length, not the log's) and keeps, for each task, its record
   at every change, and the session's overrides at every change. The state as of a position
   is then one binary search per task and one for the overrides.
-- `RegistryHistory` folds the registry stream and keeps a checkpoint of its state every
-  `events.checkpoints.CHECKPOINT_EVERY` registry events; the registry as of a position is
-  the nearest checkpoint at or before it plus at most that many events read through the index.
+- `RegistryHistory` is the registry's `events.checkpoints.RegistryCheckpoints`: started from
+  the newest checkpoint the writers saved, the registry as of a position is the nearest
+  checkpoint at or before it plus the registry events between, read through the index.
 
-Both are fed in log order, incrementally, as the log grows (nothing here reads the log
-itself: the caller hands in events), and neither is ever written to the store.
+Both are fed in log order, incrementally, as the log grows (the caller hands in events),
+and neither writes to the store: the inspector's log is read-only.
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ from events.catalogue import (
     SessionForked,
     TaskCancelled,
     TaskStarted,
-    WorkerDraining,
-    WorkerExited,
     WorkerModelReset,
     WorkerModelSet,
     WorkerReused,
     WorkerReuseRejected,
     WorkerSpawned,
-    WorkerStopped,
 )
 from events.checkpoints import Read, RegistryCheckpoints
 from events.projections import (
@@ -171,27 +168,8 @@ class Process:
 
 @dataclass
 class RegistryHistory(RegistryCheckpoints):
-    """The registry folded as the log grows, with a checkpoint every K registry events, and
-    how each process started and stopped (shared with the views: `checkpoints.share`)."""
-
-    started_by: dict[str, str] = field(default_factory=dict)
-    stopped_why: dict[str, str] = field(default_factory=dict)
-
-    def feed(self, position: int, event: Event) -> bool:
-        """Fold one registry event, in log order, noting starts and stops."""
-        if not super().feed(position, event):
-            return False
-        if isinstance(event, WorkerSpawned):
-            self.started_by[event.instance_id] = (
-                f"spawned for session {event.session_id}"
-                + (f" task {event.task_id}" if event.task_id else "")
-                + f" at position {position}"
-            )
-        elif isinstance(event, WorkerStopped | WorkerDraining | WorkerExited):
-            reason = getattr(event, "reason", "exited")
-            detail = f": {event.detail}" if event.detail else ""
-            self.stopped_why[event.instance_id] = f"{reason}{detail} (position {position})"
-        return True
+    """The registry folded as the log grows, with checkpoints, and how each process started
+    and stopped (shared with the views: `checkpoints.share`)."""
 
     def processes(self) -> list[Process]:
         """Every process the registry knows now (stopped ones too), oldest first."""
@@ -199,9 +177,22 @@ class RegistryHistory(RegistryCheckpoints):
             [*self.state.entries.values(), *self.retired.values()], key=lambda e: e.started_at
         )
         return [
-            Process(e, self.started_by.get(e.instance_id, ""), self.stopped_why.get(e.instance_id))
+            Process(e, self._started_by(e.instance_id), self._stopped_why(e.instance_id))
             for e in entries
         ]
+
+    def _started_by(self, instance_id: str) -> str:
+        if instance_id not in self.starts:
+            return ""
+        position, session_id, task_id = self.starts[instance_id]
+        task = f" task {task_id}" if task_id else ""
+        return f"spawned for session {session_id}{task} at position {position}"
+
+    def _stopped_why(self, instance_id: str) -> str | None:
+        if instance_id not in self.stops:
+            return None
+        position, reason, detail = self.stops[instance_id]
+        return f"{reason}{f': {detail}' if detail else ''} (position {position})"
 
     def at(self, position: int, read: Read) -> list[AnyRegistryEntry]:
         """The registry's processes (running and stopped) as of a position: the nearest
