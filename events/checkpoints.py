@@ -57,7 +57,8 @@ CHECKPOINT_EVERY = 256
 # short range of the log, however sparse the registry's events are).
 CHECKPOINT_SPAN = 20_000
 # The saved checkpoints' version: bump it when the fold (`apply_registry`, `_note`) gives
-# other rows for the same events. A change of the saved shape changes the name by itself.
+# other rows for the same events (a test pins the fold's digest per FORMAT, so a change to
+# the fold without a bump fails). A change of the saved shape changes the name by itself.
 FORMAT = 1
 REGISTRY_TYPES = tuple(sorted(types_of("registry")))
 _ENTRY: TypeAdapter[AnyRegistryEntry] = TypeAdapter(AnyRegistryEntry)  # a worker or model server

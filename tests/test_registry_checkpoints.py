@@ -260,3 +260,46 @@ def test_a_log_written_before_checkpoints_were_saved_is_folded_once_and_saved() 
         assert any(isinstance(e, WorkerSpawned) for _, e in log.select(Filter(stream="registry")))
     finally:
         log.close()
+
+
+def _registry_fold_digest() -> str:
+    """A digest of the code that folds registry events into saved checkpoints (its syntax
+    tree, so formatting and comments do not count)."""
+    import ast
+    import hashlib
+    import inspect
+    import textwrap
+
+    from events import checkpoints, projections
+
+    folds = {id(f): f for f in projections._on_registry.registry.values()}
+    parts = [
+        projections.apply_registry,
+        checkpoints.registry_rows,
+        *sorted(folds.values(), key=lambda f: f.__code__.co_firstlineno),
+        checkpoints.RegistryCheckpoints.feed,
+        checkpoints.RegistryCheckpoints._note,
+    ]
+    helpers = [
+        getattr(projections, name)
+        for name in sorted(vars(projections))
+        if name in {"_claimed", "_launched", "_used", "_refused", "_move", "_server_status"}
+    ]
+    trees = [ast.dump(ast.parse(textwrap.dedent(inspect.getsource(f)))) for f in [*parts, *helpers]]
+    return hashlib.sha256("\n".join(trees).encode()).hexdigest()[:16]
+
+
+# The fold each checkpoint FORMAT was saved by. A checkpoint saved by another fold would be
+# trusted by name alone, so a change to the fold must come with a new FORMAT.
+FOLD_OF_FORMAT = {1: "82c45e825a8bd2ba"}
+
+
+def test_a_change_to_the_registry_fold_comes_with_a_new_checkpoint_format() -> None:
+    from events.checkpoints import FORMAT
+
+    digest = _registry_fold_digest()
+    assert FOLD_OF_FORMAT.get(FORMAT) == digest, (
+        f"the registry fold changed (digest {digest}): checkpoints saved by the old fold "
+        "would be read as this one's. Bump events.checkpoints.FORMAT and record "
+        f"FOLD_OF_FORMAT[{FORMAT} + 1] = {digest!r} here."
+    )
