@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.catalogue import Event, TaskStarted
-from events.checkpoints import registry_checkpoints, registry_events
+from events.checkpoints import registry_checkpoints
 from events.projections import Override, SessionState, TaskRecord, apply_session, apply_task
 from events.reads import OVERRIDE_TYPES, TASK_RECORD_TYPES
 from events.store import EventLog, Filter
+from orchestrator import views_at_scale
 from orchestrator.api import MAX_POSITION, InvalidTaskArgs
 from orchestrator.config import OrchestratorConfig
 from orchestrator.explain import OverrideRow, ReplayView
@@ -257,7 +258,7 @@ def replay(
     the first `limit` in log order. The `replay` view's row with only those overrides and
     tasks."""
     position = _position_at(log, until)
-    rows = registry_checkpoints(log).rows_at(position, registry_events(log))
+    rows = registry_checkpoints(log).rows_at(position, views_at_scale.registry_after(log))
     if session_id is None:
         timeline = override_history(log)
         sessions = timeline.sessions()
@@ -291,11 +292,11 @@ def replay(
 
 def next_since(log: EventLog, view: str, filters: Mapping[str, Any], rows: list[Any]) -> int | None:
     """The `since` of the page after this one of a paged view (`events`, `whatif`,
-    `replay` with `limit`), or None when this page was the last."""
+    `replay` with `limit`), or None when this page is not full (so it was the last)."""
     limit = filters.get("limit")
-    since, until = int(filters.get("since") or 0), filters.get("until")
-    if not isinstance(limit, int):
+    if view not in ("events", "whatif", "replay") or not isinstance(limit, int):
         return None
+    since, until = int(filters.get("since") or 0), filters.get("until")
     if view == "events":
         return int(rows[-1].position) if len(rows) == limit else None
     session_id = filters.get("session_id")

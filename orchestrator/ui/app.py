@@ -44,8 +44,8 @@ EVENTS_PAGE = 100
 API_EVENTS_PAGE = 1000  # the API's `events` rows when no `limit` is given (ADR-0014)
 # The API's page of each paged view when no `limit` is given: `events` rows, `whatif` rows
 # (decisions), `replay` tasks (ADR-0014).
-API_PAGES = {"events": API_EVENTS_PAGE, "whatif": 1000, "replay": 1000}
-WHATIF_PAGE = 1000  # decisions per what-if page
+API_PAGES = {"events": API_EVENTS_PAGE, "whatif": 500, "replay": 500}
+WHATIF_PAGE = 500  # decisions per what-if page
 SESSIONS_SHOWN = 200  # the newest; the events page reaches the rest
 USAGE_BINS = 48
 Scope = MutableMapping[str, Any]
