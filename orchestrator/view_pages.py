@@ -32,7 +32,7 @@ from events.store import EventLog, Filter
 from orchestrator import views_at_scale
 from orchestrator.api import MAX_POSITION, InvalidTaskArgs
 from orchestrator.config import OrchestratorConfig
-from orchestrator.explain import OverrideRow, ReplayView
+from orchestrator.explain import ReplayView, override_row
 from orchestrator.history import (
     DECISION_TYPES,
     Decided,
@@ -41,8 +41,6 @@ from orchestrator.history import (
     whatif_row,
 )
 from orchestrator.resolver import CatalogueModel, ResolutionError, build_catalogue, decide_model
-
-TASK_IDS_PER_READ = 200  # ids per indexed read (under every driver's parameter limit)
 
 
 def check_limit(limit: int | None) -> None:
@@ -146,8 +144,9 @@ def _task_events(
 ) -> Iterator[tuple[int, Event]]:
     """Some tasks' events of some types, by id through the index, a page of ids at a time
     (each page in log order)."""
-    for i in range(0, len(task_ids), TASK_IDS_PER_READ):
-        where = Filter(task_ids=tuple(task_ids[i : i + TASK_IDS_PER_READ]), types=types)
+    step = views_at_scale.TASK_IDS_PER_READ
+    for i in range(0, len(task_ids), step):
+        where = Filter(task_ids=tuple(task_ids[i : i + step]), types=types)
         yield from log.select(where, until=until)
 
 
@@ -266,14 +265,7 @@ def replay(
         timeline = session_overrides(log, [session_id], position)
         sessions = [session_id]
     overrides = [
-        OverrideRow(
-            session_id=sid,
-            **o.model_dump(
-                include={"worker_id", "model_ref", "resolved_model", "model_policy", "reason"}
-            ),
-        )
-        for sid in sessions
-        for o in timeline.at(sid, position).values()
+        override_row(sid, o) for sid in sessions for o in timeline.at(sid, position).values()
     ]
     started = _started(log, session_id, since, position, limit)
     task_ids = list(dict.fromkeys(task_id for _, task_id in started))
