@@ -32,7 +32,7 @@ from events.store import EventLog, Filter
 from orchestrator import views_at_scale
 from orchestrator.api import MAX_POSITION, InvalidTaskArgs
 from orchestrator.config import OrchestratorConfig
-from orchestrator.explain import ReplayView, override_row
+from orchestrator.explain import OverrideRow, ReplayView, override_row
 from orchestrator.history import (
     DECISION_TYPES,
     Decided,
@@ -115,17 +115,25 @@ _KEPT: weakref.WeakKeyDictionary[EventLog, OverrideTimeline] = weakref.WeakKeyDi
 _LOCK = threading.Lock()
 
 
-def override_history(log: EventLog) -> OverrideTimeline:
-    """Every session's overrides over time, kept per open log in memory (like the
-    registry's checkpoints) and caught up with the override events appended since the last
-    look: read by type, so the store walks only the events after the last one folded."""
+def every_override_at(log: EventLog, position: int) -> list[OverrideRow]:
+    """Every session's overrides as of a position, as the `replay` view lists them, from an
+    override history kept per open log in memory (like the registry's checkpoints) and
+    caught up with the override events appended since the last look: read by type, so the
+    store walks only the events after the last one folded. Read under its lock, since
+    another thread may be catching it up."""
     with _LOCK:
         found = _KEPT.get(log)
         if found is None:
             found = _KEPT[log] = OverrideTimeline()
-        for position, event in log.select(Filter(types=OVERRIDE_TYPES), after=found.position):
-            found.feed(position, event)
-        return found
+        for at, event in log.select(Filter(types=OVERRIDE_TYPES), after=found.position):
+            found.feed(at, event)
+        return _override_rows(found, found.sessions(), position)
+
+
+def _override_rows(
+    timeline: OverrideTimeline, sessions: list[str], position: int
+) -> list[OverrideRow]:
+    return [override_row(sid, o) for sid in sessions for o in timeline.at(sid, position).values()]
 
 
 # --- whatif ------------------------------------------------------------------------------------
@@ -259,14 +267,11 @@ def replay(
     position = _position_at(log, until)
     rows = registry_checkpoints(log).rows_at(position, views_at_scale.registry_after(log))
     if session_id is None:
-        timeline = override_history(log)
-        sessions = timeline.sessions()
+        overrides = every_override_at(log, position)
     else:
-        timeline = session_overrides(log, [session_id], position)
-        sessions = [session_id]
-    overrides = [
-        override_row(sid, o) for sid in sessions for o in timeline.at(sid, position).values()
-    ]
+        overrides = _override_rows(
+            session_overrides(log, [session_id], position), [session_id], position
+        )
     started = _started(log, session_id, since, position, limit)
     task_ids = list(dict.fromkeys(task_id for _, task_id in started))
     # Oldest first, as the view; a stable sort keeps log order among equal times.
