@@ -27,8 +27,8 @@ from events.catalogue import MemoryPut
 from events.store import EventLog, Filter
 
 RUNS = 30
-SLOW_RUNS = 3  # views that fold the whole log (replay, diff, whatif of every session)
-SLOW = ("api whatif (all sessions)", "api replay", "api diff")
+SLOW_RUNS = 3  # the views' whole answers, which fold the whole log (`limit=` left empty)
+SLOW = ("api whatif (whole, every session)", "api replay (whole log)")
 
 
 def p95(samples: list[float]) -> float:
@@ -94,6 +94,12 @@ def pages(url: str) -> dict[str, Any]:
         ),
         "page usage": ("GET", "/usage", None),
         "page whatif (session)": ("POST", "/whatif", {"config": config, "session": session}),
+        "page whatif (every session, a page)": ("POST", "/whatif", {"config": config}),
+        "page whatif (every session, late page)": (
+            "POST",
+            "/whatif",
+            {"config": config, "since": str(data.head // 2)},
+        ),
         "api tasks": ("GET", f"/api/views/tasks?session_id={session}", None),
         "api workers": ("GET", f"/api/views/workers?session_id={session}", None),
         "api models": ("GET", "/api/views/models", None),
@@ -104,13 +110,35 @@ def pages(url: str) -> dict[str, Any]:
         "api explain task": ("GET", f"/api/views/explain?task_id={task}", None),
         "api usage (session)": ("GET", f"/api/views/usage?session_id={session}", None),
         "api registry": ("GET", "/api/views/registry", None),
-        "api replay": ("GET", f"/api/views/replay?until={data.head // 2}", None),
+        "api replay (page of 500 tasks)": (
+            "GET",
+            f"/api/views/replay?until={data.head // 2}",
+            None,
+        ),
+        "api replay (session)": ("GET", f"/api/views/replay?session_id={session}", None),
         "api diff": (
             "GET",
             f"/api/views/diff?since={data.head // 2}&until={data.head // 2 + 100}",
             None,
         ),
-        "api whatif (all sessions)": ("GET", "/api/views/whatif?config=/dev/null", None),
+        "api whatif (page of 500)": ("GET", "/api/views/whatif?config=/dev/null", None),
+        "api whatif (late page of 500)": (
+            "GET",
+            f"/api/views/whatif?config=/dev/null&since={data.head // 2}",
+            None,
+        ),
+        "api whatif (session)": (
+            "GET",
+            f"/api/views/whatif?config=/dev/null&session_id={session}",
+            None,
+        ),
+        # The whole answers (`limit=` empty), as large as the log: reported, not paged.
+        "api replay (whole log)": ("GET", f"/api/views/replay?until={data.head // 2}&limit=", None),
+        "api whatif (whole, every session)": (
+            "GET",
+            "/api/views/whatif?config=/dev/null&limit=",
+            None,
+        ),
     }
     results: dict[str, float] = {}
     with TestClient(create_app(data, "t"), headers={"Authorization": "Bearer t"}) as client:
@@ -149,7 +177,10 @@ def views_before_after(url: str, runs: int = 10) -> dict[str, tuple[float, float
     from starlette.testclient import TestClient
 
     from events.reads import registry_history
+    from events.replay import replay
     from orchestrator import history
+    from orchestrator.config import load_config
+    from orchestrator.explain import replay_view
     from orchestrator.ui.app import create_app
     from orchestrator.ui.data import Inspector
 
@@ -163,12 +194,16 @@ def views_before_after(url: str, runs: int = 10) -> dict[str, tuple[float, float
         "api usage (session)": lambda: list(data.log.select(completed)),
         "api registry": lambda: registry_history(data.log),
         "api diff": lambda: history.diff(data.log, since, until),
+        "api replay (page of 500 tasks)": lambda: replay_view(replay(data.log, until=since)),
+        "api whatif (page of 500)": lambda: history.whatif(data.log, load_config(None), {}),
     }
     after = {
         "api events (session)": f"/api/views/events?session_id={session}",
         "api usage (session)": f"/api/views/usage?session_id={session}",
         "api registry": "/api/views/registry",
         "api diff": f"/api/views/diff?since={since}&until={until}",
+        "api replay (page of 500 tasks)": f"/api/views/replay?until={since}",
+        "api whatif (page of 500)": "/api/views/whatif?config=/dev/null",
     }
     out: dict[str, tuple[float, float]] = {}
     with TestClient(create_app(data, "t"), headers={"Authorization": "Bearer t"}) as client:

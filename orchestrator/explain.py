@@ -6,7 +6,6 @@ Pure functions over event records, so the same answer comes from any copy of the
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -134,7 +133,7 @@ class WorkerExplanation(BaseModel):
 def replay_view(state: LogState) -> ReplayView:
     """Flatten a replayed state into the `replay` view."""
     overrides = [
-        OverrideRow(session_id=sid, **_override_fields(o))
+        override_row(sid, o)
         for sid, session in sorted(state.sessions.items())
         for o in session.overrides.values()
     ]
@@ -150,10 +149,10 @@ def replay_view(state: LogState) -> ReplayView:
     return ReplayView(position=state.position, registry=registry, overrides=overrides, tasks=tasks)
 
 
-def _override_fields(o: Override) -> dict[str, Any]:
-    return o.model_dump(
-        include={"worker_id", "model_ref", "resolved_model", "model_policy", "reason"}
-    )
+def override_row(session_id: str, o: Override) -> OverrideRow:
+    """A session's override as the `replay` view shows it."""
+    fields = {"worker_id", "model_ref", "resolved_model", "model_policy", "reason"}
+    return OverrideRow(session_id=session_id, **o.model_dump(include=fields))
 
 
 def override_cause(record: EventRecord | None, worker_id: str) -> OverrideCause | None:

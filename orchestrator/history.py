@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from events.catalogue import ConfigRecorded, ModelResolved, TaskCompleted, TaskStarted
+from events.catalogue import ConfigRecorded, Event, ModelResolved, TaskCompleted, TaskStarted
 from events.projections import LogState, apply
 from events.reads import recorded_configs
 from events.store import EventLog
@@ -86,23 +86,33 @@ class Decided(BaseModel):
     continue_from: str | None = None
 
 
-def recorded_decisions(
-    log: EventLog, session_id: str | None = None
-) -> Iterable[tuple[Decided, LogState]]:
-    """Every recorded `ModelResolved` in log order, with the state just before it (the
-    session overrides it was decided on). The state is the live fold, so do not keep it."""
-    state = LogState()
-    task_models: dict[str, str | None] = {}
-    turns: dict[str, tuple[int, str | None]] = {}
-    pending: dict[str, Decided] = {}
-    for position, event in log.read_log():
+class DecisionTracker:
+    """What a recorded decision needs from the events around it, gathered per task: the
+    model its `TaskStarted` asked for, its place in a conversation, and the model its
+    `TaskCompleted` reports. Fed a task's events in log order (others' may be interleaved
+    or left out: nothing here crosses tasks), it makes the same `Decided` however much of
+    the log around them it is fed."""
+
+    def __init__(self, session_id: str | None = None) -> None:
+        self.session_id = session_id
+        self._task_models: dict[str, str | None] = {}
+        self._turns: dict[str, tuple[int, str | None]] = {}
+        self._pending: dict[str, Decided] = {}
+
+    def feed(self, position: int, event: Event) -> Decided | None:
+        """Note one event; the decision it records, if it is a `ModelResolved` (of the
+        session asked about). A decision's `served_model` is filled in by its task's later
+        `TaskCompleted`."""
         if isinstance(event, TaskStarted) and event.kind == "worker":
-            task_models[str(event.task_id)] = event.args.get("model")
+            self._task_models[str(event.task_id)] = event.args.get("model")
             if event.conversation:
-                turns[str(event.task_id)] = (len(event.conversation) + 1, event.conversation[-1])
-        elif isinstance(event, ModelResolved) and session_id in (None, event.session_id):
+                self._turns[str(event.task_id)] = (
+                    len(event.conversation) + 1,
+                    event.conversation[-1],
+                )
+        elif isinstance(event, ModelResolved) and self.session_id in (None, event.session_id):
             task_id = str(event.task_id)
-            turn, continue_from = turns.pop(task_id, (1, None))
+            turn, continue_from = self._turns.pop(task_id, (1, None))
             decided = Decided(
                 position=position,
                 task_id=task_id,
@@ -111,14 +121,32 @@ def recorded_decisions(
                 config_digest=event.config_digest,
                 recorded=ModelDecision.model_validate(event, from_attributes=True),
                 served_model=None,
-                task_model=task_models.pop(task_id, None),
+                task_model=self._task_models.pop(task_id, None),
                 turn=turn,
                 continue_from=continue_from,
             )
-            pending[task_id] = decided
+            self._pending[task_id] = decided
+            return decided
+        elif isinstance(event, TaskCompleted) and event.task_id in self._pending:
+            self._pending.pop(str(event.task_id)).served_model = event.model
+        return None
+
+
+# The events a `DecisionTracker` reads.
+DECISION_TYPES = ("TaskStarted", "ModelResolved", "TaskCompleted")
+
+
+def recorded_decisions(
+    log: EventLog, session_id: str | None = None
+) -> Iterable[tuple[Decided, LogState]]:
+    """Every recorded `ModelResolved` in log order, with the state just before it (the
+    session overrides it was decided on). The state is the live fold, so do not keep it."""
+    state = LogState()
+    tracker = DecisionTracker(session_id)
+    for position, event in log.read_log():
+        decided = tracker.feed(position, event)
+        if decided is not None:
             yield decided, state
-        elif isinstance(event, TaskCompleted) and event.task_id in pending:
-            pending.pop(str(event.task_id)).served_model = event.model
         apply(state, position, event)
 
 
@@ -251,21 +279,24 @@ def whatif(
         except ResolutionError as exc:
             found.append((d, None, f"would fail: {exc}"))
     # Built at the end: a task's served model is learnt further down the log.
-    return [
-        WhatIfRow(
-            task_id=d.task_id,
-            session_id=d.session_id,
-            worker_id=d.worker_id,
-            served_model=d.served_model,
-            recorded_model=d.recorded.resolved_model,
-            whatif_model=model,
-            changed=model != d.recorded.resolved_model,
-            reason=reason,
-            turn=d.turn,
-            continue_from=d.continue_from,
-        )
-        for d, model, reason in found
-    ]
+    return [whatif_row(d, model, reason) for d, model, reason in found]
+
+
+def whatif_row(d: Decided, model: str | None, reason: str) -> WhatIfRow:
+    """The `whatif` row of a decision and what the other configuration chose (None: it
+    would fail, and `reason` says why)."""
+    return WhatIfRow(
+        task_id=d.task_id,
+        session_id=d.session_id,
+        worker_id=d.worker_id,
+        served_model=d.served_model,
+        recorded_model=d.recorded.resolved_model,
+        whatif_model=model,
+        changed=model != d.recorded.resolved_model,
+        reason=reason,
+        turn=d.turn,
+        continue_from=d.continue_from,
+    )
 
 
 # --- diff ------------------------------------------------------------------------------------

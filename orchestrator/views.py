@@ -30,7 +30,7 @@ from events.reads import OVERRIDE_TYPES, session_tasks
 from events.replay import replay as replay_log
 from events.store import EventLog, EventRecord, Filter, record_from
 from events.streams import memory_view
-from orchestrator import history, views_at_scale
+from orchestrator import history, view_pages, views_at_scale
 from orchestrator.api import (
     MAX_POSITION,
     ConversationRow,
@@ -270,11 +270,25 @@ def usage(
     return views_at_scale.usage(orch.log, wanted, since)
 
 
-def replay(orch: ViewContext, writer: ViewWriter, until: int | None = None) -> list[ReplayView]:
-    """The registry, overrides and tasks as of log position `until` (default: now)."""
+def replay(
+    orch: ViewContext,
+    writer: ViewWriter,
+    until: int | None = None,
+    session_id: str | None = None,
+    since: int = 0,
+    limit: int | None = None,
+) -> list[ReplayView]:
+    """The registry, overrides and tasks as of log position `until` (default: now). A page
+    of it: `session_id` keeps one session's overrides and tasks, `since` the tasks started
+    after that position, `limit` the first that many of them (in log order)."""
     if until is not None:
         _check_position("until", until)
-    return [replay_view(replay_log(orch.log, until=until))]
+    _check_position("since", since)
+    _check_ids(session_id=session_id)
+    view_pages.check_limit(limit)
+    if session_id is None and since == 0 and limit is None:
+        return [replay_view(replay_log(orch.log, until=until))]
+    return [view_pages.replay(orch.log, until, session_id, since, limit)]
 
 
 def whatif(
@@ -282,15 +296,27 @@ def whatif(
     writer: ViewWriter,
     config: OrchestratorConfig | dict[str, Any] | str | Path | None = None,
     session_id: str | None = None,
+    since: int = 0,
+    until: int | None = None,
+    limit: int | None = None,
 ) -> list[WhatIfRow]:
     """Every recorded worker task (of `session_id`, or all) with the model `config` (a dict,
-    a TOML file or an OrchestratorConfig) would have chosen under the same overrides."""
+    a TOML file or an OrchestratorConfig) would have chosen under the same overrides. A
+    page of them: those decided after position `since` up to `until`, the first `limit`."""
     if config is None:
         raise InvalidTaskArgs(
             "Invalid task_list arguments: config: the whatif view needs config= (a dict, a "
             "TOML file or an OrchestratorConfig)."
         )
-    return history.whatif(orch.log, load_config(config), os.environ, session_id)
+    _check_position("since", since)
+    if until is not None:
+        _check_position("until", until)
+    view_pages.check_limit(limit)
+    loaded = load_config(config)
+    if since == 0 and until is None and limit is None:
+        return history.whatif(orch.log, loaded, os.environ, session_id)
+    _check_ids(session_id=session_id)  # a page reads by it
+    return view_pages.whatif(orch.log, loaded, os.environ, session_id, since, until, limit)
 
 
 def diff(

@@ -19,8 +19,9 @@ pytest.importorskip("starlette", reason="the ui extra is not installed")
 from starlette.testclient import TestClient
 
 from events.store import EventLog
-from orchestrator import Orchestrator
-from orchestrator.ui.app import create_app
+from orchestrator import Orchestrator, views
+from orchestrator.ui import app
+from orchestrator.ui.app import API_PAGES, create_app
 from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer
 from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere
@@ -88,9 +89,74 @@ def test_every_view_through_the_api_equals_task_list(
                 f"/api/views/{view}", params={"session_id": SESSION, **as_query(filters)}
             )
             assert reply.status_code == 200, (view, reply.text)
-            expected = [r.model_dump(mode="json") for r in o.task_list(view, **filters)]
-            assert reply.json() == {"rows": json.loads(json.dumps(expected))}, (view, filters)
+            # The filters the API applied: the session to the views that take one, and the
+            # default page to the paged views.
+            applied = dict(filters)
+            if "session_id" in views.filters_of(views.VIEWS[view]):
+                applied.setdefault("session_id", SESSION)
+            if view in API_PAGES:
+                applied.setdefault("limit", API_PAGES[view])
+            expected = [r.model_dump(mode="json") for r in o.task_list(view, **applied)]
+            assert reply.json()["rows"] == json.loads(json.dumps(expected)), (view, filters)
             assert reply.json()["rows"], (view, filters)
+            assert set(reply.json()) <= {"rows", "next"}, (view, filters)
+
+
+def test_paged_views_say_where_the_next_page_starts(
+    client: TestClient, recorded: Recorded, tmp_path: Path
+) -> None:
+    whatif_file = tmp_path / "whatif.toml"
+    whatif_file.write_text('model = "lab/small"\n')
+    with Orchestrator.open(config=recorded.config, store=recorded.url, session_id=SESSION) as o:
+        wholes = {
+            "events": o.task_list("events"),
+            "whatif": o.task_list("whatif", config=str(whatif_file)),
+            "replay": o.task_list("replay", until=recorded.set_position + 30)[0].tasks,
+        }
+    queries = {
+        "events": {"limit": "4"},
+        "whatif": {"config": str(whatif_file), "limit": "2"},
+        "replay": {"until": str(recorded.set_position + 30), "limit": "2"},
+    }
+    for view, query in queries.items():
+        walked: list[Any] = []
+        reply = client.get(f"/api/views/{view}", params=query)
+        while True:
+            assert reply.status_code == 200, (view, reply.text)
+            body = reply.json()
+            walked += body["rows"][0]["tasks"] if view == "replay" else body["rows"]
+            if "next" not in body:
+                break
+            assert body["next"].startswith(f"/api/views/{view}?") and "since=" in body["next"]
+            reply = client.get(body["next"])
+        whole = [r.model_dump(mode="json") for r in wholes[view]]
+        if view == "replay":  # pages in log order, each oldest first
+            whole.sort(key=lambda t: t["task_id"])
+            walked.sort(key=lambda t: t["task_id"])
+        assert walked == json.loads(json.dumps(whole)), view
+        assert len(walked) > 2, view
+
+
+def test_the_whatif_page_shows_a_page_of_decisions_and_the_next(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "WHATIF_PAGE", 2)
+    config = 'model = "lab/small"'
+    seen = 0
+    form = {"config": config, "session": ""}
+    for _ in range(10):
+        page = client.post("/whatif", data=form)
+        assert page.status_code == 200
+        seen += page.text.count('<tr><td><a href="/tasks/')
+        found = re.search(r'name="since" value="(\d+)"', page.text)
+        if found is None:
+            break
+        form = {"config": config, "session": "", "since": found.group(1)}
+    else:
+        raise AssertionError("no last page")
+    assert seen >= 2  # the changed rows of every page
+    bad = client.post("/whatif", data={"config": config, "since": "x"})
+    assert "since: a log position" in bad.text
 
 
 def test_unknown_view_or_filter_is_400_with_did_you_mean(client: TestClient) -> None:

@@ -42,6 +42,10 @@ HERE = Path(__file__).parent
 COOKIE = "inspector_token"
 EVENTS_PAGE = 100
 API_EVENTS_PAGE = 1000  # the API's `events` rows when no `limit` is given (ADR-0014)
+# The API's page of each paged view when no `limit` is given: `events` rows, `whatif` rows
+# (decisions), `replay` tasks (ADR-0014).
+API_PAGES = {"events": API_EVENTS_PAGE, "whatif": 500, "replay": 500}
+WHATIF_PAGE = 500  # decisions per what-if page
 SESSIONS_SHOWN = 200  # the newest; the events page reaches the rest
 USAGE_BINS = 48
 Scope = MutableMapping[str, Any]
@@ -254,11 +258,18 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
             form = await request.form()
             context["text"] = text = str(form.get("config") or "")
             context["sid"] = sid = str(form.get("session") or "") or None
+            since = str(form.get("since") or "0")
             try:
                 config = load_config(tomllib.loads(text))
-                rows = await run_in_threadpool(data.whatif, config, sid)
+                if not since.isdigit():
+                    raise InvalidTaskArgs("since: a log position (a whole number >= 0)")
+                context["since"] = int(since)
+                # A page of decisions at a time: every session's is as long as the log.
+                rows = await run_in_threadpool(data.whatif, config, sid, int(since), WHATIF_PAGE)
                 context["rows"] = [r for r in rows if r.changed]
                 context["unchanged"] = len(rows) - len(context["rows"])
+                filters = {"session_id": sid, "since": int(since), "limit": WHATIF_PAGE}
+                context["next"] = await run_in_threadpool(data.next_since, "whatif", filters, rows)
             except tomllib.TOMLDecodeError as exc:
                 context["error"] = f"config: not valid TOML: {exc}"
             except (ConfigError, InvalidTaskArgs) as exc:
@@ -268,17 +279,19 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
     async def api_view(request: Request) -> Response:
         name = request.path_params["view"]
         raw = {k: v for k, v in request.query_params.items() if k != "token"}
-        if name == "events":  # a page by default; `limit=` (empty) asks for every row
-            raw.setdefault("limit", str(API_EVENTS_PAGE))
+        if name in API_PAGES:  # a page by default; `limit=` (empty) asks for every row
+            raw.setdefault("limit", str(API_PAGES[name]))
         session_id = raw.get("session_id") or "cli"
         filters = data.view_filters(name, raw)
         try:
             rows = await run_in_threadpool(data.view, name, filters, session_id)
+            after = await run_in_threadpool(data.next_since, name, filters, rows)
         except (InvalidTaskArgs, ConfigError) as exc:
             return JSONResponse({"error": str(exc)}, 400)
-        return Response(
-            json.dumps({"rows": _rows(rows)}, default=str), media_type="application/json"
-        )
+        body: dict[str, Any] = {"rows": _rows(rows)}
+        if after is not None:  # the same query from there on
+            body["next"] = f"/api/views/{name}?" + urlencode({**raw, "since": str(after)})
+        return Response(json.dumps(body, default=str), media_type="application/json")
 
     async def api_stream(request: Request) -> Response:
         try:

@@ -42,7 +42,7 @@ from events.catalogue import (
 from events.projections import AnyRegistryEntry, Override, TaskRecord
 from events.reads import read_task
 from events.store import EventLog, EventRecord, Filter, StoreError, record_from
-from orchestrator import history, views
+from orchestrator import history, view_pages, views
 from orchestrator.api import InvalidTaskArgs, check_session_id
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.history import DiffRow, Flat, WhatIfRow
@@ -376,14 +376,29 @@ class Inspector:
         """A page of the `events` view."""
         return self.view("events", filters)
 
-    def whatif(self, config: OrchestratorConfig, session_id: str | None) -> list[WhatIfRow]:
-        """The `whatif` view's rows; for one session its own events are read (through the
-        index) rather than the whole log, which gives the same rows."""
+    def whatif(
+        self,
+        config: OrchestratorConfig,
+        session_id: str | None,
+        since: int = 0,
+        limit: int | None = None,
+    ) -> list[WhatIfRow]:
+        """The `whatif` view's rows: a page of them with `limit` (decisions after `since`);
+        else every one, and for one session its own events are read (through the index)
+        rather than the whole log, which gives the same rows."""
+        if limit is not None:
+            filters = {"config": config, "session_id": session_id, "since": since, "limit": limit}
+            return self.view("whatif", filters)
         if session_id is None:
             return self.view("whatif", {"config": config})
         with self.lock:
             only = _SessionLog(self.log, session_id)
             return history.whatif(only, config, os.environ, session_id)  # type: ignore[arg-type]
+
+    def next_since(self, name: str, filters: Mapping[str, Any], rows: list[Any]) -> int | None:
+        """Where the next page of a paged view starts (`since`), None after the last."""
+        with self.lock:
+            return view_pages.next_since(self.log, name, filters, rows)
 
     def event_types(self) -> list[str]:
         """Every event type name (for the events page's filter)."""
