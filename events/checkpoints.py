@@ -40,7 +40,6 @@ from typing import Any, Self
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from events.catalogue import (
-    REGISTRY_STREAM,
     Event,
     WorkerDraining,
     WorkerExited,
@@ -292,9 +291,11 @@ def registry_checkpoints(log: EventLog) -> RegistryCheckpoints:
 
 
 def registry_events(log: EventLog) -> Read:
-    """The `read` that `RegistryCheckpoints.rows_at` takes, over this log's index."""
+    """The `read` that `RegistryCheckpoints.rows_at` takes: the registry's events in a range
+    of positions, read by type, so the store walks that range of the log only (a read by
+    the registry's stream walks the stream's index from its start: 13 ms at 1M events)."""
 
     def read(after: int, until: int) -> Iterable[tuple[int, Event]]:
-        return log.select(Filter(stream=REGISTRY_STREAM), after=after, until=until)
+        return log.select(Filter(types=REGISTRY_TYPES), after=after, until=until)
 
     return read

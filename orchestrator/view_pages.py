@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.catalogue import Event, TaskStarted
-from events.checkpoints import registry_checkpoints
+from events.checkpoints import registry_checkpoints, registry_events
 from events.projections import Override, SessionState, TaskRecord, apply_session, apply_task
 from events.reads import OVERRIDE_TYPES, TASK_RECORD_TYPES
 from events.store import EventLog, Filter
@@ -265,7 +265,7 @@ def replay(
     the first `limit` in log order. The `replay` view's row with only those overrides and
     tasks."""
     position = _position_at(log, until)
-    rows = registry_checkpoints(log).rows_at(position, views_at_scale.registry_after(log))
+    rows = registry_checkpoints(log).rows_at(position, registry_events(log))
     if session_id is None:
         overrides = every_override_at(log, position)
     else:

@@ -37,7 +37,6 @@ from events.catalogue import (
     TaskStarted,
     WorkerModelSet,
     session_stream,
-    types_of,
 )
 from events.projections import AnyRegistryEntry, Override, TaskRecord
 from events.reads import read_task
@@ -53,7 +52,6 @@ from orchestrator.ui.travel import Marker, Process, RegistryHistory, SessionHist
 READ_PAGE = 5000  # events folded per hold of the lock while catching up
 KEPT_SESSIONS = 32  # session histories and view readers kept in memory
 # Read by type, so a read after a position is a range of the log, not a walk of the stream.
-REGISTRY_TYPES = tuple(sorted(types_of("registry")))
 SUMMARY_TYPES = tuple(
     t.type_name()
     for t in (SessionOpened, TaskStarted, TaskCompleted, WorkerModelSet, SessionForked)
@@ -189,7 +187,7 @@ class Inspector:
         head = self.head
         read = 0
         for position, event in self.log.select(
-            Filter(types=REGISTRY_TYPES), after=self._registry_seen, limit=limit
+            Filter(types=checkpoints.REGISTRY_TYPES), after=self._registry_seen, limit=limit
         ):
             self.registry.feed(position, event)
             self._registry_seen = position
@@ -316,7 +314,7 @@ class Inspector:
             used = {session_id}
             processes = [
                 e
-                for e in registry.at(position, self._registry_events)
+                for e in registry.at(position, checkpoints.registry_events(self.log))
                 if used & {e.session_id, *e.sessions}
             ]
             return TravelState(
@@ -333,9 +331,6 @@ class Inspector:
         and the processes it used (from the checkpoints, not a replay)."""
         before, after = self.travel(session_id, since), self.travel(session_id, until)
         return history.diff_states(_flat(before), _flat(after))
-
-    def _registry_events(self, after: int, until: int) -> Iterator[tuple[int, Event]]:
-        return self.log.select(Filter(types=REGISTRY_TYPES), after=after, until=until)
 
     def task(self, task_id: str) -> tuple[TaskRecord, Any, list[Any]]:
         """A task's record, its `explain` chain and, for a worker task, the conversation
