@@ -369,6 +369,33 @@ def test_whatif_cli_reads_a_config_file(tmp_path: Path) -> None:
     cli(url, "stop", "--all")
 
 
+def test_whatif_and_replay_cli_print_a_page_when_asked(tmp_path: Path) -> None:
+    """On a big log a user asks the CLI for a page: `whatif --since/--until/--limit` prints
+    the matching slice of the whole answer, `replay --session` one session's tasks."""
+    import json
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    for n in range(3):
+        assert cli(url, "--session", f"s{n}", "run", "coder", f"task {n}").returncode == 0
+    conf = tmp_path / "new.toml"
+    conf.write_text('model = "local/echo-small"\n')
+    whole = json.loads(cli(url, "whatif", "--config", str(conf), "--json").stdout)
+    assert len(whole) == 3
+    first = cli(url, "whatif", "--config", str(conf), "--limit", "2", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == whole[:2]
+    # A page starts after a decision's position (the position each row was decided at).
+    events = json.loads(cli(url, "events", "--type", "ModelResolved", "--json").stdout)
+    after = str(events[1]["position"])
+    rest = json.loads(cli(url, "whatif", "--config", str(conf), "--since", after, "--json").stdout)
+    assert rest == whole[2:]
+    head = str(events[-1]["position"] + 10)
+    one = json.loads(cli(url, "replay", "--until", head, "--session", "s1", "--json").stdout)
+    assert [t["session_id"] for t in one["tasks"]] == ["s1"]
+    assert {o["session_id"] for o in one["overrides"]} <= {"s1"}
+    cli(url, "stop", "--all")
+
+
 # --- fork --------------------------------------------------------------------------------------
 
 

@@ -158,6 +158,17 @@ def replay(
             help="Re-run every recorded model decision on its recorded configuration.",
         ),
     ] = False,
+    session_filter: Annotated[
+        str | None,
+        typer.Option("--session", metavar="ID", help="Only this session's overrides and tasks."),
+    ] = None,
+    since: Annotated[
+        int | None,
+        typer.Option(metavar="N", min=0, help="Only the tasks started after this position."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(metavar="N", min=1, help="At most N tasks (oldest first).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Registry, session overrides and tasks as of log position N; or, with --check,
@@ -167,7 +178,8 @@ def replay(
         return
     if until is None:
         raise fail("replay needs --until N (a log position) or --check")
-    view = one_row(ctx, as_json, "replay", until=until)
+    page = _given(session_id=session_filter, since=since, limit=limit)
+    view = one_row(ctx, as_json, "replay", until=until, **page)
     if view is None:
         return
     out.print(f"state as of position {view.position}")
@@ -231,9 +243,21 @@ def whatif(
     session_filter: Annotated[
         str | None, typer.Option("--session", metavar="ID", help="Only this session's tasks.")
     ] = None,
+    since: Annotated[
+        int | None,
+        typer.Option(metavar="N", min=0, help="Only the tasks decided after this position."),
+    ] = None,
+    until: Annotated[
+        int | None,
+        typer.Option(metavar="N", min=0, help="Only the tasks decided up to this position."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(metavar="N", min=1, help="At most N tasks (oldest first).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which model each recorded worker task would get under another configuration."""
+    """Which model each recorded worker task would get under another configuration (a page
+    of them with --since, --until or --limit)."""
     from orchestrator.config import ConfigError, load_config
 
     try:  # before the store: a bad file is the one problem worth a line
@@ -241,7 +265,8 @@ def whatif(
     except ConfigError as exc:
         raise fail(str(exc)) from None
     with session(ctx) as orch:
-        rows = orch.task_list(view="whatif", config=config, session_id=session_filter)
+        page = _given(since=since, until=until, limit=limit)
+        rows = orch.task_list(view="whatif", config=config, session_id=session_filter, **page)
     emit(
         rows,
         as_json,
@@ -307,3 +332,8 @@ def _changed(row: Any) -> str:
         if row.before.get(k) != row.after.get(k)
     ]
     return printable("; ".join(parts))
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The paging options given (a view asked for none answers whole, as before)."""
+    return {name: value for name, value in options.items() if value is not None}
