@@ -11,7 +11,7 @@ gone, so nothing that is gone is shown running. So a store opened only to read
 when one exists, unless its writer refuses (`reading.NO_WRITES`, the inspector's).
 `run(view, ctx, writer, **filters)` is `task_list` for any context and writer.
 
-It stays one module of about 450 lines because it is the one list of views: `VIEWS`,
+It stays one module of about 490 lines because it is the one list of views: `VIEWS`,
 `filters_of` and `run` here are what `task_list`, the inspector, the tool schema, "Did you
 mean" and the docs read.
 """
