@@ -91,8 +91,12 @@ def saved_name() -> str:
 
 def load_saved(log: EventLog, at_most: int | None = None) -> SavedCheckpoint | None:
     """The newest saved checkpoint (at or before position `at_most`), or None. One that
-    does not validate, or claims a position the log has not reached, is not trusted."""
-    found = log.load_snapshot(saved_name(), at_most)
+    does not decode or validate, or claims a position the log has not reached, is not
+    trusted."""
+    try:
+        found = log.load_snapshot(saved_name(), at_most)
+    except ValueError:  # not UTF-8 or not JSON: a damaged row (a store failure is StoreError)
+        return None
     if found is None:
         return None
     try:

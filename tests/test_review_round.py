@@ -1,0 +1,94 @@
+"""Defects found by a hostile review of the read side, persisted registry checkpoints, the
+process owners and the async opener; each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+from eventsourcing.persistence import StoredEvent
+
+from events import checkpoints, streams
+from events.catalogue import REGISTRY_STREAM, WorkerSpawned
+from events.checkpoints import load_saved, saved_name
+from events.projections import RegistryState, apply_registry
+from events.store import EventLog
+from events.streams import StreamView
+from orchestrator import views_at_scale
+from tests.test_registry_checkpoints import reopen, write_as_writers_do
+from tests.test_views_at_scale import slow_registry
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots and checkpoints every few events, so a short log has many."""
+    monkeypatch.setattr(streams, "SNAPSHOT_EVERY", 5)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY", 7)
+
+
+# --- a damaged saved checkpoint ---------------------------------------------------------------
+
+
+def test_a_saved_checkpoint_that_is_not_json_is_ignored_not_raised(
+    store: EventLog | str,
+) -> None:
+    """Bytes that do not decode (a damaged or hand-edited row) are as untrusted as JSON that
+    does not validate: the registry is folded instead, and a writer's registry refresh,
+    which loads the newest checkpoint, does not fail every decision of the process."""
+    log = store if isinstance(store, EventLog) else EventLog(store)
+    write_as_writers_do(log, seed=3, count=200)
+    head = log.head()
+    for damaged in (b"\xff{not utf-8", b"{not json"):
+        log._snapshots.insert_events([StoredEvent(saved_name(), head, "snapshot", damaged)])
+        if log is not store:
+            log.close()
+        log, _ = reopen(store)
+        assert load_saved(log) is None
+        assert views_at_scale.registry(log) == slow_registry(log)
+        # A new writer: its registry view saves a snapshot when due, and with it the
+        # registry's checkpoint, starting from the (damaged) newest one.
+        checkpoints._KEPT.pop(log, None)
+        writer = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+        writer.refresh()
+        for n in range(6):
+            writer.append([_spawned(f"late-{head}-{n}")])
+        writer.refresh()
+        assert views_at_scale.registry(log) == slow_registry(log)
+        _drop(log, head)
+        head = log.head()
+    if log is not store:
+        log.close()
+
+
+def _spawned(instance_id: str) -> WorkerSpawned:
+    return WorkerSpawned(
+        session_id="s1",
+        worker_id="w",
+        instance_id=instance_id,
+        backend="server",
+        host="h",
+        pid=1,
+        pid_started_at=0.0,
+        url="http://127.0.0.1:9",
+        fingerprint="fp",
+        model="p/m",
+        model_policy="dynamic",
+    )
+
+
+def _drop(log: EventLog, version: int) -> None:
+    """Remove the damaged row (the recorders have no delete: by kind of store)."""
+    if log.kind == "memory":
+        stored = log._snapshots._stored_events  # type: ignore[attr-defined]
+        stored[:] = [
+            e for e in stored if (e.originator_id, e.originator_version) != (saved_name(), version)
+        ]
+        log._snapshots._stored_events_index[saved_name()].pop(version)  # type: ignore[attr-defined]
+        return
+    table = log._snapshots.events_table_name  # type: ignore[attr-defined]
+    schema = getattr(log._snapshots.datastore, "schema", "")  # type: ignore[attr-defined]
+    table = f'"{schema}".{table}' if schema else table
+    mark = "?" if log.kind == "sqlite" else "%s"
+    sql = f"DELETE FROM {table} WHERE originator_id = {mark} AND originator_version = {mark}"
+    with log._snapshots.datastore.transaction(commit=True) as curs:  # type: ignore[attr-defined]
+        curs.execute(sql, (saved_name(), version))
