@@ -289,10 +289,15 @@ def registry_checkpoints(log: EventLog) -> RegistryCheckpoints:
     they fall due."""
     with _LOCK:
         found = _KEPT.get(log)
-        if found is None:
-            found = _KEPT[log] = RegistryCheckpoints.from_store(log)
-        found.catch_up(log)
-        return found
+    if found is None:
+        # The store is read outside the process-wide lock, so another log of this process
+        # (another session's orchestrator) never waits on this one's I/O; two threads
+        # meeting here keep the first made, and `feed` skips what is folded already.
+        made = RegistryCheckpoints.from_store(log)
+        with _LOCK:
+            found = _KEPT.setdefault(log, made)
+    found.catch_up(log)
+    return found
 
 
 def registry_events(log: EventLog) -> Read:

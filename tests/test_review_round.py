@@ -3,14 +3,17 @@ process owners and the async opener; each test failed before its fix."""
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 from eventsourcing.persistence import StoredEvent
 
 from events import checkpoints, streams
 from events.catalogue import REGISTRY_STREAM, WorkerSpawned
-from events.checkpoints import load_saved, saved_name
+from events.checkpoints import load_saved, registry_checkpoints, saved_name
 from events.projections import RegistryState, apply_registry
-from events.store import EventLog
+from events.store import EventLog, Filter
 from events.streams import StreamView
 from orchestrator import views_at_scale
 from tests.test_registry_checkpoints import reopen, write_as_writers_do
@@ -92,3 +95,48 @@ def _drop(log: EventLog, version: int) -> None:
     sql = f"DELETE FROM {table} WHERE originator_id = {mark} AND originator_version = {mark}"
     with log._snapshots.datastore.transaction(commit=True) as curs:  # type: ignore[attr-defined]
         curs.execute(sql, (saved_name(), version))
+
+
+# --- one log's registry catch-up does not hold up another's -----------------------------------
+
+
+def test_one_logs_registry_catch_up_does_not_hold_up_another_logs() -> None:
+    """`registry_checkpoints` reads the store (and may save) for one log: a process-wide
+    lock held across that I/O made every other log of the process (another session's
+    orchestrator) wait on it, inside its registry refresh."""
+    slow, other = EventLog("memory"), EventLog("memory")
+    try:
+        for log in (slow, other):
+            log.append(REGISTRY_STREAM, [_spawned("i1")], 0)
+        entered, release = threading.Event(), threading.Event()
+        select = slow.select
+
+        def stalled(where: Filter | None = None, *args: Any, **kwargs: Any) -> Any:
+            if where is not None and where.types == checkpoints.REGISTRY_TYPES:
+                entered.set()
+                release.wait(20)  # a store that answers slowly
+            return select(where, *args, **kwargs)
+
+        slow.select = stalled  # type: ignore[method-assign]
+        first = threading.Thread(target=registry_checkpoints, args=(slow,), daemon=True)
+        first.start()
+        assert entered.wait(10)
+        done = threading.Event()
+
+        def look() -> None:
+            registry_checkpoints(other)
+            done.set()
+
+        second = threading.Thread(target=look, daemon=True)
+        second.start()
+        try:
+            assert done.wait(5), "the other log's registry waited on the slow log's read"
+        finally:
+            release.set()
+            first.join(10)
+            second.join(10)
+        assert [e.instance_id for e in views_at_scale.registry(other)] == ["i1"]
+        assert [e.instance_id for e in views_at_scale.registry(slow)] == ["i1"]
+    finally:
+        slow.close()
+        other.close()
