@@ -3,9 +3,17 @@ process owners and the async opener; each test failed before its fix."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from eventsourcing.persistence import StoredEvent
 
@@ -16,6 +24,7 @@ from events.projections import RegistryState, apply_registry
 from events.store import EventLog, Filter
 from events.streams import StreamView
 from orchestrator import views_at_scale
+from orchestrator.model_servers.launch import SUPERVISOR
 from tests.test_registry_checkpoints import reopen, write_as_writers_do
 from tests.test_views_at_scale import slow_registry
 
@@ -140,3 +149,90 @@ def test_one_logs_registry_catch_up_does_not_hold_up_another_logs() -> None:
     finally:
         slow.close()
         other.close()
+
+
+# --- a model server's supervisor whose starter dies -------------------------------------------
+
+STARTER = """
+import json, os, subprocess, sys
+supervisor, spec = sys.argv[1], json.loads(sys.argv[2])
+sup = subprocess.Popen(
+    [sys.executable, "-I", "-S", supervisor],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=open(spec["log"], "ab"),
+    start_new_session=True,
+)
+if sys.argv[3] == "before":
+    sup.stdout.close()  # killed before it read STARTED: nobody will ever read it
+sup.stdin.write(json.dumps({**spec, "spawner_pid": os.getpid()}).encode())
+sup.stdin.close()
+if sys.argv[3] == "after":
+    sup.stdout.readline()  # killed once it knew the server's pid, before registering it
+print(sup.pid, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_supervisor_whose_starter_dies_leaves_no_server_behind(tmp_path: Path, when: str) -> None:
+    """The supervisor stops a server its starter never registered. A starter that died
+    before reading `STARTED` made the supervisor die on the broken pipe instead, leaving
+    the server it had just started running, unwatched, for good."""
+    marker = f"server-of-{tmp_path.name}"  # in the server's command line only
+    server = [sys.executable, "-c", "import sys, time; time.sleep(60)", marker]
+    spec = {
+        "command": server,
+        "env": dict(os.environ),
+        "dir": str(tmp_path),
+        "log": str(tmp_path / "server.log"),
+        "idle_timeout": 900,
+        "adopt_timeout": 60,
+    }
+    started = subprocess.run(
+        [sys.executable, "-c", STARTER, str(SUPERVISOR), json.dumps(spec), when],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    supervisor = int(started.stdout)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "exit").exists():  # written once the server is stopped
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.02)
+        assert json.loads((tmp_path / "exit").read_text())["reason"] == "spawner gone"
+        assert _gone_within(lambda: [*_servers(marker), *_alive([supervisor])], 10)
+    finally:
+        for left in [*_servers(marker), *_alive([supervisor])]:
+            left.kill()
+
+
+def _servers(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in (proc.info["cmdline"] or []):
+            found.extend(_alive([proc.pid]))
+    return found
+
+
+def _alive(pids: list[int]) -> list[psutil.Process]:
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _gone_within(left: Callable[[], list[psutil.Process]], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while left():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
