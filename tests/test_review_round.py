@@ -3,13 +3,14 @@ process owners and the async opener; each test failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,52 @@ def _gone_within(left: Callable[[], list[psutil.Process]], seconds: float) -> bo
             return False
         time.sleep(0.05)
     return True
+
+
+# --- an async open that is cancelled ----------------------------------------------------------
+
+
+@pytest.fixture
+def slow_open(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Orchestrator.open takes half a second, and each orchestrator it opens is listed."""
+    from orchestrator.orchestrator import Orchestrator
+
+    opened: list[Any] = []
+    real = Orchestrator.__init__
+
+    def init(self: Orchestrator, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        real(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(Orchestrator, "__init__", init)
+    yield opened
+    for orch in opened:
+        orch.close()
+
+
+def test_an_async_open_cancelled_midway_closes_what_it_opened(
+    slow_open: list[Any], tmp_path: Path
+) -> None:
+    """`await AsyncOrchestrator.open(...)` cancelled (a timeout around it) while the open
+    runs on its thread: the orchestrator that thread still opens is closed, not left
+    holding the store (its connections, and on PostgreSQL this host's lease)."""
+    from orchestrator.aio import AsyncOrchestrator
+
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(AsyncOrchestrator.open(store=url), 0.1)
+        deadline = time.monotonic() + 10
+        while not (slow_open and slow_open[0]._closed):
+            assert time.monotonic() < deadline, "the orchestrator opened after the cancel is open"
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("aio")]
+    deadline = time.monotonic() + 5
+    while threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("aio")]
+    assert not threads
