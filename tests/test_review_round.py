@@ -4,6 +4,7 @@ process owners and the async opener; each test failed before its fix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from events.store import EventLog, Filter
 from events.streams import StreamView
 from orchestrator import views_at_scale
 from orchestrator.model_servers.launch import SUPERVISOR
+from tests.conftest import postgres_schema
 from tests.test_registry_checkpoints import reopen, write_as_writers_do
 from tests.test_views_at_scale import slow_registry
 
@@ -105,6 +107,88 @@ def _drop(log: EventLog, version: int) -> None:
     sql = f"DELETE FROM {table} WHERE originator_id = {mark} AND originator_version = {mark}"
     with log._snapshots.datastore.transaction(commit=True) as curs:  # type: ignore[attr-defined]
         curs.execute(sql, (saved_name(), version))
+
+
+# --- writers saving registry checkpoints at once -----------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from events import checkpoints, streams
+from events.catalogue import REGISTRY_STREAM, WorkerReady, WorkerSpawned, WorkerStopped
+from events.projections import RegistryState, apply_registry
+from events.store import EventLog
+from events.streams import StreamView
+streams.SNAPSHOT_EVERY, checkpoints.CHECKPOINT_EVERY = 3, 2
+url, prefix, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+log = EventLog(url)
+registry = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+deadline = time.monotonic() + 20
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.005)
+ids = {"session_id": "s1", "worker_id": "w"}
+for n in range(50):
+    iid = f"{prefix}-{n}"
+    registry.append([WorkerSpawned(**ids, instance_id=iid, backend="server", host="h", pid=n + 1,
+        pid_started_at=0.0, url="http://127.0.0.1:9", fingerprint="fp", model="p/m",
+        model_policy="dynamic")])
+    registry.append([WorkerReady(**ids, instance_id=iid)])
+    if n % 2:
+        registry.append([WorkerStopped(**ids, instance_id=iid)])
+    registry.refresh()
+log.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_writers_saving_registry_checkpoints_at_once_save_only_the_fold_at_each_position(
+    kind: str, tmp_path: Path
+) -> None:
+    """Processes appending to the registry at once save checkpoints at the same positions
+    (the snapshot table's key conflicts, which is ignored): no writer fails, and every
+    checkpoint saved is the fold of the registry up to its position, never more or less."""
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(postgres_schema())
+            if kind == "postgresql"
+            else f"sqlite:///{tmp_path / 'events.db'}"
+        )
+        EventLog(url).close()
+        go = tmp_path / "go"
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, url, f"p{i}", str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        time.sleep(1.0)  # all of them opened the store
+        go.touch()
+        for writer in writers:
+            _, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+        log = EventLog(url)
+        stack.callback(log.close)
+        events = list(log.select(Filter(types=checkpoints.REGISTRY_TYPES)))
+        saved: list[int] = []
+        at: int | None = None
+        while (found := log.load_snapshot(saved_name(), at)) is not None:
+            saved.append(found[0])
+            at = found[0] - 1
+        assert len(saved) > 3
+        for position in saved:
+            checkpoint = load_saved(log, position)
+            assert checkpoint is not None and checkpoint.position == position
+            fold = checkpoints.RegistryCheckpoints()
+            for at_position, event in events:
+                if at_position <= position:
+                    fold.feed(at_position, event)
+            rows = checkpoints.registry_rows(checkpoint.state, checkpoint.retired)
+            assert rows == fold.rows(), position
+            assert (checkpoint.starts, checkpoint.stops) == (fold.starts, fold.stops), position
+        assert views_at_scale.registry(log) == slow_registry(log)
 
 
 # --- one log's registry catch-up does not hold up another's -----------------------------------
