@@ -323,6 +323,40 @@ def _gone_within(left: Callable[[], list[psutil.Process]], seconds: float) -> bo
     return True
 
 
+# --- the inspector's processes page -------------------------------------------------------------
+
+
+def test_the_processes_page_looks_at_each_other_host_once(tmp_path: Path) -> None:
+    """Liveness of another host's processes is its host's lease: on PostgreSQL each look
+    opens a connection and takes the host's advisory lock for a moment. The page looked
+    once per process, so a host running a hundred processes cost a hundred of each."""
+    from events.catalogue import WorkerReady
+    from orchestrator.ui.data import Inspector
+
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    log = EventLog(url)
+    for n in range(20):
+        spawned = _spawned(f"far-{n}").model_copy(update={"host": "elsewhere", "pid": n + 1})
+        version = log.stream_version(REGISTRY_STREAM)
+        ready = WorkerReady(session_id="s1", worker_id="w", instance_id=f"far-{n}")
+        log.append(REGISTRY_STREAM, [spawned, ready], version)
+    log.close()
+    data = Inspector(url)
+    try:
+        looked: list[str] = []
+
+        def host_alive(host: str) -> bool:
+            looked.append(host)
+            return True
+
+        data.log.host_alive = host_alive  # type: ignore[method-assign]
+        rows = data.processes()
+        assert [seen for _, seen in rows] == ["host alive"] * 20
+        assert looked == ["elsewhere"]
+    finally:
+        data.close()
+
+
 # --- an async open that is cancelled ----------------------------------------------------------
 
 
