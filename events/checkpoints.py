@@ -90,8 +90,12 @@ def saved_name() -> str:
 
 def load_saved(log: EventLog, at_most: int | None = None) -> SavedCheckpoint | None:
     """The newest saved checkpoint (at or before position `at_most`), or None. One that
-    does not validate, or claims a position the log has not reached, is not trusted."""
-    found = log.load_snapshot(saved_name(), at_most)
+    does not decode or validate, or claims a position the log has not reached, is not
+    trusted."""
+    try:
+        found = log.load_snapshot(saved_name(), at_most)
+    except ValueError:  # not UTF-8 or not JSON: a damaged row (a store failure is StoreError)
+        return None
     if found is None:
         return None
     try:
@@ -284,10 +288,15 @@ def registry_checkpoints(log: EventLog) -> RegistryCheckpoints:
     they fall due."""
     with _LOCK:
         found = _KEPT.get(log)
-        if found is None:
-            found = _KEPT[log] = RegistryCheckpoints.from_store(log)
-        found.catch_up(log)
-        return found
+    if found is None:
+        # The store is read outside the process-wide lock, so another log of this process
+        # (another session's orchestrator) never waits on this one's I/O; two threads
+        # meeting here keep the first made, and `feed` skips what is folded already.
+        made = RegistryCheckpoints.from_store(log)
+        with _LOCK:
+            found = _KEPT.setdefault(log, made)
+    found.catch_up(log)
+    return found
 
 
 def registry_events(log: EventLog) -> Read:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -146,9 +146,12 @@ class _Opening:
         # Opened on the orchestrator's own executor, not the loop's default one.
         blocking = _executor()
         loop = asyncio.get_running_loop()
+        opening = blocking.submit(Orchestrator.open, *self._args)
         try:
-            orch = await loop.run_in_executor(blocking, Orchestrator.open, *self._args)
+            orch = await asyncio.wrap_future(opening, loop=loop)
         except BaseException:
+            # Failed, or cancelled while its thread still opens: what it opens is closed.
+            opening.add_done_callback(_close_opened)
             blocking.shutdown(wait=False)
             raise
         return AsyncOrchestrator(orch, loop, blocking)
@@ -172,3 +175,8 @@ class _Opening:
 
 def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="aio")
+
+
+def _close_opened(opening: Future[Orchestrator]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()

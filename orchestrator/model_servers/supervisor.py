@@ -112,9 +112,14 @@ def main() -> None:
         return
     os.close(null_fd)
     os.close(log_fd)
-    sys.stdout.write(f"STARTED {pid}\n")
-    sys.stdout.flush()
-    os.close(1)  # nobody reads further: the starter closes its end
+    try:
+        os.write(1, f"STARTED {pid}\n".encode())
+    except BrokenPipeError:
+        # Its starter died before reading this: nobody will register the server.
+        _write_exit(directory, "spawner gone", _stop(pid), "its starter died first")
+        return
+    finally:
+        os.close(1)  # nobody reads further: the starter closes its end
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     began = time.monotonic()

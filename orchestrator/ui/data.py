@@ -354,6 +354,7 @@ class Inspector:
     def processes(self) -> list[tuple[Process, str]]:
         """Every process with its liveness as seen now (checked, never recorded)."""
         rows = []
+        hosts: dict[str, str] = {}  # one look per host (on PostgreSQL, a connection each)
         for proc in self.registry_now().processes():
             e = proc.entry
             if not e.live:
@@ -363,7 +364,9 @@ class Inspector:
             elif e.host == self.host:
                 seen = process_state(e.pid, e.pid_started_at)
             else:
-                seen = "host alive" if self.log.host_alive(e.host) else "host gone"
+                if e.host not in hosts:
+                    hosts[e.host] = "host alive" if self.log.host_alive(e.host) else "host gone"
+                seen = hosts[e.host]
             rows.append((proc, seen))
         return rows
 

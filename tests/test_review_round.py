@@ -1,0 +1,406 @@
+"""Defects found by a hostile review of the read side, persisted registry checkpoints, the
+process owners and the async opener; each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from eventsourcing.persistence import StoredEvent
+
+from events import checkpoints, streams
+from events.catalogue import REGISTRY_STREAM, WorkerSpawned
+from events.checkpoints import load_saved, registry_checkpoints, saved_name
+from events.projections import RegistryState, apply_registry
+from events.store import EventLog, Filter
+from events.streams import StreamView
+from orchestrator import views_at_scale
+from orchestrator.model_servers.launch import SUPERVISOR
+from tests.conftest import postgres_schema
+from tests.test_registry_checkpoints import reopen, write_as_writers_do
+from tests.test_views_at_scale import slow_registry
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snapshots and checkpoints every few events, so a short log has many."""
+    monkeypatch.setattr(streams, "SNAPSHOT_EVERY", 5)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_EVERY", 7)
+
+
+# --- a damaged saved checkpoint ---------------------------------------------------------------
+
+
+def test_a_saved_checkpoint_that_is_not_json_is_ignored_not_raised(
+    store: EventLog | str,
+) -> None:
+    """Bytes that do not decode (a damaged or hand-edited row) are as untrusted as JSON that
+    does not validate: the registry is folded instead, and a writer's registry refresh,
+    which loads the newest checkpoint, does not fail every decision of the process."""
+    log = store if isinstance(store, EventLog) else EventLog(store)
+    write_as_writers_do(log, seed=3, count=200)
+    head = log.head()
+    for damaged in (b"\xff{not utf-8", b"{not json"):
+        log._snapshots.insert_events([StoredEvent(saved_name(), head, "snapshot", damaged)])
+        if log is not store:
+            log.close()
+        log, _ = reopen(store)
+        assert load_saved(log) is None
+        assert views_at_scale.registry(log) == slow_registry(log)
+        # A new writer: its registry view saves a snapshot when due, and with it the
+        # registry's checkpoint, starting from the (damaged) newest one.
+        checkpoints._KEPT.pop(log, None)
+        writer = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+        writer.refresh()
+        for n in range(6):
+            writer.append([_spawned(f"late-{head}-{n}")])
+        writer.refresh()
+        assert views_at_scale.registry(log) == slow_registry(log)
+        _drop(log, head)
+        head = log.head()
+    if log is not store:
+        log.close()
+
+
+def _spawned(instance_id: str) -> WorkerSpawned:
+    return WorkerSpawned(
+        session_id="s1",
+        worker_id="w",
+        instance_id=instance_id,
+        backend="server",
+        host="h",
+        pid=1,
+        pid_started_at=0.0,
+        url="http://127.0.0.1:9",
+        fingerprint="fp",
+        model="p/m",
+        model_policy="dynamic",
+    )
+
+
+def _drop(log: EventLog, version: int) -> None:
+    """Remove the damaged row (the recorders have no delete: by kind of store)."""
+    if log.kind == "memory":
+        stored = log._snapshots._stored_events  # type: ignore[attr-defined]
+        stored[:] = [
+            e for e in stored if (e.originator_id, e.originator_version) != (saved_name(), version)
+        ]
+        log._snapshots._stored_events_index[saved_name()].pop(version)  # type: ignore[attr-defined]
+        return
+    table = log._snapshots.events_table_name  # type: ignore[attr-defined]
+    schema = getattr(log._snapshots.datastore, "schema", "")  # type: ignore[attr-defined]
+    table = f'"{schema}".{table}' if schema else table
+    mark = "?" if log.kind == "sqlite" else "%s"
+    sql = f"DELETE FROM {table} WHERE originator_id = {mark} AND originator_version = {mark}"
+    with log._snapshots.datastore.transaction(commit=True) as curs:  # type: ignore[attr-defined]
+        curs.execute(sql, (saved_name(), version))
+
+
+# --- writers saving registry checkpoints at once -----------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from events import checkpoints, streams
+from events.catalogue import REGISTRY_STREAM, WorkerReady, WorkerSpawned, WorkerStopped
+from events.projections import RegistryState, apply_registry
+from events.store import EventLog
+from events.streams import StreamView
+streams.SNAPSHOT_EVERY, checkpoints.CHECKPOINT_EVERY = 3, 2
+url, prefix, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+log = EventLog(url)
+registry = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+deadline = time.monotonic() + 20
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.005)
+ids = {"session_id": "s1", "worker_id": "w"}
+for n in range(50):
+    iid = f"{prefix}-{n}"
+    registry.append([WorkerSpawned(**ids, instance_id=iid, backend="server", host="h", pid=n + 1,
+        pid_started_at=0.0, url="http://127.0.0.1:9", fingerprint="fp", model="p/m",
+        model_policy="dynamic")])
+    registry.append([WorkerReady(**ids, instance_id=iid)])
+    if n % 2:
+        registry.append([WorkerStopped(**ids, instance_id=iid)])
+    registry.refresh()
+log.close()
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_writers_saving_registry_checkpoints_at_once_save_only_the_fold_at_each_position(
+    kind: str, tmp_path: Path
+) -> None:
+    """Processes appending to the registry at once save checkpoints at the same positions
+    (the snapshot table's key conflicts, which is ignored): no writer fails, and every
+    checkpoint saved is the fold of the registry up to its position, never more or less."""
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(postgres_schema())
+            if kind == "postgresql"
+            else f"sqlite:///{tmp_path / 'events.db'}"
+        )
+        EventLog(url).close()
+        go = tmp_path / "go"
+        writers = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, url, f"p{i}", str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        time.sleep(1.0)  # all of them opened the store
+        go.touch()
+        for writer in writers:
+            _, err = writer.communicate(timeout=60)
+            assert writer.returncode == 0, err
+        log = EventLog(url)
+        stack.callback(log.close)
+        events = list(log.select(Filter(types=checkpoints.REGISTRY_TYPES)))
+        saved: list[int] = []
+        at: int | None = None
+        while (found := log.load_snapshot(saved_name(), at)) is not None:
+            saved.append(found[0])
+            at = found[0] - 1
+        assert len(saved) > 3
+        for position in saved:
+            checkpoint = load_saved(log, position)
+            assert checkpoint is not None and checkpoint.position == position
+            fold = checkpoints.RegistryCheckpoints()
+            for at_position, event in events:
+                if at_position <= position:
+                    fold.feed(at_position, event)
+            rows = checkpoints.registry_rows(checkpoint.state, checkpoint.retired)
+            assert rows == fold.rows(), position
+            assert (checkpoint.starts, checkpoint.stops) == (fold.starts, fold.stops), position
+        assert views_at_scale.registry(log) == slow_registry(log)
+
+
+# --- one log's registry catch-up does not hold up another's -----------------------------------
+
+
+def test_one_logs_registry_catch_up_does_not_hold_up_another_logs() -> None:
+    """`registry_checkpoints` reads the store (and may save) for one log: a process-wide
+    lock held across that I/O made every other log of the process (another session's
+    orchestrator) wait on it, inside its registry refresh."""
+    slow, other = EventLog("memory"), EventLog("memory")
+    try:
+        for log in (slow, other):
+            log.append(REGISTRY_STREAM, [_spawned("i1")], 0)
+        entered, release = threading.Event(), threading.Event()
+        select = slow.select
+
+        def stalled(where: Filter | None = None, *args: Any, **kwargs: Any) -> Any:
+            if where is not None and where.types == checkpoints.REGISTRY_TYPES:
+                entered.set()
+                release.wait(20)  # a store that answers slowly
+            return select(where, *args, **kwargs)
+
+        slow.select = stalled  # type: ignore[method-assign]
+        first = threading.Thread(target=registry_checkpoints, args=(slow,), daemon=True)
+        first.start()
+        assert entered.wait(10)
+        done = threading.Event()
+
+        def look() -> None:
+            registry_checkpoints(other)
+            done.set()
+
+        second = threading.Thread(target=look, daemon=True)
+        second.start()
+        try:
+            assert done.wait(5), "the other log's registry waited on the slow log's read"
+        finally:
+            release.set()
+            first.join(10)
+            second.join(10)
+        assert [e.instance_id for e in views_at_scale.registry(other)] == ["i1"]
+        assert [e.instance_id for e in views_at_scale.registry(slow)] == ["i1"]
+    finally:
+        slow.close()
+        other.close()
+
+
+# --- a model server's supervisor whose starter dies -------------------------------------------
+
+STARTER = """
+import json, os, subprocess, sys
+supervisor, spec = sys.argv[1], json.loads(sys.argv[2])
+sup = subprocess.Popen(
+    [sys.executable, "-I", "-S", supervisor],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=open(spec["log"], "ab"),
+    start_new_session=True,
+)
+if sys.argv[3] == "before":
+    sup.stdout.close()  # killed before it read STARTED: nobody will ever read it
+sup.stdin.write(json.dumps({**spec, "spawner_pid": os.getpid()}).encode())
+sup.stdin.close()
+if sys.argv[3] == "after":
+    sup.stdout.readline()  # killed once it knew the server's pid, before registering it
+print(sup.pid, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_supervisor_whose_starter_dies_leaves_no_server_behind(tmp_path: Path, when: str) -> None:
+    """The supervisor stops a server its starter never registered. A starter that died
+    before reading `STARTED` made the supervisor die on the broken pipe instead, leaving
+    the server it had just started running, unwatched, for good."""
+    marker = f"server-of-{tmp_path.name}"  # in the server's command line only
+    server = [sys.executable, "-c", "import sys, time; time.sleep(60)", marker]
+    spec = {
+        "command": server,
+        "env": dict(os.environ),
+        "dir": str(tmp_path),
+        "log": str(tmp_path / "server.log"),
+        "idle_timeout": 900,
+        "adopt_timeout": 60,
+    }
+    started = subprocess.run(
+        [sys.executable, "-c", STARTER, str(SUPERVISOR), json.dumps(spec), when],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    supervisor = int(started.stdout)
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "exit").exists():  # written once the server is stopped
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.02)
+        assert json.loads((tmp_path / "exit").read_text())["reason"] == "spawner gone"
+        assert _gone_within(lambda: [*_servers(marker), *_alive([supervisor])], 10)
+    finally:
+        for left in [*_servers(marker), *_alive([supervisor])]:
+            left.kill()
+
+
+def _servers(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in (proc.info["cmdline"] or []):
+            found.extend(_alive([proc.pid]))
+    return found
+
+
+def _alive(pids: list[int]) -> list[psutil.Process]:
+    alive = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _gone_within(left: Callable[[], list[psutil.Process]], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while left():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# --- the inspector's processes page -------------------------------------------------------------
+
+
+def test_the_processes_page_looks_at_each_other_host_once(tmp_path: Path) -> None:
+    """Liveness of another host's processes is its host's lease: on PostgreSQL each look
+    opens a connection and takes the host's advisory lock for a moment. The page looked
+    once per process, so a host running a hundred processes cost a hundred of each."""
+    from events.catalogue import WorkerReady
+    from orchestrator.ui.data import Inspector
+
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    log = EventLog(url)
+    for n in range(20):
+        spawned = _spawned(f"far-{n}").model_copy(update={"host": "elsewhere", "pid": n + 1})
+        version = log.stream_version(REGISTRY_STREAM)
+        ready = WorkerReady(session_id="s1", worker_id="w", instance_id=f"far-{n}")
+        log.append(REGISTRY_STREAM, [spawned, ready], version)
+    log.close()
+    data = Inspector(url)
+    try:
+        looked: list[str] = []
+
+        def host_alive(host: str) -> bool:
+            looked.append(host)
+            return True
+
+        data.log.host_alive = host_alive  # type: ignore[method-assign]
+        rows = data.processes()
+        assert [seen for _, seen in rows] == ["host alive"] * 20
+        assert looked == ["elsewhere"]
+    finally:
+        data.close()
+
+
+# --- an async open that is cancelled ----------------------------------------------------------
+
+
+@pytest.fixture
+def slow_open(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Orchestrator.open takes half a second, and each orchestrator it opens is listed."""
+    from orchestrator.orchestrator import Orchestrator
+
+    opened: list[Any] = []
+    real = Orchestrator.__init__
+
+    def init(self: Orchestrator, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)
+        real(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(Orchestrator, "__init__", init)
+    yield opened
+    for orch in opened:
+        orch.close()
+
+
+def test_an_async_open_cancelled_midway_closes_what_it_opened(
+    slow_open: list[Any], tmp_path: Path
+) -> None:
+    """`await AsyncOrchestrator.open(...)` cancelled (a timeout around it) while the open
+    runs on its thread: the orchestrator that thread still opens is closed, not left
+    holding the store (its connections, and on PostgreSQL this host's lease)."""
+    from orchestrator.aio import AsyncOrchestrator
+
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(AsyncOrchestrator.open(store=url), 0.1)
+        deadline = time.monotonic() + 10
+        while not (slow_open and slow_open[0]._closed):
+            assert time.monotonic() < deadline, "the orchestrator opened after the cancel is open"
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("aio")]
+    deadline = time.monotonic() + 5
+    while threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+        threads = [t.name for t in threading.enumerate() if t.name.startswith("aio")]
+    assert not threads
