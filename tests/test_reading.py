@@ -12,29 +12,7 @@ from orchestrator import Orchestrator, views
 from orchestrator.processes import host_id, start_time
 from orchestrator.reading import NO_WRITES, SessionReader
 from tests.chat import ChatServer
-from tests.ui_session import SESSION, record
-
-
-def every_view(whatif_file: Path, set_position: int, task_id: str) -> list[tuple[str, Any]]:
-    """Each view of `views.VIEWS`, with filters that make it answer something."""
-    queries = [
-        ("tasks", {}),
-        ("workers", {}),
-        ("registry", {}),
-        ("models", {}),
-        ("profiles", {}),
-        ("memory", {}),
-        ("events", {"session_id": SESSION, "type": "TaskStarted"}),
-        ("replay", {"until": set_position}),
-        ("explain", {"task_id": task_id}),
-        ("explain", {"worker_id": "coder"}),
-        ("usage", {}),
-        ("whatif", {"config": str(whatif_file)}),
-        ("diff", {"since": 2, "until": set_position + 5}),
-        ("conversation", {"task_id": task_id}),
-    ]
-    assert {view for view, _ in queries} == set(views.VIEWS)
-    return queries
+from tests.ui_session import SESSION, record, view_queries
 
 
 def rows(found: list[Any]) -> list[Any]:
@@ -50,7 +28,7 @@ def test_every_view_from_a_bare_log_equals_task_list_and_appends_nothing(
     rec = record(f"sqlite:///{tmp_path / 'events.db'}", chat_server)
     whatif_file = tmp_path / "whatif.toml"
     whatif_file.write_text('model = "lab/small"\n')
-    queries = every_view(whatif_file, rec.set_position, rec.after_set)
+    queries = view_queries(rec, whatif_file)
     log = EventLog(rec.url, create=False)
     head = log.head()
     reader = SessionReader(rec.config, log, SESSION)

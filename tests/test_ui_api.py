@@ -24,7 +24,7 @@ from orchestrator.ui import app
 from orchestrator.ui.app import API_PAGES, create_app
 from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer
-from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere
+from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere, view_queries
 
 TOKEN = "t0ken-for-tests"
 CLI = Path(sys.executable).parent / "orchestrator"
@@ -49,29 +49,6 @@ def client(inspector: Inspector) -> Iterator[TestClient]:
     with TestClient(create_app(inspector, TOKEN), follow_redirects=False) as c:
         c.headers["Authorization"] = f"Bearer {TOKEN}"
         yield c
-
-
-def view_queries(rec: Recorded, whatif_file: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Every view with filters that make it answer something."""
-    return [
-        ("tasks", {}),
-        ("workers", {}),
-        ("registry", {}),
-        ("models", {}),
-        ("profiles", {}),
-        ("memory", {}),
-        ("events", {}),
-        ("events", {"session_id": SESSION, "type": "TaskStarted", "since": 3, "limit": 4}),
-        ("events", {"task_id": rec.fallback}),
-        ("replay", {"until": rec.set_position}),
-        ("explain", {"task_id": rec.after_set}),
-        ("explain", {"worker_id": "coder"}),
-        ("usage", {}),
-        ("usage", {"session_id": None}),
-        ("whatif", {"config": str(whatif_file)}),
-        ("whatif", {"config": str(whatif_file), "session_id": SESSION}),
-        ("diff", {"since": 2, "until": rec.set_position + 5}),
-    ]
 
 
 def as_query(filters: dict[str, Any]) -> dict[str, str]:

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from orchestrator import Orchestrator
+from orchestrator import Orchestrator, views
 from tests.chat import ChatServer, Reply
 from tests.helpers import lab_settings, op, reset_model, run, set_model, wait_for
 
@@ -78,7 +79,7 @@ def start_task_elsewhere(url: str, session_id: str = SESSION) -> str:
     """Start (and finish) an op task on the session from another process; its task id."""
     code = textwrap.dedent(
         f"""
-        from orchestrator import Orchestrator
+        from orchestrator import Orchestrator, views
         with Orchestrator.open(store={url!r}, session_id={session_id!r}) as o:
             h = o.task_start(kind="op", op="memory.put", memory={{"key": "k", "value": "v"}})
             o.task_await(h.task_id, timeout=30)
@@ -89,3 +90,30 @@ def start_task_elsewhere(url: str, session_id: str = SESSION) -> str:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     return done.stdout.strip()
+
+
+def view_queries(rec: Recorded, whatif_file: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every view of `views.VIEWS` (checked), with filters that make it answer something on
+    the recorded session: what the API and the bare-log reader are compared on."""
+    queries: list[tuple[str, dict[str, Any]]] = [
+        ("tasks", {}),
+        ("workers", {}),
+        ("registry", {}),
+        ("models", {}),
+        ("profiles", {}),
+        ("memory", {}),
+        ("events", {}),
+        ("events", {"session_id": SESSION, "type": "TaskStarted", "since": 3, "limit": 4}),
+        ("events", {"task_id": rec.fallback}),
+        ("replay", {"until": rec.set_position}),
+        ("explain", {"task_id": rec.after_set}),
+        ("explain", {"worker_id": "coder"}),
+        ("usage", {}),
+        ("usage", {"session_id": None}),
+        ("whatif", {"config": str(whatif_file)}),
+        ("whatif", {"config": str(whatif_file), "session_id": SESSION}),
+        ("diff", {"since": 2, "until": rec.set_position + 5}),
+        ("conversation", {"task_id": rec.after_set}),
+    ]
+    assert {view for view, _ in queries} == set(views.VIEWS)
+    return queries
