@@ -441,8 +441,13 @@ class EventLog:
         are on one machine, where a process's own pid says whether it lives."""
         if self._env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or host in self._leases:
             return
-        conn = _connect(self._env)
-        conn.execute("SELECT pg_advisory_lock_shared(%s)", (_host_key(host),))
+        with _guarded(self.url, "taking the host lease"):
+            conn = _connect(self._env)
+            try:
+                conn.execute("SELECT pg_advisory_lock_shared(%s)", (_host_key(host),))
+            except BaseException:
+                conn.close()
+                raise
         self._leases[host] = conn
 
     def host_alive(self, host: str) -> bool:

@@ -23,7 +23,7 @@ from events import checkpoints, streams
 from events.catalogue import REGISTRY_STREAM, WorkerSpawned
 from events.checkpoints import load_saved, registry_checkpoints, saved_name
 from events.projections import RegistryState, apply_registry
-from events.store import EventLog, Filter
+from events.store import EventLog, Filter, StoreError
 from events.streams import StreamView
 from orchestrator import views_at_scale
 from orchestrator.model_servers.launch import SUPERVISOR
@@ -404,3 +404,58 @@ def test_an_async_open_cancelled_midway_closes_what_it_opened(
         time.sleep(0.05)
         threads = [t.name for t in threading.enumerate() if t.name.startswith("aio")]
     assert not threads
+
+
+# --- an open whose constructor fails ----------------------------------------------------------
+
+
+def test_an_open_whose_lease_fails_closes_its_log_and_says_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On PostgreSQL the host's lease takes a connection of its own: one refused is a
+    one-line `StoreError` (not the driver's error), and the `EventLog` that `open` made for
+    the orchestrator that was never built is closed, not left holding the store's pool."""
+    import psycopg
+
+    from events import store as store_module
+    from orchestrator import Orchestrator
+
+    closed: list[EventLog] = []
+    real_close, real_hold = EventLog.close, EventLog.hold_host_lease
+
+    def close(self: EventLog) -> None:
+        closed.append(self)
+        real_close(self)
+
+    def refused(env: dict[str, str]) -> Any:
+        raise psycopg.OperationalError("connection refused\nIs the server running?")
+
+    def hold(self: EventLog, host: str) -> None:
+        monkeypatch.setattr(store_module, "_connect", refused)  # the lease's connection only
+        real_hold(self, host)
+
+    monkeypatch.setattr(EventLog, "close", close)
+    monkeypatch.setattr(EventLog, "hold_host_lease", hold)
+    with postgres_schema() as url:
+        with pytest.raises(StoreError) as caught:
+            Orchestrator.open(store=url)
+        assert "connection refused" in str(caught.value)
+        assert "\n" not in str(caught.value)
+        assert len(closed) == 1
+
+
+def test_an_open_on_a_given_log_that_fails_leaves_that_log_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A log the caller passed in is the caller's to close, whatever the open did."""
+    from orchestrator import Orchestrator
+
+    def refuse(self: EventLog, host: str) -> None:
+        raise StoreError("no lease today")
+
+    monkeypatch.setattr(EventLog, "hold_host_lease", refuse)
+    log = EventLog("memory")
+    with pytest.raises(StoreError, match="no lease today"):
+        Orchestrator.open(store=log)
+    assert log.head() == 0  # still usable
+    log.close()
