@@ -164,7 +164,17 @@ class WorkerLauncher(Launcher):
                 f'worker "{spec.worker_id}" (pid {proc.pid}) did not print READY within '
                 f"{READY_TIMEOUT:.0f}s; see {log_path}"
             )
-        return proc, str(json.loads(line[len("READY ") :])["url"])
+        try:
+            url = json.loads(line[len("READY ") :])["url"]
+            if not isinstance(url, str):
+                raise TypeError("url is not a string")
+        except (ValueError, LookupError, TypeError):
+            self.kill(proc)  # started here and unusable: not left running on its own
+            raise SpawnError(
+                f'worker "{spec.worker_id}" (pid {proc.pid}) printed a malformed READY line '
+                f"{line[:120]!r} (expected READY and a JSON object with a url); see {log_path}"
+            ) from None
+        return proc, url
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

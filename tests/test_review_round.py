@@ -459,3 +459,39 @@ def test_an_open_on_a_given_log_that_fails_leaves_that_log_open(
         Orchestrator.open(store=log)
     assert log.head() == 0  # still usable
     log.close()
+
+
+# --- a worker that prints a malformed READY line ------------------------------------------------
+
+
+@pytest.mark.parametrize("ready", ["READY not json", "READY {}", "READY []", 'READY {"url": 1}'])
+def test_a_malformed_ready_line_kills_the_process_and_says_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready: str
+) -> None:
+    """The launcher started the process, so it stops it: a READY line that is not JSON, or
+    not an object with a url, leaves no worker running unwatched (it outlives us by design)."""
+    from orchestrator.backends.spec import WorkerSpec
+    from orchestrator.config import default_config
+    from orchestrator.launcher import SpawnError, WorkerLauncher
+
+    pid_file = tmp_path / "pid"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\necho '{ready}'\nexec sleep 60\n")
+    fake.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(fake))  # the launcher runs `python -m ...`
+    spec = WorkerSpec("coder", "echo/x", "dynamic", "fp", {}, "", default_config())
+    try:
+        with pytest.raises(SpawnError) as caught:
+            WorkerLauncher(tmp_path / "logs").launch(spec, "coder-1", 60)
+        message = str(caught.value)
+        assert "\n" not in message and "READY" in message, message
+        pid = int(pid_file.read_text())
+        with contextlib.suppress(psutil.NoSuchProcess):
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "the worker still runs"
+            raise AssertionError(f"pid {pid} left unreaped")
+    finally:
+        with contextlib.suppress(OSError, ValueError, psutil.Error):  # nor does a failed run
+            left = psutil.Process(int(pid_file.read_text()))
+            if left.cmdline() == ["sleep", "60"]:
+                left.kill()
+                left.wait(5)
