@@ -495,3 +495,65 @@ def test_a_malformed_ready_line_kills_the_process_and_says_one_line(
             if left.cmdline() == ["sleep", "60"]:
                 left.kill()
                 left.wait(5)
+
+
+# --- a process that will not die at once -----------------------------------------------------
+
+
+class _Stuck:
+    """A child that outlives SIGKILL for a while (in uninterruptible sleep, say)."""
+
+    pid = 424242
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.signals: list[str] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+
+    def kill(self) -> None:
+        self.signals.append("KILL")
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("stuck", timeout or 0)
+        return self.returncode
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.1])
+def test_killing_a_stuck_process_raises_nothing_and_reaps_it_once_it_goes(grace: float) -> None:
+    """`kill` is called while a spawn fails or a server stops: a child that does not go
+    within the wait must not turn that into a `TimeoutExpired` for the caller. It is kept
+    and collected by a later `reap_children`, once it has gone (no zombie)."""
+    from orchestrator import launcher
+
+    stuck = _Stuck()
+    launcher.Launcher.kill(stuck, grace=grace)  # type: ignore[arg-type]
+    assert stuck.signals[-1] == "KILL"
+    owner = launcher.Launcher()
+    owner.reap_children()
+    assert stuck in launcher._killed_unreaped  # still going: kept
+    stuck.returncode = -9
+    owner.reap_children()
+    assert stuck not in launcher._killed_unreaped
+
+
+def test_abandoning_a_stuck_process_raises_nothing() -> None:
+    """Closing on a store that went away stops every child; one stuck past SIGKILL is left
+    to be collected later, and the rest are still stopped."""
+    from orchestrator import launcher
+
+    owner = launcher.Launcher(grace=0.01)
+    stuck, other = _Stuck(), _Stuck()
+    owner.keep("a", stuck)  # type: ignore[arg-type]
+    owner.keep("b", other)  # type: ignore[arg-type]
+    owner.abandon()
+    assert stuck.signals == other.signals == ["TERM", "KILL"]
+    assert {stuck, other} <= set(launcher._killed_unreaped)
+    stuck.returncode = other.returncode = -9
+    owner.reap_children()
+    assert not {stuck, other} & set(launcher._killed_unreaped)
