@@ -557,3 +557,51 @@ def test_abandoning_a_stuck_process_raises_nothing() -> None:
     stuck.returncode = other.returncode = -9
     owner.reap_children()
     assert not {stuck, other} & set(launcher._killed_unreaped)
+
+
+# --- drain watchers of a long-running orchestrator --------------------------------------------
+
+
+def test_finished_drain_watchers_are_not_kept_but_running_ones_are_joined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each retired process gets a watcher thread that records its stop; a long-running
+    orchestrator keeps only those still watching, and `join_watchers` still waits for them."""
+    from datetime import UTC, datetime
+
+    from events.projections import RegistryEntry
+    from orchestrator import pool_processes
+    from orchestrator.backends.client import WorkerClient
+
+    leaving = threading.Event()
+    slow_pid = 4242
+    monkeypatch.setattr(WorkerClient, "drain", lambda self, *a, **k: None)
+    monkeypatch.setattr(
+        pool_processes,
+        "process_state",
+        lambda pid, started: "alive" if pid == slow_pid and not leaving.is_set() else "gone",
+    )
+    log = EventLog("memory")
+    pool = pool_processes.PoolProcesses(log, tmp_path / "workers")
+    now = datetime.now(UTC)
+
+    def retire(n: int, pid: int) -> None:
+        entry = RegistryEntry(
+            **{**_spawned(f"w-{n}").model_dump(exclude={"timestamp", "type"}), "pid": pid},
+            status="ready",
+            started_at=now,
+            updated_at=now,
+        )
+        pool.retire(entry, {"session_id": "s1", "worker_id": "w"}, "test")
+
+    retire(0, slow_pid)
+    for n in range(1, 30):
+        retire(n, n)
+        pool._watchers[-1].join(5)
+    assert len(pool._watchers) <= 2, len(pool._watchers)  # the slow one and the newest
+    slow = pool._watchers[0]
+    assert slow.is_alive()
+    leaving.set()
+    pool.join_watchers(5)
+    assert not slow.is_alive()
+    log.close()
