@@ -1,5 +1,7 @@
 """Defects found by a hostile review of the read side, persisted registry checkpoints, the
-process owners and the async opener; each test failed before its fix."""
+process owners and the async opener, then of the edges (a failed open, a malformed READY
+line, a child stuck past SIGKILL, a reader's open, drain watchers); each test failed before
+its fix. One module over 400 lines: it is the record of those review rounds, kept together."""
 
 from __future__ import annotations
 
@@ -605,3 +607,175 @@ def test_finished_drain_watchers_are_not_kept_but_running_ones_are_joined(
     pool.join_watchers(5)
     assert not slow.is_alive()
     log.close()
+
+
+# --- an open for reading writes nothing -------------------------------------------------------
+
+SHAPES = ["current", "before the index", "before the marker"]
+
+
+def _made_store(url: str, shape: str, drop: Callable[[str], None]) -> None:
+    """A store with two sessions' events and a snapshot, in the shape an older version left."""
+    from events.catalogue import TaskStarted
+
+    log = EventLog(url)
+    log.append("session:a", [TaskStarted(session_id="a", task_id="t1", kind="op")], 0)
+    log.append("session:b", [TaskStarted(session_id="b", task_id="t2", kind="op")], 0)
+    log.save_snapshot("session:a", 1, {"x": 1})
+    log.close()
+    if shape == "before the index":
+        drop("event_index")
+    elif shape == "before the marker":
+        drop("orchestrator_store")
+
+
+def _reads(url: str) -> None:
+    log = EventLog(url, create=False)
+    try:
+        assert log.head() == 2
+        assert [p for p, _ in log.select(Filter(task_id="t2"))] == [2]
+        assert [r.task_id for r in log.records()] == ["t1", "t2"]
+        assert [e.version for e in log.read_stream("session:a")] == [1]
+        assert log.stream_version("session:b") == 1
+        assert log.load_snapshot("session:a") == (1, {"x": 1})
+    finally:
+        log.close()
+
+
+def _read_or_refused(url: str, shape: str) -> None:
+    """Read what a reader reads; a store not indexed yet is refused, saying what to do."""
+    if shape != "before the index":
+        _reads(url)
+        return
+    with pytest.raises(StoreError) as caught:
+        EventLog(url, create=False)
+    message = str(caught.value)
+    assert "\n" not in message and "command that writes" in message, message
+
+
+def _sqlite_state(db: Path) -> tuple[list[Any], dict[str, int]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        names = sorted(conn.execute("SELECT type, name FROM sqlite_master").fetchall())
+        counts = {
+            n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]
+            for kind, n in names
+            if kind == "table"
+        }
+    return names, counts
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_opening_a_sqlite_store_to_read_changes_nothing(tmp_path: Path, shape: str) -> None:
+    """`create=False` (every reading command, the inspector) makes no table, index, marker,
+    index row or file, whatever version made the store; an unindexed store is refused
+    until a writer indexes it, and then reads."""
+    import sqlite3
+
+    db = tmp_path / "events.db"
+    url = f"sqlite:///{db}"
+
+    def drop(table: str) -> None:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute(f"DROP TABLE {table}")
+            conn.commit()
+
+    _made_store(url, shape, drop)
+    (tmp_path / "events.db-lock").unlink()  # as if copied here without it
+    before = _sqlite_state(db), sorted(os.listdir(tmp_path))
+    _read_or_refused(url, shape)
+    assert (_sqlite_state(db), sorted(os.listdir(tmp_path))) == before
+    if shape == "before the index":
+        EventLog(url).close()  # what the message says: a writer indexes it
+        _reads(url)
+
+
+def _pg_state(schema: str) -> tuple[list[Any], dict[str, int]]:
+    import psycopg
+    from psycopg import sql
+
+    from tests.conftest import POSTGRES_URL
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        names = sorted(
+            conn.execute(
+                "SELECT c.relkind::text, c.relname::text FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s",
+                (schema,),
+            ).fetchall()
+        )
+        counts = {}
+        for kind, name in names:
+            if kind == "r":
+                table = sql.Identifier(schema, name)
+                query = sql.SQL("SELECT count(*) FROM {}").format(table)
+                counts[name] = conn.execute(query).fetchone()[0]  # type: ignore[index]
+    return names, counts
+
+
+def _pg_drop(schema: str) -> Callable[[str], None]:
+    def drop(table: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        from tests.conftest import POSTGRES_URL
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(schema, table)))
+
+    return drop
+
+
+def _schema_of(url: str) -> str:
+    from urllib.parse import parse_qs, urlparse
+
+    return parse_qs(urlparse(url).query)["schema"][0]
+
+
+# Not "before the marker": its events table is not `stored_events`, so a PostgreSQL store
+# without the marker is refused as foreign, by writers and readers alike.
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_opening_a_postgresql_store_to_read_changes_nothing(shape: str) -> None:
+    """As on SQLite: no table, index, marker or index row is made by a reader."""
+    with postgres_schema() as url:
+        schema = _schema_of(url)
+        _made_store(url, shape, _pg_drop(schema))
+        before = _pg_state(schema)
+        _read_or_refused(url, shape)
+        assert _pg_state(schema) == before
+        if shape == "before the index":
+            EventLog(url).close()
+            _reads(url)
+
+
+def test_a_role_that_may_only_read_can_open_a_postgresql_store_to_read() -> None:
+    """A reader runs no DDL at all (not even `IF NOT EXISTS`, which PostgreSQL checks the
+    right to create for first): a role granted only SELECT opens the store and reads it."""
+    import uuid
+    from urllib.parse import urlparse
+
+    import psycopg
+    from psycopg import sql
+
+    from tests.conftest import POSTGRES_URL
+
+    with postgres_schema() as url:
+        schema = _schema_of(url)
+        _made_store(url, "current", _pg_drop(schema))
+        role = f"ro_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'ro'").format(sql.Identifier(role)))
+            for grant in (
+                "GRANT USAGE ON SCHEMA {} TO {}",
+                "GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}",
+            ):
+                conn.execute(sql.SQL(grant).format(sql.Identifier(schema), sql.Identifier(role)))
+        try:
+            parsed = urlparse(url)
+            netloc = f"{role}:ro@{parsed.hostname}:{parsed.port or 5432}"
+            _reads(parsed._replace(netloc=netloc).geturl())
+        finally:
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
