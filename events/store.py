@@ -195,11 +195,13 @@ class EventLog:
         """Open the store at `url` (default: `default_store_url()`). With `create=False`
         (reading: the CLI's inspection commands, a read-only inspector) a URL where there is
         no orchestrator store raises `NoStore` and nothing is made there: no file, table or
-        schema."""
+        schema. Nor is anything made or written where a store is: a store made before the
+        event index existed, not indexed yet, is refused until a writer opens it."""
         if url is None and create and not os.environ.get("ORCHESTRATOR_STORE"):
             state_dir()  # the per-user directory is ours to make; a URL's directory is not
         self.url = url or default_store_url()
         self.kind, env = _environment(self.url)
+        env["CREATE_TABLE"] = "y" if create else "n"  # the library's DDL is a writer's
         self._env = env
         self._leases: dict[str, Any] = {}  # host -> psycopg connection holding its lease
         self._listener: Any = None  # the psycopg connection LISTENing, once needed
@@ -213,7 +215,7 @@ class EventLog:
                 # half-made store passes (SQLite makes the events and index tables in one
                 # transaction); on PostgreSQL, where it would not, the check is locked only.
                 _check_marker(self.url, env)
-            with _schema_lock(env):
+            with _schema_lock(env, create):
                 _check_marker(self.url, env)
                 self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
                 self._recorder: ApplicationRecorder = (
@@ -222,13 +224,27 @@ class EventLog:
                     else self._factory.application_recorder()
                 )
                 self._snapshots: AggregateRecorder = self._factory.aggregate_recorder("snapshots")
-                _write_marker(env)  # DDL too: under the same lock
                 self._index = _index_of(self._recorder)
-                self._index.backfill()  # a store written before the index existed
+                if create:
+                    _write_marker(env)  # DDL too: under the same lock
+                    self._index.backfill()  # a store written before the index existed
+                elif not self._index.caught_up(_tables(env)):
+                    raise StoreError(
+                        f"store {_redact(self.url)} was written before the event index existed "
+                        "and is not indexed yet; open it once with a command that writes "
+                        "(run, set-model, reset-model, fork), which indexes it, then read again"
+                    )
             self._recorder.max_notification_id()  # fail now, not at the first real read
             self._file_id = self._current_file_id()
-        except _store_failures() as exc:
-            raise StoreError(f"cannot open store {_redact(self.url)}: {_first_line(exc)}") from exc
+        except BaseException as exc:
+            factory = getattr(self, "_factory", None)
+            if factory is not None:
+                factory.close()  # nobody gets this log to close
+            if isinstance(exc, _store_failures()):
+                raise StoreError(
+                    f"cannot open store {_redact(self.url)}: {_first_line(exc)}"
+                ) from exc
+            raise
 
     def _current_file_id(self) -> tuple[int, int] | None:
         """(device, inode) of the SQLite file (None for other stores, or when it is gone)."""
@@ -441,8 +457,13 @@ class EventLog:
         are on one machine, where a process's own pid says whether it lives."""
         if self._env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or host in self._leases:
             return
-        conn = _connect(self._env)
-        conn.execute("SELECT pg_advisory_lock_shared(%s)", (_host_key(host),))
+        with _guarded(self.url, "taking the host lease"):
+            conn = _connect(self._env)
+            try:
+                conn.execute("SELECT pg_advisory_lock_shared(%s)", (_host_key(host),))
+            except BaseException:
+                conn.close()
+                raise
         self._leases[host] = conn
 
     def host_alive(self, host: str) -> bool:
@@ -508,6 +529,10 @@ class _Index:
 
     def backfill(self) -> None:
         """Index events written before the index existed (a no-op once caught up)."""
+
+    def caught_up(self, tables: set[str] | None) -> bool:
+        """Does the index have every event? (`tables`: the store's, to look in.)"""
+        return True
 
 
 class _SQLIndex(_Index):
@@ -579,14 +604,24 @@ class _SQLIndex(_Index):
             rows: Selected = c.fetchall()
             return rows
 
-    def backfill(self) -> None:
+    def _heads(self) -> tuple[int, int]:
+        """The newest position indexed and the newest event's, in one snapshot."""
         with self._transaction(commit=False) as c:
             c.execute(
                 f"SELECT (SELECT max({self.rowid}) FROM {self.prefix}{self.events}) AS events, "
                 f"(SELECT max(position) FROM {self.prefix}{INDEX_TABLE}) AS indexed"
             )
             row = c.fetchone()
-        start, head = row["indexed"] or 0, row["events"] or 0
+        return row["indexed"] or 0, row["events"] or 0
+
+    def caught_up(self, tables: set[str] | None) -> bool:
+        if tables is not None and INDEX_TABLE not in tables:
+            return False
+        indexed, head = self._heads()
+        return indexed >= head  # rows land with their events, so only an old store lags
+
+    def backfill(self) -> None:
+        start, head = self._heads()
         while start < head:
             batch = self.recorder.select_notifications(start, 1000, inclusive_of_start=False)
             if not batch:
@@ -785,12 +820,18 @@ _DDL_LOCK_KEY = 0x6F72636865737472
 
 
 @contextmanager
-def _schema_lock(env: dict[str, str]) -> Iterator[None]:
+def _schema_lock(env: dict[str, str], create: bool = True) -> Iterator[None]:
     """Let one opener at a time create the tables and the marker. On PostgreSQL an
     advisory lock (concurrent first-use DDL otherwise fails with "tuple concurrently
     updated"); on SQLite an exclusive lock on `<file>-lock` beside the database (a WAL
     transaction that read the schema before another opener committed its DDL cannot write,
-    and fails at once with "database is locked" instead of waiting). Memory needs nothing."""
+    and fails at once with "database is locked" instead of waiting). Memory needs nothing.
+    A reader (`create` False) makes nothing: on PostgreSQL it waits for a creator under the
+    lock (whose DDL is not one transaction) but creates no schema; SQLite, whose tables come
+    in one transaction, it does not lock, so no lock file is made beside the database."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" and not create:
+        yield
+        return
     if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
         with _file_lock(Path(env["SQLITE_DBNAME"] + "-lock")):
             yield
@@ -803,7 +844,7 @@ def _schema_lock(env: dict[str, str]) -> Iterator[None]:
     with _connect(env) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
         try:
-            if "POSTGRES_SCHEMA" in env:
+            if create and "POSTGRES_SCHEMA" in env:
                 schema = sql.Identifier(env["POSTGRES_SCHEMA"])
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
             yield

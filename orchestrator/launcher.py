@@ -24,6 +24,11 @@ from orchestrator.processes import terminate, worker_environment, worker_token
 from orchestrator.worker_env import SPEC_ENV, TOKEN_ENV
 
 READY_TIMEOUT = 30.0
+# How long a killed child gets to go. One still there after it (stuck in the kernel, say) is
+# kept here, process-wide as `Launcher.kill` is, and collected by a later `reap_children`
+# once it has gone: no zombie, and no TimeoutExpired for the caller that wanted it gone.
+KILL_WAIT = 5.0
+_killed_unreaped: list[subprocess.Popen[bytes]] = []
 
 
 class SpawnError(OrchestratorError, RuntimeError):
@@ -57,7 +62,7 @@ class Launcher:
                 proc.wait(timeout=grace)
                 return
         proc.kill()
-        proc.wait(timeout=5)
+        _collect_killed(proc)
 
     def wait_gone(self, instance_id: str, pid: int, started_at: float) -> None:
         """Wait (`grace` seconds at most) for a process asked to go to exit; terminate it if
@@ -92,9 +97,14 @@ class Launcher:
             self._children.pop(instance_id, None)  # another thread may have reaped it too
 
     def reap_children(self) -> None:
-        """Collect the exit statuses of every process started here that ended."""
+        """Collect the exit statuses of every process started here that ended (and of
+        those killed that had not gone at once)."""
         for instance_id in list(self._children):
             self.reap(instance_id)
+        for proc in list(_killed_unreaped):
+            if proc.poll() is not None:
+                with contextlib.suppress(ValueError):  # another thread collected it first
+                    _killed_unreaped.remove(proc)
 
     def abandon(self) -> None:
         """Stop every process started here at once: SIGTERM to all, then `grace` seconds
@@ -108,7 +118,7 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 if self.kill_lingering:
                     child.kill()
-                    child.wait(timeout=5)
+                    _collect_killed(child)
             self._children.pop(instance_id, None)
 
 
@@ -164,7 +174,25 @@ class WorkerLauncher(Launcher):
                 f'worker "{spec.worker_id}" (pid {proc.pid}) did not print READY within '
                 f"{READY_TIMEOUT:.0f}s; see {log_path}"
             )
-        return proc, str(json.loads(line[len("READY ") :])["url"])
+        try:
+            url = json.loads(line[len("READY ") :])["url"]
+            if not isinstance(url, str):
+                raise TypeError("url is not a string")
+        except (ValueError, LookupError, TypeError):
+            self.kill(proc)  # started here and unusable: not left running on its own
+            raise SpawnError(
+                f'worker "{spec.worker_id}" (pid {proc.pid}) printed a malformed READY line '
+                f"{line[:120]!r} (expected READY and a JSON object with a url); see {log_path}"
+            ) from None
+        return proc, url
+
+
+def _collect_killed(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a killed child to go, or keep it to collect later (see `KILL_WAIT`)."""
+    try:
+        proc.wait(timeout=KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        _killed_unreaped.append(proc)
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:

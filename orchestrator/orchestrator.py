@@ -71,8 +71,14 @@ class Orchestrator:
         requests to providers and worker processes instead of sockets (for tests)."""
         sid = check_session_id(session_id) if session_id else f"s-{uuid.uuid4().hex[:10]}"
         cfg = load_config(config)
+        owns_log = not isinstance(store, EventLog)
         log = store if isinstance(store, EventLog) else EventLog(store)
-        return cls(cfg, log, sid, owns_log=not isinstance(store, EventLog), transport=transport)
+        try:
+            return cls(cfg, log, sid, owns_log=owns_log, transport=transport)
+        except BaseException:
+            if owns_log:  # nobody else holds it: its connections (and leases) go with it
+                log.close()
+            raise
 
     def __enter__(self) -> Orchestrator:
         return self

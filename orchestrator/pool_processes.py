@@ -59,7 +59,8 @@ class PoolProcesses:
         self.log_dir = log_dir or state_dir() / "workers"
         self.launcher = WorkerLauncher(self.log_dir)
         self.proofs = Proofs(PROOF_LEASE)
-        self._watchers: list[threading.Thread] = []
+        self._watchers: list[threading.Thread] = []  # those still watching, and the newest
+        self._watchers_lock = threading.Lock()
         self.started_here: set[str] = set()
 
     # --- probing ---------------------------------------------------------------------------
@@ -283,12 +284,16 @@ class PoolProcesses:
 
         watcher = threading.Thread(target=watch, daemon=True, name=f"drain-{entry.instance_id}")
         watcher.start()
-        self._watchers.append(watcher)
+        with self._watchers_lock:  # finished ones go: a long-running orchestrator retires many
+            self._watchers = [w for w in self._watchers if w.is_alive()]
+            self._watchers.append(watcher)
 
     def join_watchers(self, timeout: float) -> None:
         """Give drain watchers up to `timeout` seconds to record their stops."""
         deadline = time.monotonic() + timeout
-        for watcher in self._watchers:
+        with self._watchers_lock:
+            watchers = list(self._watchers)
+        for watcher in watchers:
             watcher.join(max(0.0, deadline - time.monotonic()))
 
     def abandon(self) -> None:
