@@ -83,6 +83,7 @@ def _store_failures() -> tuple[type[BaseException], ...]:
 
 
 MARKER_TABLE = "orchestrator_store"
+APP_NAME = "orchestrator"  # the eventsourcing application: PostgreSQL names its tables by it
 STORE_FORMAT = 1
 OUR_STREAMS = ("session:", "registry", "memory", "models", "config")
 INDEX_TABLE = "event_index"
@@ -217,7 +218,7 @@ class EventLog:
                 _check_marker(self.url, env)
             with _schema_lock(env, create):
                 _check_marker(self.url, env)
-                self._factory = InfrastructureFactory.construct(Environment("orchestrator", env))
+                self._factory = InfrastructureFactory.construct(Environment(APP_NAME, env))
                 self._recorder: ApplicationRecorder = (
                     _IndexedPOPORecorder()
                     if self.kind == "memory"
@@ -918,7 +919,7 @@ def _check_marker(url: str, env: dict[str, str]) -> None:
     tables = _tables(env)
     if not tables or MARKER_TABLE in tables:
         return
-    if "stored_events" in tables and _only_our_streams(env):
+    if _events_table(env) in tables and _only_our_streams(env):
         return  # made before the marker existed: adopted, and marked after opening
     raise StoreError(
         f"cannot open store {_redact(url)}: it is not an orchestrator store (it has tables "
@@ -926,8 +927,15 @@ def _check_marker(url: str, env: dict[str, str]) -> None:
     )
 
 
+def _events_table(env: dict[str, str]) -> str:
+    """The events table's name: SQLite's recorder keeps the library's default, PostgreSQL's
+    is named after the application."""
+    sqlite = env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
+    return "stored_events" if sqlite else f"{APP_NAME}_events"
+
+
 def _only_our_streams(env: dict[str, str]) -> bool:
-    sql_ = "SELECT DISTINCT originator_id FROM {}stored_events LIMIT 1000"
+    sql_ = "SELECT DISTINCT originator_id FROM {}" + _events_table(env) + " LIMIT 1000"
     if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
         with contextlib.closing(sqlite3.connect(env["SQLITE_DBNAME"], timeout=5)) as conn:
             ids = [r[0] for r in conn.execute(sql_.format(""))]

@@ -3,6 +3,7 @@ hangs. Each numbered item of the issue has a test here, on the stores it concern
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -14,13 +15,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from events import replay
 from events.catalogue import WorkerReady, WorkerSpawned
-from events.store import EventLog, StoreError
+from events.store import EventLog, Filter, StoreError
 from orchestrator import InvalidTaskArgs, Orchestrator
 from orchestrator.processes import host_id, start_time, worker_token
 from tests.chat import ChatServer, Reply
@@ -173,16 +175,26 @@ def test_a_foreign_sqlite_file_is_refused_not_read_as_empty(tmp_path: Path) -> N
     assert beside == ["theirs.db"]  # nor a file beside it
 
 
-def test_a_store_made_before_the_marker_is_adopted(tmp_path: Path) -> None:
-    db = tmp_path / "old.db"
-    with Orchestrator.open(config=config_with(), store=f"sqlite:///{db}") as orch:
+def test_a_store_made_before_the_marker_is_adopted(url: str) -> None:
+    with Orchestrator.open(config=config_with(), store=url) as orch:
         op(orch, "memory.put", memory={"key": "k", "value": "v"})
-    conn = sqlite3.connect(db)
-    conn.execute("DROP TABLE orchestrator_store")  # as the first version left it
-    conn.commit()
-    conn.close()
-    with Orchestrator.open(config=config_with(), store=f"sqlite:///{db}") as orch:
+    _drop_marker(url)  # as the first version left it
+    reader = EventLog(url, create=False)  # a reader adopts it too, and writes nothing
+    assert len(list(reader.select(Filter(types=("MemoryPut",))))) == 1
+    reader.close()
+    with Orchestrator.open(config=config_with(), store=url) as orch:
         assert len(orch.task_list(view="events", type="MemoryPut")) == 1
+
+
+def _drop_marker(url: str) -> None:
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+            conn.execute("DROP TABLE orchestrator_store")
+            conn.commit()
+        return
+    schema = url.rsplit("schema=", 1)[1]
+    with psycopg.connect(url.split("?", 1)[0], autocommit=True) as conn:
+        conn.execute(f'DROP TABLE "{schema}".orchestrator_store')
 
 
 # 5. Replies from a worker are validated ---------------------------------------------------------
