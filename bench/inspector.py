@@ -141,6 +141,7 @@ def pages(url: str) -> dict[str, Any]:
         ),
     }
     results: dict[str, float] = {}
+    sizes: dict[str, int] = {}  # bytes of each answer: a bigger answer is not a slower call
     with TestClient(create_app(data, "t"), headers={"Authorization": "Bearer t"}) as client:
         for name, (method, path, form) in calls.items():
             runs = SLOW_RUNS if name in SLOW else RUNS
@@ -152,6 +153,7 @@ def pages(url: str) -> dict[str, Any]:
                     samples.append(time.perf_counter() - t0)
             assert reply.status_code == 200, (name, reply.text[:200])
             results[name] = p95(samples)
+            sizes[name] = len(reply.content)
         past = data.history(session)
         picks = [random.randrange(len(past.stops)) for _ in range(200)]
         slider = []
@@ -162,6 +164,7 @@ def pages(url: str) -> dict[str, Any]:
     data.close()
     return {
         "calls": results,
+        "bytes": sizes,
         "slider_p95_ms": p95(slider),
         "slider_max_ms": 1000 * max(slider),
         "session_stops": len(past.stops),
@@ -364,10 +367,14 @@ def main() -> None:
             print(f"{name + ' ' + key:44} {a:10.1f} {b:10.1f}")
         measured[small][f"first {name}"] = firsts[small][name]
         measured[big][f"first {name}"] = firsts[big][name]
-    print(f"\n{'call (p95 ms, server time in-process)':44} {small:>10,} {big:>10,}  ratio")
+    print(
+        f"\n{'call (p95 ms, server time in-process)':44} {small:>10,} {big:>10,}  ratio"
+        "   answer KB (small / big)"
+    )
     for name in measured[small]["calls"]:
         a, b = measured[small]["calls"][name], measured[big]["calls"][name]
-        print(f"{name:44} {a:10.1f} {b:10.1f} {b / a:6.1f}x")
+        kb = [measured[size]["bytes"][name] / 1024 for size in sizes]
+        print(f"{name:44} {a:10.1f} {b:10.1f} {b / a:6.1f}x {kb[0]:9.1f} / {kb[1]:.1f}")
     for key in ("slider_p95_ms", "slider_max_ms", "session_stops", "registry_checkpoints"):
         print(f"{key:44} {measured[small][key]:10.1f} {measured[big][key]:10.1f}")
     for key in ("first_read_s", "first_read_peak_mb"):
