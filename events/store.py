@@ -809,9 +809,15 @@ def _environment(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _create_private_file(url: str, path: Path) -> None:
+    """Make a new SQLite file user-only; an existing one is left unopened: closing any
+    descriptor of the file drops every POSIX lock this process holds on it, SQLite's too,
+    and another process then takes the store for unused and removes its WAL under our
+    connections (their writes, and others', are lost)."""
     try:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         os.close(fd)
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise StoreError(f"cannot open store {url}: {exc.strerror}") from exc
 

@@ -1,0 +1,258 @@
+"""A hostile review of the paged views (`replay`/`whatif` pages, the inspector's API pages and
+the what-if page, the CLI's page flags) and of read-only opens, on logs recorded by real
+orchestrators: several sessions interleaved, a fork, sticky and dynamic overrides, a reset,
+per-task models, a conversation, a fallback, a cancelled task, a task still running, failed
+decisions and a second writer process on one session."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events.catalogue import TaskStarted
+from events.replay import replay as replay_log
+from events.store import EventLog
+from orchestrator import Orchestrator, history, view_pages
+from orchestrator.config import load_config
+from orchestrator.explain import ReplayView, replay_view
+from tests.chat import ChatServer, Reply
+from tests.conftest import postgres_schema
+from tests.helpers import lab_settings, op, reset_model, run, set_model, wait_for
+
+CLI = Path(sys.executable).parent / "orchestrator"
+TOKEN = "t0ken-for-tests"
+
+
+def lab(port: int) -> dict[str, Any]:
+    """`lab` (big, mid, small) on a local chat server; coder falls back to small; ghost's
+    model does not exist, so its decisions fail."""
+    profiles = {
+        "coder": {"backend": "agent", "fallback_models": ["lab/small"]},
+        "docs": {"backend": "agent", "model": "lab/mid"},
+        "ghost": {"backend": "agent", "model": "lab/nowhere"},
+    }
+    return lab_settings(port, {"big": {}, "mid": {}, "small": {}}, profiles=profiles)
+
+
+OTHER_WRITER = """
+import sys
+from orchestrator import Orchestrator
+from tests.helpers import run, set_model
+with Orchestrator.open(config={config!r}, store={url!r}, session_id="a") as o:
+    for i in range(6):
+        run(o, "coder", f"other {{i}}")
+        if i == 2:
+            set_model(o, "docs", "lab/small", model_policy="dynamic")
+        run(o, "docs", f"other docs {{i}}", model="lab/big" if i % 2 else None)
+"""
+
+
+def record(url: str, server: ChatServer) -> dict[str, Any]:
+    """Record the sessions on `url`; returns the configuration they ran with."""
+    config = lab(server.port)
+    a = Orchestrator.open(config=config, store=url, session_id="a")
+    b = Orchestrator.open(config=config, store=url, session_id="b")
+    try:
+        first = run(a, "coder", "one")
+        run(b, "docs", "two")
+        set_model(a, "coder", "lab/small", model_policy="sticky")
+        run(a, "coder", "three")
+        set_model(b, "coder", "lab/mid", model_policy="dynamic")
+        run(b, "coder", "four", model="lab/big")
+        run(b, "ghost", "a decision that fails")
+        run(a, "coder", "a task model that fails", model="lab/nowhere")
+        forked = op(a, "session.fork", session={"from_session_id": "a", "position": a.log.head()})
+        fork_id = forked.result["session_id"]
+        with Orchestrator.open(config=config, store=url, session_id=fork_id) as c:
+            run(c, "coder", "in the fork")
+            reset_model(a, "coder")
+            second = run(a, "coder", "turn two", continue_from=first.task_id)
+            run(a, "coder", "turn three", continue_from=second.task_id)
+            server.script = [Reply(status=500, error="mid is down")]
+            assert run(b, "coder", "fall back").attempts  # mid failed, small served
+            # A second writer process on session a, while this one writes to it too.
+            code = OTHER_WRITER.format(config=config, url=url)
+            other = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+            try:
+                for i in range(4):
+                    run(a, "docs", f"here {i}")
+                    set_model(a, "coder", "lab/big" if i % 2 else "lab/mid")
+                assert other.wait(timeout=60) == 0, other.stderr.read() if other.stderr else ""
+            finally:
+                other.kill()
+                other.wait()
+            server.script = [Reply(delay=30)]
+            slow = a.task_start(kind="worker", worker_id="coder", task="cancel me").task_id
+            wait_for(lambda: any("cancel me" in json.dumps(r.body) for r in server.requests))
+            a.task_cancel(slow)
+            a.task_await(slow, timeout=30)
+            server.script = [Reply(delay=0.5)]
+            late = a.task_start(kind="worker", worker_id="coder", task="still running").task_id
+            run(b, "coder", "meanwhile")
+            set_model(c, "docs", "lab/big")
+            a.task_await(late, timeout=30)
+            run(c, "docs", "after")
+    finally:
+        a.close()
+        b.close()
+    return config
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def recorded(
+    request: pytest.FixtureRequest, tmp_path: Path, chat_server: ChatServer
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'events.db'}"
+        yield url, record(url, chat_server)
+    else:
+        with postgres_schema() as url:
+            yield url, record(url, chat_server)
+
+
+WHATIF = {
+    "extends": "none",
+    "model": "lab/small",
+    "small_model": "lab/big",
+    "providers": {
+        "lab": {
+            "kind": "openai",
+            "base_url": "http://127.0.0.1:9/v1",
+            "models": {"big": {}, "mid": {}, "small": {}},
+        }
+    },
+    "profiles": {"coder": {"backend": "agent"}, "docs": {"backend": "agent", "model": "lab/big"}},
+}
+
+
+def _sessions(log: EventLog) -> list[str | None]:
+    seen = {e.session_id for _, e in log.read_log()}
+    return [None, *sorted(seen), "never-seen"]
+
+
+def _windows(head: int, rng: random.Random, count: int) -> list[tuple[int, int | None]]:
+    """(since, until) at odd places: 0, head, beyond head, and random ones (inside batches)."""
+    fixed = [(0, 0), (0, 1), (head, None), (head + 5, None), (0, head + 5), (head - 1, head)]
+    picked = [tuple(sorted(rng.sample(range(head + 3), 2))) for _ in range(count)]
+    return [*fixed, *((s, rng.choice([u, None])) for s, u in picked)]  # type: ignore[misc]
+
+
+def assert_whatif_pages(log: EventLog, rng: random.Random, count: int) -> None:
+    config = load_config(WHATIF)
+    head = log.head()
+    for sid in _sessions(log):
+        whole = history.whatif(log, config, {}, sid)
+        positions = [d.position for d, _ in history.recorded_decisions(log, sid)]
+        for since, until in _windows(head, rng, count):
+            last = head if until is None else until
+            expected = [r for r, p in zip(whole, positions, strict=True) if since < p <= last]
+            for limit in (None, 1, 2, 7):
+                if since == 0 and until is None and limit is None:
+                    continue
+                page = view_pages.whatif(log, config, {}, sid, since, until, limit)
+                assert page == expected[:limit], (sid, since, until, limit)
+
+
+def _started_at(log: EventLog, until: int | None) -> dict[str, int]:
+    """Each task's (newest) `TaskStarted` position up to `until`, read the slow way."""
+    return {str(e.task_id): p for p, e in log.read_log(until=until) if isinstance(e, TaskStarted)}
+
+
+def assert_replay_pages(log: EventLog, rng: random.Random, count: int) -> None:
+    head = log.head()
+    for until in (None, 0, 1, head, head + 3, *rng.sample(range(head), count)):
+        whole = replay_view(replay_log(log, until=until))
+        started = _started_at(log, until)
+        for sid in _sessions(log):
+            for since in (0, 1, whole.position, *rng.sample(range(head), 3)):
+                for limit in (None, 1, 3):
+                    if sid is None and since == 0 and limit is None:
+                        continue
+                    tasks = [
+                        t
+                        for t in whole.tasks
+                        if sid in (None, t.session_id) and started[t.task_id] > since
+                    ]
+                    in_log_order = sorted(tasks, key=lambda t: started[t.task_id])
+                    kept = {t.task_id for t in in_log_order[:limit]}
+                    expected = ReplayView(
+                        position=whole.position,
+                        registry=whole.registry,
+                        overrides=[o for o in whole.overrides if sid in (None, o.session_id)],
+                        tasks=[t for t in tasks if t.task_id in kept],
+                    )
+                    page = view_pages.replay(log, until, sid, since, limit)
+                    assert page == expected, (sid, until, since, limit)
+
+
+def test_pages_of_a_recorded_log_equal_the_whole_answers(
+    recorded: tuple[str, dict[str, Any]],
+) -> None:
+    url, _ = recorded
+    log = EventLog(url, create=False)
+    try:
+        # The log is what it should be: both writers of session a are in it, and so on.
+        started = [e for _, e in log.read_log() if isinstance(e, TaskStarted)]
+        assert len({e.pid for e in started if e.session_id == "a"}) == 2
+        assert {e.session_id for e in started} >= {"a", "b"} and len(_sessions(log)) == 5
+        rng = random.Random(11)
+        fast = url.startswith("sqlite")
+        assert_whatif_pages(log, rng, 12 if fast else 3)
+        assert_replay_pages(log, rng, 6 if fast else 2)
+    finally:
+        log.close()
+
+
+# --- SQLite: a second open in one process must not drop the first one's locks ---------------
+
+APPEND_ELSEWHERE = """
+from events.catalogue import MemoryPut
+from events.store import EventLog
+log = EventLog({url!r})
+for i in range(20):
+    put = MemoryPut(session_id="other", key=f"k{{i}}", value="v")
+    log.append("memory", [put], log.stream_version("memory"))
+log.close()
+"""
+
+
+def test_a_second_open_in_one_process_keeps_another_process_s_writes(tmp_path: Path) -> None:
+    """Opening a store touched its file with a raw `open`/`close`, and closing a descriptor
+    drops every POSIX lock the process holds on the file, SQLite's included: another
+    process closing its connection then took the store for unused, checkpointed and removed
+    the WAL under this process's connections, whose next writes went into the removed WAL.
+    Its writes were lost and the file could end up malformed."""
+    from events.catalogue import MemoryPut
+
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    first = EventLog(url)
+    first.append("memory", [MemoryPut(session_id="a", key="a0", value="v")], 0)
+    second = EventLog(url)  # a second orchestrator of this process on the same store
+    try:
+        code = APPEND_ELSEWHERE.format(url=url)
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        for i in range(1, 4):
+            first.append(
+                "memory",
+                [MemoryPut(session_id="a", key=f"a{i}", value="v")],
+                first.stream_version("memory"),
+            )
+    finally:
+        first.close()
+        second.close()
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    log = EventLog(url, create=False)
+    try:
+        keys = [e.key for _, e in log.read_log()]  # type: ignore[attr-defined]
+    finally:
+        log.close()
+    assert sorted(keys) == sorted(["a0", "a1", "a2", "a3", *(f"k{i}" for i in range(20))])
