@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
 from events.catalogue import TaskStarted
 from events.replay import replay as replay_log
@@ -23,9 +24,11 @@ from events.store import EventLog
 from orchestrator import Orchestrator, history, view_pages
 from orchestrator.config import load_config
 from orchestrator.explain import ReplayView, replay_view
+from orchestrator.ui.app import create_app
+from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer, Reply
 from tests.conftest import postgres_schema
-from tests.helpers import lab_settings, op, reset_model, run, set_model, wait_for
+from tests.helpers import config_with, lab_settings, op, reset_model, run, set_model, wait_for
 
 CLI = Path(sys.executable).parent / "orchestrator"
 TOKEN = "t0ken-for-tests"
@@ -256,3 +259,52 @@ def test_a_second_open_in_one_process_keeps_another_process_s_writes(tmp_path: P
     finally:
         log.close()
     assert sorted(keys) == sorted(["a0", "a1", "a2", "a3", *(f"k{i}" for i in range(20))])
+
+
+# --- the inspector: bad numbers, default pages and their `next` links ------------------------
+
+
+def small_store(url: str, tasks: int = 9) -> None:
+    """Two sessions of offline tasks (the built-in echo models), an override between."""
+    config = config_with("agent")
+    with (
+        Orchestrator.open(config=config, store=url, session_id="a") as a,
+        Orchestrator.open(config=config, store=url, session_id="b") as b,
+    ):
+        for i in range(tasks):
+            model = {"model": "auto:fast"} if i % 4 == 0 else {}
+            run(a if i % 3 else b, "coder", f"task {i}", **model)
+            if i == tasks // 2:
+                set_model(a, "coder", "local/echo-small")
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    small_store(url)
+    data = Inspector(url, None)
+    while data.catch_up():
+        pass
+    with TestClient(create_app(data, TOKEN), raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield c
+    data.close()
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "9" * 5000, "-²"])
+def test_a_number_filter_that_is_not_plain_digits_is_a_400_naming_it(
+    client: TestClient, value: str, tmp_path: Path
+) -> None:
+    """`str.isdigit` is true of superscripts and other scripts' digits, which `int` refuses
+    (and of digit strings longer than `int` reads): those raised out of the API as a 500."""
+    other = tmp_path / "other.toml"
+    other.write_text('model = "local/echo-small"\n')
+    for view in ("events", "replay", "whatif", "diff"):
+        for name in ("since", "until", "limit"):
+            query = {name: value, **({"config": str(other)} if view == "whatif" else {})}
+            reply = client.get(f"/api/views/{view}", params=query)
+            assert reply.status_code == 400, (view, name, reply.text)
+            assert f"{name}:" in reply.json()["error"] or "no filter" in reply.json()["error"]
+    assert client.get("/events", params={"limit": value}).status_code == 400
+    page = client.post("/whatif", data={"config": 'model = "local/echo-small"', "since": value})
+    assert page.status_code == 200 and "since:" in page.text

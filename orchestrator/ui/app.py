@@ -36,7 +36,7 @@ from events.store import Filter, StoreError
 from orchestrator.api import InvalidTaskArgs
 from orchestrator.config import ConfigError, load_config
 from orchestrator.ui import render
-from orchestrator.ui.data import Inspector, markers_by_kind
+from orchestrator.ui.data import Inspector, markers_by_kind, whole_number
 
 HERE = Path(__file__).parent
 COOKIE = "inspector_token"
@@ -261,14 +261,15 @@ def create_app(data: Inspector, token: str) -> ASGIApp:
             since = str(form.get("since") or "0")
             try:
                 config = load_config(tomllib.loads(text))
-                if not since.isdigit():
+                after = whole_number(since)
+                if after is None or after < 0:
                     raise InvalidTaskArgs("since: a log position (a whole number >= 0)")
-                context["since"] = int(since)
+                context["since"] = after
                 # A page of decisions at a time: every session's is as long as the log.
-                rows = await run_in_threadpool(data.whatif, config, sid, int(since), WHATIF_PAGE)
+                rows = await run_in_threadpool(data.whatif, config, sid, after, WHATIF_PAGE)
                 context["rows"] = [r for r in rows if r.changed]
                 context["unchanged"] = len(rows) - len(context["rows"])
-                filters = {"session_id": sid, "since": int(since), "limit": WHATIF_PAGE}
+                filters = {"session_id": sid, "since": after, "limit": WHATIF_PAGE}
                 context["next"] = await run_in_threadpool(data.next_since, "whatif", filters, rows)
             except tomllib.TOMLDecodeError as exc:
                 context["error"] = f"config: not valid TOML: {exc}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +52,17 @@ from orchestrator.ui.travel import Marker, Process, RegistryHistory, SessionHist
 
 READ_PAGE = 5000  # events folded per hold of the lock while catching up
 KEPT_SESSIONS = 32  # session histories and view readers kept in memory
+# A number in a query: ASCII digits only (`str.isdigit` also takes superscripts, which `int`
+# refuses), and not so long that `int` refuses to read it. Anything else is passed on as
+# text, for the view to refuse naming the filter.
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,30}")
+
+
+def whole_number(text: str) -> int | None:
+    """A query value as a whole number, or None when it is not one."""
+    return int(text) if _WHOLE_NUMBER.fullmatch(text) else None
+
+
 # Read by type, so a read after a position is a range of the log, not a walk of the stream.
 SUMMARY_TYPES = tuple(
     t.type_name()
@@ -273,8 +285,8 @@ class Inspector:
             hint = str(params[key].annotation) if key in params else ""
             if value == "" and "None" in hint:
                 out[key] = None
-            elif hint.startswith("int") and value.lstrip("-").isdigit():
-                out[key] = int(value)
+            elif hint.startswith("int") and whole_number(value) is not None:
+                out[key] = whole_number(value)
             else:
                 out[key] = value
         return out
