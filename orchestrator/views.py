@@ -247,11 +247,7 @@ def events(
     if until is not None:
         _check_position("until", until)
     _check_ids(session_id=session_id, worker_id=worker_id, task_id=task_id)
-    if limit is not None and (not isinstance(limit, int) or not 1 <= limit <= MAX_POSITION):
-        raise InvalidTaskArgs(
-            f"Invalid task_list arguments: limit: a number of rows from 1 to {MAX_POSITION}, "
-            f"got {str(limit)[:40]!r}."
-        )
+    view_pages.check_limit(limit)
     where = Filter(
         session_id=session_id, worker_id=worker_id, task_id=task_id, types=(type,) if type else ()
     )
@@ -267,6 +263,8 @@ def usage(
     """Tokens and cost per (session, worker, model) of finished worker tasks: this session's
     by default, every session's with `session_id=None`, only after position `since`."""
     wanted = orch.session_id if session_id is _THIS_SESSION else session_id
+    _check_position("since", since)
+    _check_ids(session_id=wanted)
     return views_at_scale.usage(orch.log, wanted, since)
 
 
@@ -312,10 +310,10 @@ def whatif(
     if until is not None:
         _check_position("until", until)
     view_pages.check_limit(limit)
+    _check_ids(session_id=session_id)
     loaded = load_config(config)
     if since == 0 and until is None and limit is None:
         return history.whatif(orch.log, loaded, os.environ, session_id)
-    _check_ids(session_id=session_id)  # a page reads by it
     return view_pages.whatif(orch.log, loaded, os.environ, session_id, since, until, limit)
 
 

@@ -6,6 +6,7 @@ decisions and a second writer process on one session."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sqlite3
@@ -21,7 +22,7 @@ from starlette.testclient import TestClient
 from events.catalogue import TaskStarted
 from events.replay import replay as replay_log
 from events.store import EventLog
-from orchestrator import Orchestrator, history, view_pages
+from orchestrator import InvalidTaskArgs, Orchestrator, history, view_pages
 from orchestrator.config import load_config
 from orchestrator.explain import ReplayView, replay_view
 from orchestrator.ui.app import create_app
@@ -308,3 +309,43 @@ def test_a_number_filter_that_is_not_plain_digits_is_a_400_naming_it(
     assert client.get("/events", params={"limit": value}).status_code == 400
     page = client.post("/whatif", data={"config": 'model = "local/echo-small"', "since": value})
     assert page.status_code == 200 and "since:" in page.text
+
+
+# --- bad filters: one line naming the filter, whatever the path ------------------------------
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
+def test_every_bad_page_filter_is_invalid_task_args_naming_it(
+    tmp_path: Path, store_kind: str
+) -> None:
+    """`whatif` checked its session only when asked for a page (the whole answer took a
+    non-text or over-long id); `events` took `limit=True` for 1; `usage` checked neither
+    `since` nor its session (on PostgreSQL a StoreError from the query, elsewhere rows)."""
+    with contextlib.ExitStack() as stack:
+        if store_kind == "sqlite":
+            url = f"sqlite:///{tmp_path / 'events.db'}"
+        else:
+            url = stack.enter_context(postgres_schema())
+        small_store(url, tasks=3)
+        orch = stack.enter_context(Orchestrator.open(store=url, session_id="a"))
+        other = {"model": "local/echo-small"}
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            ("whatif", {"config": other, "session_id": 5}, "session_id"),
+            ("whatif", {"config": other, "session_id": "x" * 65}, "session_id"),
+            ("whatif", {"config": other, "session_id": "\ud800"}, "session_id"),
+            ("events", {"limit": True}, "limit"),
+            ("usage", {"since": "abc"}, "since"),
+            ("usage", {"since": -1}, "since"),
+            ("usage", {"since": True}, "since"),
+            ("usage", {"since": 2**70}, "since"),
+            ("usage", {"session_id": 5}, "session_id"),
+        ]
+        for view, filters, name in cases:
+            with pytest.raises(InvalidTaskArgs, match=f"^Invalid task_list arguments: {name}: "):
+                orch.task_list(view=view, **filters)
+        # An unknown session is an empty answer, whole or paged.
+        for view, filters in (("whatif", {"config": other}), ("usage", {})):
+            for page in ({}, {"since": 1}, {"limit": 1}):
+                if view == "usage" and "limit" in page:
+                    continue
+                assert orch.task_list(view=view, session_id="never-seen", **filters, **page) == []
