@@ -915,9 +915,14 @@ def _require_store(url: str, env: dict[str, str]) -> None:
         and not Path(env["SQLITE_DBNAME"]).is_file()
     ):
         raise NoStore(f"no orchestrator store at {_redact(url)}")
-    if not _tables(env, read_only=True):
+    tables = _tables(env, read_only=True)
+    if not tables:
         raise NoStore(f"no orchestrator store at {_redact(url)}")
     _check_marker(url, env)
+    if not {_events_table(env), _events_table(env, "snapshots")} <= tables:
+        # Being made: a writer makes the events (and index), snapshot and marker tables in
+        # transactions of their own, and a SQLite reader takes no lock to wait for them.
+        raise NoStore(f"no orchestrator store at {_redact(url)}")
 
 
 def _check_marker(url: str, env: dict[str, str]) -> None:
@@ -933,11 +938,11 @@ def _check_marker(url: str, env: dict[str, str]) -> None:
     )
 
 
-def _events_table(env: dict[str, str]) -> str:
-    """The events table's name: SQLite's recorder keeps the library's default, PostgreSQL's
-    is named after the application."""
+def _events_table(env: dict[str, str], kind: str = "events") -> str:
+    """The events (or snapshots) table's name: SQLite's recorder keeps the library's
+    default, PostgreSQL's is named after the application."""
     sqlite = env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
-    return "stored_events" if sqlite else f"{APP_NAME}_events"
+    return f"stored_{kind}" if sqlite else f"{APP_NAME}_{kind}"
 
 
 def _only_our_streams(env: dict[str, str]) -> bool:

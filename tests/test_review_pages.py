@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import random
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from starlette.testclient import TestClient
 
 from events.catalogue import TaskStarted
 from events.replay import replay as replay_log
-from events.store import EventLog
+from events.store import EventLog, NoStore, StoreError
 from orchestrator import InvalidTaskArgs, Orchestrator, history, view_pages
 from orchestrator.config import load_config
 from orchestrator.explain import ReplayView, replay_view
@@ -341,7 +343,7 @@ def test_every_bad_page_filter_is_invalid_task_args_naming_it(
             ("usage", {"session_id": 5}, "session_id"),
         ]
         for view, filters, name in cases:
-            with pytest.raises(InvalidTaskArgs, match=f"^Invalid task_list arguments: {name}: "):
+            with pytest.raises(InvalidTaskArgs, match=rf"^Invalid task_list arguments: {name}: "):
                 orch.task_list(view=view, **filters)
         # An unknown session is an empty answer, whole or paged.
         for view, filters in (("whatif", {"config": other}), ("usage", {})):
@@ -349,3 +351,71 @@ def test_every_bad_page_filter_is_invalid_task_args_naming_it(
                 if view == "usage" and "limit" in page:
                     continue
                 assert orch.task_list(view=view, session_id="never-seen", **filters, **page) == []
+
+
+# --- reading a store while a writer makes it ---------------------------------------------------
+
+
+def test_a_sqlite_store_half_made_by_a_writer_is_no_store_yet(tmp_path: Path) -> None:
+    """A writer makes a SQLite store in three transactions (the events and index tables, the
+    snapshot table, the marker) and a reader takes no lock: one that opened in between was
+    let in and failed at its first read with "no such table: stored_snapshots"."""
+    db = tmp_path / "events.db"
+    url = f"sqlite:///{db}"
+    EventLog(url).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # as it is between the first two
+        conn.execute("DROP TABLE orchestrator_store")
+        conn.execute("DROP TABLE stored_snapshots")
+        conn.commit()
+    with pytest.raises(NoStore, match=r"^no orchestrator store at "):
+        EventLog(url, create=False)
+    for command in (["workers"], ["events"], ["replay", "--until", "1", "--limit", "1"]):
+        done = subprocess.run(
+            [str(CLI), "--store", url, *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (done.returncode, done.stderr) == (2, f"error: no orchestrator store at {url}\n")
+    EventLog(url).close()  # a writer finishes it
+    EventLog(url, create=False).close()
+
+
+def _read_while_made(directory: str, current: Any, stop: Any, found: Any) -> None:
+    seen: set[str] = set()
+    while not stop.is_set():
+        try:
+            log = EventLog(f"sqlite:///{directory}/s{current.value}.db", create=False)
+            try:
+                log.load_snapshot("registry")
+                list(log.read_log())
+            finally:
+                log.close()
+            seen.add("read")
+        except NoStore:
+            seen.add("no store")
+        except StoreError as exc:
+            seen.add(str(exc))
+    found.put(sorted(seen))
+
+
+def test_readers_while_writers_make_sqlite_stores_read_or_find_no_store(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    current, stop, found = context.Value("i", 0), context.Event(), context.Queue()
+    reader = context.Process(target=_read_while_made, args=(str(tmp_path), current, stop, found))
+    reader.start()
+    try:
+        deadline = time.monotonic() + 8
+        for i in range(1, 121):
+            current.value = i
+            time.sleep(0.002)
+            EventLog(f"sqlite:///{tmp_path}/s{i}.db").close()
+            if time.monotonic() > deadline:
+                break
+        stop.set()
+        assert set(found.get(timeout=30)) <= {"read", "no store"}
+    finally:
+        stop.set()
+        reader.join(timeout=30)
+        reader.kill()
