@@ -10,11 +10,14 @@ import contextlib
 import json
 import multiprocessing
 import random
+import re
 import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,8 @@ from events.store import EventLog, NoStore, StoreError
 from orchestrator import InvalidTaskArgs, Orchestrator, history, view_pages
 from orchestrator.config import load_config
 from orchestrator.explain import ReplayView, replay_view
-from orchestrator.ui.app import create_app
+from orchestrator.ui import app as app_module
+from orchestrator.ui.app import API_PAGES, _rows, create_app
 from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer, Reply
 from tests.conftest import postgres_schema
@@ -282,16 +286,21 @@ def small_store(url: str, tasks: int = 9) -> None:
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Iterator[TestClient]:
+def inspector(tmp_path: Path) -> Iterator[Inspector]:
     url = f"sqlite:///{tmp_path / 'events.db'}"
     small_store(url)
     data = Inspector(url, None)
     while data.catch_up():
         pass
-    with TestClient(create_app(data, TOKEN), raise_server_exceptions=False) as c:
+    yield data
+    data.close()
+
+
+@pytest.fixture
+def client(inspector: Inspector) -> Iterator[TestClient]:
+    with TestClient(create_app(inspector, TOKEN), raise_server_exceptions=False) as c:
         c.headers["Authorization"] = f"Bearer {TOKEN}"
         yield c
-    data.close()
 
 
 @pytest.mark.parametrize("value", ["²", "١٢", "9" * 5000, "-²"])
@@ -419,3 +428,151 @@ def test_readers_while_writers_make_sqlite_stores_read_or_find_no_store(tmp_path
         stop.set()
         reader.join(timeout=30)
         reader.kill()
+
+
+def _walk(client: TestClient, view: str, query: dict[str, str]) -> list[dict[str, Any]]:
+    """Every page of an API query, following `next` to the end."""
+    pages: list[dict[str, Any]] = []
+    reply = client.get(f"/api/views/{view}", params=query)
+    for _ in range(100):
+        assert reply.status_code == 200, (view, query, reply.text)
+        pages.append(reply.json())
+        if "next" not in reply.json():
+            return pages
+        reply = client.get(reply.json()["next"])
+    raise AssertionError(f"no last page of {view} {query}")
+
+
+def test_default_pages_followed_by_next_give_the_whole_answer(
+    client: TestClient, inspector: Inspector, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No `limit` asks for the default page (`API_PAGES`); its `next` links, followed to the
+    end, give exactly the whole answer, whatever else the query says."""
+    for view, size in (("events", 7), ("whatif", 2), ("replay", 2)):
+        monkeypatch.setitem(API_PAGES, view, size)
+    other = tmp_path / "other.toml"
+    other.write_text('model = "local/echo-small"\n')
+    head = inspector.head
+    queries: list[tuple[str, dict[str, str]]] = [
+        ("events", {}),
+        ("events", {"session_id": "a"}),
+        ("events", {"type": "TaskStarted", "until": str(head - 4), "since": "3"}),
+        ("whatif", {"config": str(other)}),
+        ("whatif", {"config": str(other), "session_id": "b"}),
+        ("whatif", {"config": str(other), "since": "5", "until": str(head - 6)}),
+        ("replay", {}),
+        ("replay", {"session_id": "a"}),
+        ("replay", {"until": str(head // 2)}),
+        ("replay", {"session_id": "b", "since": "4", "until": str(head - 3)}),
+    ]
+    for view, query in queries:
+        pages = _walk(client, view, query)
+        filters = inspector.view_filters(view, {**query, "limit": ""})
+        whole = _rows(inspector.view(view, filters, query.get("session_id") or "cli"))
+        if view == "replay":
+            assert all(p["rows"][0] | {"tasks": []} == whole[0] | {"tasks": []} for p in pages)
+            walked = [t for p in pages for t in p["rows"][0]["tasks"]]
+            whole = whole[0]["tasks"]
+            walked.sort(key=lambda t: t["task_id"])
+            whole.sort(key=lambda t: t["task_id"])
+        else:
+            walked = [r for p in pages for r in p["rows"]]
+        assert walked == whole, (view, query)
+        assert len(pages) >= 2, (view, query)  # more rows than a page
+
+
+def test_the_whatif_page_s_next_form_walks_every_decision(
+    client: TestClient, inspector: Inspector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app_module, "WHATIF_PAGE", 2)
+    config = 'model = "local/echo-small"\nsmall_model = "local/echo-large"\n'
+    whole = inspector.whatif(load_config(tomllib.loads(config)), "a")
+    form = {"config": config, "session": "a"}
+    changed: list[str] = []
+    unchanged = 0
+    for _ in range(50):
+        page = client.post("/whatif", data=form)
+        assert page.status_code == 200, page.text
+        changed += re.findall(r'<tr><td><a href="/tasks/([^"]+)">', page.text)
+        unchanged += int((re.search(r"\((\d+) would not\)", page.text) or [0, 0])[1])
+        nxt = re.search(
+            r'<form method="post" action="/whatif" id="whatif-next">(.*?)</form>', page.text, re.S
+        )
+        if nxt is None:
+            break
+        form = {k: unescape(v) for k, v in re.findall(r'name="(\w+)" value="([^"]*)"', nxt[1])}
+    else:
+        raise AssertionError("no last page")
+    assert changed == [r.task_id for r in whole if r.changed]  # the config's newline kept
+    assert unchanged == len([r for r in whole if not r.changed]) and changed and unchanged
+
+
+# --- the CLI's page flags ----------------------------------------------------------------------
+
+
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLI), "--store", url, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_cli_page_flags_answer_the_view_s_page(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    small_store(url)
+    other = tmp_path / "other.toml"
+    other.write_text('model = "local/echo-small"\n')
+    log = EventLog(url, create=False)
+    config = load_config(other)
+    try:
+        head = log.head()
+        for since, until, limit, sid in (
+            (3, head - 5, 2, None),
+            (0, None, 1, "b"),
+            (head, None, 3, None),
+        ):
+            args = ["whatif", "--config", str(other), "--json", "--since", str(since)]
+            args += ["--limit", str(limit)] + (["--until", str(until)] if until else [])
+            args += ["--session", sid] if sid else []
+            done = _cli(url, *args)
+            assert done.returncode == 0, done.stderr
+            page = view_pages.whatif(log, config, {}, sid, since, until, limit)
+            assert json.loads(done.stdout) == [r.model_dump(mode="json") for r in page]
+        for args, (sid, since, limit) in (
+            (
+                [
+                    "replay",
+                    "--until",
+                    str(head - 2),
+                    "--session",
+                    "a",
+                    "--since",
+                    "4",
+                    "--limit",
+                    "2",
+                ],
+                ("a", 4, 2),
+            ),
+            (["--session", "b", "replay", "--until", str(head), "--limit", "1"], ("b", 0, 1)),
+            (["replay", "--until", str(head + 9), "--since", "6"], (None, 6, None)),
+        ):
+            done = _cli(url, *args, "--json")
+            assert done.returncode == 0, done.stderr
+            until = int(args[args.index("--until") + 1])
+            expected = view_pages.replay(log, until, sid, since, limit)
+            assert json.loads(done.stdout) == expected.model_dump(mode="json"), args
+    finally:
+        log.close()
+    for args, name in (
+        (["whatif", "--config", str(other), "--limit", "9" * 25], "limit"),
+        (["whatif", "--config", str(other), "--since", "9" * 25], "since"),
+        (["whatif", "--config", str(other), "--session", "x" * 65, "--limit", "1"], "session_id"),
+        (["replay", "--until", "9" * 25, "--limit", "1"], "until"),
+        (["replay", "--until", "3", "--session", "\udcff", "--limit", "1"], "session_id"),
+    ):
+        done = _cli(url, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith(f"error: Invalid task_list arguments: {name}: "), done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    for args in (["whatif", "--config", str(other), "--limit", "0"], ["replay", "--until", "-1"]):
+        done = _cli(url, *args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
