@@ -198,9 +198,12 @@ class EventLog:
         no orchestrator store raises `NoStore` and nothing is made there: no file, table or
         schema. Nor is anything made or written where a store is: a store made before the
         event index existed, not indexed yet, is refused until a writer opens it."""
-        if url is None and create and not os.environ.get("ORCHESTRATOR_STORE"):
+        default = url is None and not os.environ.get("ORCHESTRATOR_STORE")
+        if default and create:
             state_dir()  # the per-user directory is ours to make; a URL's directory is not
         self.url = url or default_store_url()
+        if default and not create and not state_path().is_dir():
+            raise NoStore(f"no orchestrator store at {self.url}")  # none written here yet
         self.kind, env = _environment(self.url)
         env["CREATE_TABLE"] = "y" if create else "n"  # the library's DDL is a writer's
         self._env = env

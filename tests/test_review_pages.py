@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import random
 import re
 import sqlite3
@@ -576,3 +577,36 @@ def test_the_cli_page_flags_answer_the_view_s_page(tmp_path: Path) -> None:
     for args in (["whatif", "--config", str(other), "--limit", "0"], ["replay", "--until", "-1"]):
         done = _cli(url, *args)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_reading_commands_on_a_fresh_machine_find_no_store_and_make_nothing(
+    tmp_path: Path,
+) -> None:
+    """Before any command wrote, the default store's directory (the per-user state
+    directory, ours to make) does not exist: a reading command said to create it first,
+    which would not help, and `models` and `profiles`, which need no store, failed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home)}
+    if os.environ.get("PYTHONPATH"):  # this tree, not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    url = f"sqlite:///{home}/.local/state/orchestrator/events.db"
+    other = tmp_path / "other.toml"
+    other.write_text('model = "local/echo-small"\n')
+    for command in (
+        ["events"],
+        ["workers"],
+        ["replay", "--until", "1", "--limit", "1"],
+        ["whatif", "--config", str(other), "--since", "1"],
+    ):
+        done = subprocess.run(
+            [str(CLI), *command], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert (done.returncode, done.stderr) == (2, f"error: no orchestrator store at {url}\n")
+    assert list(home.iterdir()) == []
+    for command, row in ((["models"], "local/echo"), (["profiles"], "coder")):
+        done = subprocess.run(
+            [str(CLI), *command], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert done.returncode == 0 and row in done.stdout, done.stderr
+    assert not (home / ".local/state/orchestrator/events.db").exists()
