@@ -32,14 +32,14 @@ from orchestrator import InvalidTaskArgs, Orchestrator, history, view_pages
 from orchestrator.config import load_config
 from orchestrator.explain import ReplayView, replay_view
 from orchestrator.ui import app as app_module
-from orchestrator.ui.app import API_PAGES, _rows, create_app
+from orchestrator.ui.app import API_PAGES, _rows
 from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer, Reply
 from tests.conftest import postgres_schema
 from tests.helpers import config_with, lab_settings, op, reset_model, run, set_model, wait_for
+from tests.ui_session import api_client, inspecting
 
 CLI = Path(sys.executable).parent / "orchestrator"
-TOKEN = "t0ken-for-tests"
 
 
 def lab(port: int) -> dict[str, Any]:
@@ -290,17 +290,13 @@ def small_store(url: str, tasks: int = 9) -> None:
 def inspector(tmp_path: Path) -> Iterator[Inspector]:
     url = f"sqlite:///{tmp_path / 'events.db'}"
     small_store(url)
-    data = Inspector(url, None)
-    while data.catch_up():
-        pass
-    yield data
-    data.close()
+    with inspecting(url, None) as data:
+        yield data
 
 
 @pytest.fixture
 def client(inspector: Inspector) -> Iterator[TestClient]:
-    with TestClient(create_app(inspector, TOKEN), raise_server_exceptions=False) as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    with api_client(inspector, raise_server_exceptions=False) as c:
         yield c
 
 

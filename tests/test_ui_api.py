@@ -24,9 +24,17 @@ from orchestrator.ui import app
 from orchestrator.ui.app import API_PAGES, create_app
 from orchestrator.ui.data import Inspector
 from tests.chat import ChatServer
-from tests.ui_session import SESSION, Recorded, record, start_task_elsewhere, view_queries
+from tests.ui_session import (
+    SESSION,
+    TOKEN,
+    Recorded,
+    api_client,
+    inspecting,
+    record,
+    start_task_elsewhere,
+    view_queries,
+)
 
-TOKEN = "t0ken-for-tests"
 CLI = Path(sys.executable).parent / "orchestrator"
 
 
@@ -37,17 +45,13 @@ def recorded(tmp_path: Path, chat_server: ChatServer) -> Recorded:
 
 @pytest.fixture
 def inspector(recorded: Recorded) -> Iterator[Inspector]:
-    data = Inspector(recorded.url, recorded.config)
-    while data.catch_up():
-        pass
-    yield data
-    data.close()
+    with inspecting(recorded.url, recorded.config) as data:
+        yield data
 
 
 @pytest.fixture
 def client(inspector: Inspector) -> Iterator[TestClient]:
-    with TestClient(create_app(inspector, TOKEN), follow_redirects=False) as c:
-        c.headers["Authorization"] = f"Bearer {TOKEN}"
+    with api_client(inspector, follow_redirects=False) as c:
         yield c
 
 
@@ -291,15 +295,8 @@ def test_a_continued_tasks_page_shows_the_conversation_it_carried(tmp_path: Path
         rec = orch.task_await(second.task_id, timeout=30)
         assert rec.status == "completed", rec.error
         config = orch.config
-    data = Inspector(url, config)
-    try:
-        while data.catch_up():
-            pass
-        with TestClient(create_app(data, TOKEN), follow_redirects=False) as c:
-            c.headers["Authorization"] = f"Bearer {TOKEN}"
-            page = c.get(f"/tasks/{second.task_id}")
-    finally:
-        data.close()
+    with inspecting(url, config) as data, api_client(data, follow_redirects=False) as c:
+        page = c.get(f"/tasks/{second.task_id}")
     assert page.status_code == 200
     table = page.text[page.text.index('id="conversation"') :]
     table = table[: table.index("</table>")]

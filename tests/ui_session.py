@@ -3,16 +3,26 @@ fallback and a cancelled task, on real worker processes and a local chat server.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import Orchestrator, views
 from tests.chat import ChatServer, Reply
 from tests.helpers import lab_settings, op, reset_model, run, set_model, wait_for
+
+if TYPE_CHECKING:
+    from starlette.testclient import TestClient
+
+    from orchestrator.config import OrchestratorConfig
+    from orchestrator.ui.data import Inspector
+
+TOKEN = "t0ken-for-tests"
 
 SESSION = "rec"
 
@@ -117,3 +127,29 @@ def view_queries(rec: Recorded, whatif_file: Path) -> list[tuple[str, dict[str, 
     ]
     assert {view for view, _ in queries} == set(views.VIEWS)
     return queries
+
+
+@contextlib.contextmanager
+def inspecting(url: str, config: OrchestratorConfig | None) -> Iterator[Inspector]:
+    """The inspector's data over a store, caught up with it, closed afterwards."""
+    from orchestrator.ui.data import Inspector
+
+    data = Inspector(url, config)
+    try:
+        while data.catch_up():
+            pass
+        yield data
+    finally:
+        data.close()
+
+
+@contextlib.contextmanager
+def api_client(inspector: Inspector, **options: Any) -> Iterator[TestClient]:
+    """A client of the inspector's app that sends the token (options: TestClient's)."""
+    from starlette.testclient import TestClient
+
+    from orchestrator.ui.app import create_app
+
+    with TestClient(create_app(inspector, TOKEN), **options) as client:
+        client.headers["Authorization"] = f"Bearer {TOKEN}"
+        yield client
