@@ -13,6 +13,7 @@ from typer.core import TyperArgument, TyperGroup, TyperOption
 
 if TYPE_CHECKING:  # the store and the orchestrator load when a command needs them
     from orchestrator.orchestrator import Orchestrator
+    from orchestrator.reading import SessionReader
 
 # The global options that also work after a command's name (`run coder hi --session x`),
 # unless that command has an option of the same name (which then defaults to the global).
@@ -215,17 +216,56 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Looking:
+    """What a command that only shows the configuration reads: the views over the store
+    if there is one, else over an empty in-memory log, with no orchestrator opened (so no
+    process directory, lease or session is made)."""
+
+    def __init__(self, context: SessionReader) -> None:
+        self.context = context
+
+    def task_list(self, view: str, **filters: Any) -> list[Any]:
+        """`task_list`'s rows, read only."""
+        from orchestrator import views
+        from orchestrator.reading import NO_WRITES
+
+        return views.run(view, self.context, NO_WRITES, **filters)
+
+
 @contextmanager
-def session(
-    ctx: typer.Context, create: bool = False, needs_store: bool = True
-) -> Iterator[Orchestrator]:
+def reader(ctx: typer.Context) -> Iterator[Looking]:
+    """The configuration's views, read without opening an orchestrator; errors become one
+    line and exit 2."""
+    from events.store import EventLog, NoStore
+    from orchestrator.config import load_config
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.reading import SessionReader
+
+    s: Settings = ctx.obj
+    try:
+        config = load_config(s.config)
+        try:
+            log = EventLog(s.store, create=False)
+        except NoStore:
+            log = EventLog("memory")
+    except (OrchestratorError, OSError) as exc:
+        raise fail(str(exc)) from None
+    try:
+        yield Looking(SessionReader(config, log, s.session or "cli"))
+    except OrchestratorError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        log.close()
+
+
+@contextmanager
+def session(ctx: typer.Context, create: bool = False) -> Iterator[Orchestrator]:
     """The CLI's session on the chosen store; errors become one line and exit 2.
 
     Reading never creates: only a command that writes passes `create`; any other, where
-    there is no store, says `no orchestrator store at URL` and makes nothing there. A
-    command that `needs_store=False` (it shows the configuration) reads an empty
-    in-memory log instead."""
-    from events.store import EventLog, NoStore, StoreError
+    there is no store, says `no orchestrator store at URL` and makes nothing there (a
+    command that shows only the configuration uses `reader` instead)."""
+    from events.store import EventLog, StoreError
     from orchestrator.api import InvalidTaskArgs
     from orchestrator.config import load_config
     from orchestrator.errors import OrchestratorError
@@ -236,12 +276,7 @@ def session(
     try:
         config = load_config(s.config)  # a bad --config is said first: it names the file
         if not create:
-            try:
-                log = EventLog(s.store, create=False)
-            except NoStore:
-                if needs_store:
-                    raise
-                log = EventLog("memory")
+            log = EventLog(s.store, create=False)
         orch = Orchestrator.open(config=config, store=log or s.store, session_id=s.session or "cli")
     except (OrchestratorError, OSError) as exc:
         if log is not None:

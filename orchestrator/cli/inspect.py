@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.cli.core import JsonOpt, WorkerArg, session
+from orchestrator.cli.core import JsonOpt, WorkerArg, reader, session
 from orchestrator.cli.output import EVENT_COLUMNS, emit, one_row, out
 
 
@@ -18,7 +18,11 @@ def _view_command(
     """The command `orchestrator <view> [--json]`: one Task API view as a table or JSON."""
 
     def command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-        with session(ctx, needs_store=needs_store) as orch:
+        if not needs_store:  # the configuration's view: read, no orchestrator opened
+            with reader(ctx) as looking:
+                emit(looking.task_list(view), as_json, columns)
+            return
+        with session(ctx) as orch:
             emit(orch.task_list(view=view), as_json, columns)
 
     command.__doc__ = doc
