@@ -17,7 +17,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from events.catalogue import ConfigRecorded, Event, ModelResolved, TaskCompleted, TaskStarted
-from events.projections import LogState, apply
+from events.projections import LogState, Override, apply
 from events.reads import recorded_configs
 from events.store import EventLog
 from orchestrator.config import OrchestratorConfig
@@ -261,6 +261,28 @@ class WhatIfRow(BaseModel):
     continue_from: str | None = None
 
 
+class Redecider:
+    """What `config` decides for recorded decisions (`decide_model` with the task's model
+    and the override in force), each distinct input resolved once: the other model and the
+    resolver's reason, or None and "would fail: ..." when it cannot resolve."""
+
+    def __init__(self, config: OrchestratorConfig, catalogue: list[CatalogueModel]) -> None:
+        self.config, self.catalogue = config, catalogue
+        self._found: dict[tuple[str, str | None, str | None], tuple[str | None, str]] = {}
+
+    def __call__(self, d: Decided, override: Override | None) -> tuple[str | None, str]:
+        key = (d.worker_id, d.task_model, override.model_dump_json() if override else None)
+        found = self._found.get(key)
+        if found is None:
+            try:
+                now = decide_model(d.worker_id, d.task_model, override, self.config, self.catalogue)
+                found = (now.resolved_model, now.reason)
+            except ResolutionError as exc:
+                found = (None, f"would fail: {exc}")
+            self._found[key] = found
+        return found
+
+
 def whatif(
     log: EventLog,
     config: OrchestratorConfig,
@@ -270,14 +292,12 @@ def whatif(
     """For every recorded worker task (of one session, or all), the model `config` would
     have chosen with the same task model and session overrides. `changed` compares with
     the model recorded as chosen (`served_model` may differ after a fallback)."""
-    catalogue = build_catalogue(config, environ)
+    redecide_one = Redecider(config, build_catalogue(config, environ))
     found: list[tuple[Decided, str | None, str]] = []
     for d, state in recorded_decisions(log, session_id):
-        try:
-            now = redecide(d, state, config, catalogue)
-            found.append((d, now.resolved_model, now.reason))
-        except ResolutionError as exc:
-            found.append((d, None, f"would fail: {exc}"))
+        session = state.sessions.get(d.session_id)
+        override = session.overrides.get(d.worker_id) if session else None
+        found.append((d, *redecide_one(d, override)))
     # Built at the end: a task's served model is learnt further down the log.
     return [whatif_row(d, model, reason) for d, model, reason in found]
 

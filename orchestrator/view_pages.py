@@ -37,10 +37,11 @@ from orchestrator.history import (
     DECISION_TYPES,
     Decided,
     DecisionTracker,
+    Redecider,
     WhatIfRow,
     whatif_row,
 )
-from orchestrator.resolver import CatalogueModel, ResolutionError, build_catalogue, decide_model
+from orchestrator.resolver import build_catalogue
 
 
 def check_limit(limit: int | None) -> None:
@@ -158,26 +159,6 @@ def _task_events(
         yield from log.select(where, until=until)
 
 
-class _Redecider:
-    """`decide_model` for recorded decisions, each distinct input resolved once."""
-
-    def __init__(self, config: OrchestratorConfig, catalogue: list[CatalogueModel]) -> None:
-        self.config, self.catalogue = config, catalogue
-        self._found: dict[tuple[str, str | None, str | None], tuple[str | None, str]] = {}
-
-    def __call__(self, d: Decided, override: Override | None) -> tuple[str | None, str]:
-        key = (d.worker_id, d.task_model, override.model_dump_json() if override else None)
-        found = self._found.get(key)
-        if found is None:
-            try:
-                now = decide_model(d.worker_id, d.task_model, override, self.config, self.catalogue)
-                found = (now.resolved_model, now.reason)
-            except ResolutionError as exc:
-                found = (None, f"would fail: {exc}")
-            self._found[key] = found
-        return found
-
-
 def whatif(
     log: EventLog,
     config: OrchestratorConfig,
@@ -208,7 +189,7 @@ def whatif(
             assert alone is not None
             found[position] = alone
     overrides = session_overrides(log, (d.session_id for d in found.values()), page[-1][0])
-    redecide = _Redecider(config, build_catalogue(config, environ))
+    redecide = Redecider(config, build_catalogue(config, environ))
     rows = []
     for position, _ in page:
         d = found[position]
