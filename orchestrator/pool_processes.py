@@ -28,7 +28,7 @@ from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerU
 from orchestrator.backends.registry_writes import Proofs, RegistryWrites
 from orchestrator.launcher import WorkerLauncher
 from orchestrator.processes import ProcessState, host_id, process_state, terminate
-from orchestrator.reuse import Probe, ended, live_on_host
+from orchestrator.reuse import Probe, ended, live_on_host, recorded_live
 from orchestrator.transport import Transport
 
 WAIT_POLL = 0.05
@@ -209,12 +209,7 @@ class PoolProcesses:
 
     def live_entries(self, worker_id: str | None = None) -> list[RegistryEntry]:
         """Processes on this host recorded as running (optionally of one worker id)."""
-        state = self.registry.refresh()
-        return [
-            e
-            for e in state.entries.values()
-            if e.live and e.host == self.host and worker_id in (None, e.worker_id)
-        ]
+        return recorded_live(self.registry.refresh(), self.host, worker_id)
 
     def stoppable(self, worker_id: str | None = None) -> list[RegistryEntry]:
         """Every entry of this host that is recorded running or whose process still runs,

@@ -23,7 +23,7 @@ from events.projections import Override, Owner, RegistryState, apply_registry
 from events.reads import overrides_at as read_overrides_at
 from events.store import EventLog, Filter
 from events.streams import StreamView, session_view
-from orchestrator.backends import WorkerProcess
+from orchestrator.backends import WorkerProcess, as_process
 from orchestrator.backends.spec import WorkerSpec
 from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
 from orchestrator.fingerprint import fingerprint, identity
@@ -35,6 +35,7 @@ from orchestrator.resolver import (
     check_worker,
     decide_model,
 )
+from orchestrator.reuse import recorded_live
 
 
 class ProcessReads(Protocol):
@@ -57,12 +58,8 @@ class RecordedProcesses:
     def processes(self, worker_id: str) -> list[WorkerProcess]:
         """The worker's processes on this host recorded as running (no agents: those live
         only inside the orchestrator process that made them)."""
-        state = self.registry.refresh()
-        return [
-            WorkerProcess(e.backend, e.instance_id, e.fingerprint, e.status, e.pid, e.url)
-            for e in state.entries.values()
-            if e.live and e.host == self.host and e.worker_id == worker_id
-        ]
+        live = recorded_live(self.registry.refresh(), self.host, worker_id)
+        return [as_process(e) for e in live]
 
 
 class NoWrites:

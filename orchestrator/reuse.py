@@ -253,7 +253,19 @@ def claim_abandoned(
     return claim.host == host and claimants.get(claim.claim_id, "alive") != "alive"
 
 
+def recorded_live(
+    state: RegistryState, host: str, worker_id: str | None = None
+) -> list[RegistryEntry]:
+    """Entries of `host` recorded as running (of one worker id, or all), in registry order:
+    what the registry says, nothing probed."""
+    return [
+        e
+        for e in state.entries.values()
+        if e.live and e.host == host and worker_id in (None, e.worker_id)
+    ]
+
+
 def live_on_host(state: RegistryState, host: str) -> list[RegistryEntry]:
     """Entries of `host` recorded as running, least recently used first."""
-    rows = [e for e in state.entries.values() if e.host == host and e.live]
+    rows = recorded_live(state, host)
     return sorted(rows, key=lambda e: e.last_used_at or e.started_at)

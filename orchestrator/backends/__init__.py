@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from events.catalogue import Event
+from events.projections import RegistryEntry
 from orchestrator.cancellable import Cancelled, interruptible
 from orchestrator.config import BackendKind
 from orchestrator.errors import OrchestratorError
@@ -89,6 +90,13 @@ class WorkerProcess:
     status: str
     pid: int | None = None
     url: str | None = None
+
+
+def as_process(entry: RegistryEntry) -> WorkerProcess:
+    """A worker process's registry entry, as the views show it."""
+    return WorkerProcess(
+        entry.backend, entry.instance_id, entry.fingerprint, entry.status, entry.pid, entry.url
+    )
 
 
 @dataclass(frozen=True)

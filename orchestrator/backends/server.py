@@ -14,6 +14,7 @@ from orchestrator.backends import (
     StopResult,
     TaskError,
     WorkerProcess,
+    as_process,
 )
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.backends.spec import WorkerSpec
@@ -214,10 +215,7 @@ class ServerBackend:
 
     def processes(self, worker_id: str) -> list[WorkerProcess]:
         """The worker's processes on this host recorded as running."""
-        return [
-            WorkerProcess("server", e.instance_id, e.fingerprint, e.status, e.pid, e.url)
-            for e in self.pool.live_entries(worker_id)
-        ]
+        return [as_process(e) for e in self.pool.live_entries(worker_id)]
 
 
 class Draining(TaskError):
