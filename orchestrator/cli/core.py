@@ -216,26 +216,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-class Looking:
-    """What a command that only shows the configuration reads: the views over the store
-    if there is one, else over an empty in-memory log, with no orchestrator opened (so no
-    process directory, lease or session is made)."""
-
-    def __init__(self, context: SessionReader) -> None:
-        self.context = context
-
-    def task_list(self, view: str, **filters: Any) -> list[Any]:
-        """`task_list`'s rows, read only."""
-        from orchestrator import views
-        from orchestrator.reading import NO_WRITES
-
-        return views.run(view, self.context, NO_WRITES, **filters)
-
-
 @contextmanager
-def reader(ctx: typer.Context) -> Iterator[Looking]:
-    """The configuration's views, read without opening an orchestrator; errors become one
-    line and exit 2."""
+def reader(ctx: typer.Context) -> Iterator[SessionReader]:
+    """What a command that only shows the configuration reads (with `views.run` and
+    `NO_WRITES`): the store if there is one, else an empty in-memory log, with no
+    orchestrator opened (so no process directory, lease or session is made). Errors
+    become one line and exit 2."""
     from events.store import EventLog, NoStore
     from orchestrator.config import load_config
     from orchestrator.errors import OrchestratorError
@@ -251,7 +237,7 @@ def reader(ctx: typer.Context) -> Iterator[Looking]:
     except (OrchestratorError, OSError) as exc:
         raise fail(str(exc)) from None
     try:
-        yield Looking(SessionReader(config, log, s.session or "cli"))
+        yield SessionReader(config, log, s.session or "cli")
     except OrchestratorError as exc:
         raise fail(str(exc)) from None
     finally:

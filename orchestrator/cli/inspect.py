@@ -19,8 +19,11 @@ def _view_command(
 
     def command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         if not needs_store:  # the configuration's view: read, no orchestrator opened
-            with reader(ctx) as looking:
-                emit(looking.task_list(view), as_json, columns)
+            from orchestrator import views
+            from orchestrator.reading import NO_WRITES
+
+            with reader(ctx) as context:
+                emit(views.run(view, context, NO_WRITES), as_json, columns)
             return
         with session(ctx) as orch:
             emit(orch.task_list(view=view), as_json, columns)
