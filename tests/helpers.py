@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from events.catalogue import WorkerSpawned
 from orchestrator import Orchestrator
 from orchestrator.config import BackendKind, OrchestratorConfig, default_config
 
@@ -146,3 +147,23 @@ def wait_for(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout} s: {check}")
         time.sleep(every)
+
+
+def fake_spawned(
+    session_id: str, worker_id: str, instance_id: str, pid: int, model: str
+) -> WorkerSpawned:
+    """A `WorkerSpawned` of a process that never ran (host "h", port 9): registry history
+    for folds and views that read it, never probed."""
+    return WorkerSpawned(
+        session_id=session_id,
+        worker_id=worker_id,
+        instance_id=instance_id,
+        backend="server",
+        host="h",
+        pid=pid,
+        pid_started_at=0.0,
+        url="http://127.0.0.1:9",
+        fingerprint="fp",
+        model=model,
+        model_policy="dynamic",
+    )

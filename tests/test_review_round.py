@@ -30,6 +30,7 @@ from events.streams import StreamView
 from orchestrator import views_at_scale
 from orchestrator.model_servers.launch import SUPERVISOR
 from tests.conftest import postgres_schema
+from tests.helpers import fake_spawned
 from tests.test_registry_checkpoints import reopen, write_as_writers_do
 from tests.test_views_at_scale import slow_registry
 
@@ -78,19 +79,7 @@ def test_a_saved_checkpoint_that_is_not_json_is_ignored_not_raised(
 
 
 def _spawned(instance_id: str) -> WorkerSpawned:
-    return WorkerSpawned(
-        session_id="s1",
-        worker_id="w",
-        instance_id=instance_id,
-        backend="server",
-        host="h",
-        pid=1,
-        pid_started_at=0.0,
-        url="http://127.0.0.1:9",
-        fingerprint="fp",
-        model="p/m",
-        model_policy="dynamic",
-    )
+    return fake_spawned("s1", "w", instance_id, 1, "p/m")
 
 
 def _drop(log: EventLog, version: int) -> None:

@@ -23,7 +23,6 @@ from events.catalogue import (
     WorkerModelReset,
     WorkerModelSet,
     WorkerReady,
-    WorkerSpawned,
     WorkerStopped,
 )
 from events.replay import replay as replay_log
@@ -31,6 +30,7 @@ from events.store import EventLog, Filter
 from orchestrator import Orchestrator, history, view_pages
 from orchestrator.config import OrchestratorConfig, load_config
 from orchestrator.explain import ReplayView, replay_view
+from tests.helpers import fake_spawned
 
 SESSIONS = ("a", "b", "c")
 WORKERS = ("coder", "docs", "ghost")  # ghost: no such profile, so a re-run decision fails
@@ -101,18 +101,7 @@ def _event(
     if kind == 12 or not spawned:  # instance ids are unique (the registry view keys by them)
         iid = f"w{n}"
         spawned.append(iid)
-        return WorkerSpawned(
-            **ids,
-            instance_id=iid,
-            backend="server",
-            host="h",
-            pid=n,
-            pid_started_at=0.0,
-            url="http://127.0.0.1:9",
-            fingerprint="fp",
-            model="local/echo-large",
-            model_policy="dynamic",
-        )
+        return fake_spawned(sid, wid, iid, n, "local/echo-large")
     iid = rng.choice(spawned[-4:])
     return rng.choice([WorkerReady(**ids, instance_id=iid), WorkerStopped(**ids, instance_id=iid)])
 

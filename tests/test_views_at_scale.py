@@ -22,13 +22,13 @@ from events.catalogue import (
     WorkerModelSet,
     WorkerReady,
     WorkerReused,
-    WorkerSpawned,
     WorkerStopped,
 )
 from events.reads import registry_history
 from events.store import EventLog, Filter
 from orchestrator import history, views_at_scale
 from orchestrator.api import UsageRow, round_cost
+from tests.helpers import fake_spawned
 
 SESSIONS = ("a", "b", "c")
 WORKERS = ("coder", "docs")
@@ -65,19 +65,7 @@ def _event(rng: random.Random, n: int, started: list[tuple[str, str]], spawned: 
         return rng.choice([TaskFailed(**ids, error="no"), TaskCancelled(**ids)])
     if kind == 7 or not spawned:
         spawned.append(f"w{n}")
-        return WorkerSpawned(
-            session_id=sid,
-            worker_id=wid,
-            instance_id=f"w{n}",
-            backend="server",
-            host="h",
-            pid=n,
-            pid_started_at=0.0,
-            url="http://127.0.0.1:9",
-            fingerprint="fp",
-            model="p/big",
-            model_policy="dynamic",
-        )
+        return fake_spawned(sid, wid, f"w{n}", n, "p/big")
     iid, ids = rng.choice(spawned), {"session_id": sid, "worker_id": wid}
     return rng.choice(
         [
