@@ -21,11 +21,13 @@ from typing import Any, Protocol
 from events.catalogue import REGISTRY_STREAM
 from events.projections import Override, Owner, RegistryState, apply_registry
 from events.reads import overrides_at as read_overrides_at
+from events.reads import session_tasks
 from events.store import EventLog, Filter
 from events.streams import StreamView, session_view
+from orchestrator.api import InvalidTaskArgs
 from orchestrator.backends import WorkerProcess, as_process
 from orchestrator.backends.spec import WorkerSpec
-from orchestrator.config import OrchestratorConfig, ProfileConfig, load_config
+from orchestrator.config import OrchestratorConfig, ProfileConfig, did_you_mean, load_config
 from orchestrator.fingerprint import fingerprint, identity
 from orchestrator.processes import host_id
 from orchestrator.resolver import (
@@ -36,6 +38,13 @@ from orchestrator.resolver import (
     decide_model,
 )
 from orchestrator.reuse import recorded_live
+
+
+def unknown_task(log: EventLog, session_id: str, task_id: str) -> InvalidTaskArgs:
+    """The error for a task id the store does not know, with "Did you mean" among the
+    session's tasks (the likely typo's neighbourhood)."""
+    known = [t.task_id for t in session_tasks(log, session_id)]
+    return InvalidTaskArgs(f'Unknown task "{task_id}".' + did_you_mean(task_id, known))
 
 
 class ProcessReads(Protocol):

@@ -34,14 +34,13 @@ from events.projections import ModelsState, Owner, RegistryState, TaskRecord, ap
 from events.reads import last_config, read_task
 from events.store import EventLog, StoreError, StoreMoved, StreamConflict
 from events.streams import Appendable, StreamTail, StreamView, append_together
-from orchestrator.api import InvalidTaskArgs, check_task_id
+from orchestrator.api import check_task_id
 from orchestrator.config import OrchestratorConfig
 from orchestrator.errors import OrchestratorError
 from orchestrator.history import recorded_config
 from orchestrator.processes import own_identity, process_state
-from orchestrator.reading import ProcessReads, SessionReader
+from orchestrator.reading import ProcessReads, SessionReader, unknown_task
 from orchestrator.resolver import CatalogueModel
-from orchestrator.views import known_tasks
 
 _T = TypeVar("_T")
 # Each retry means another writer's decision landed first; this many in a row means a storm.
@@ -227,7 +226,7 @@ class Session(SessionReader):
         index; one left running by a dead orchestrator is ended first."""
         found = read_task(self.log, task_id)
         if found is None:
-            raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(self, task_id))
+            raise unknown_task(self.log, self.session_id, task_id)
         task, owner = found
         if owner is not None and self.settle(task.session_id, task_id, owner):
             found = read_task(self.log, task_id)

@@ -55,6 +55,7 @@ from orchestrator.explain import (
     replay_view,
 )
 from orchestrator.history import DiffRow, WhatIfRow
+from orchestrator.reading import unknown_task
 from orchestrator.resolver import CatalogueModel, ModelDecision, ResolutionError
 
 
@@ -371,7 +372,7 @@ def _explain_task(orch: ViewContext, task_id: str) -> TaskExplanation:
     ids = started.data.get("conversation") or [] if started is not None else []
     found = explain_task(chain, override, conversation_models(orch.log, ids))
     if found is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
+        raise unknown_task(orch.log, orch.session_id, task_id)
     return found
 
 
@@ -387,11 +388,6 @@ def _override_record(
         for e in log.select(where, until=before - 1, limit=1, newest_first=True)
     ]
     return max(found, key=lambda r: r.position, default=None)
-
-
-def known_tasks(orch: ViewContext, task_id: str) -> str:
-    """ "Did you mean" among this session's tasks (the likely typo's neighbourhood)."""
-    return did_you_mean(task_id, [t.task_id for t in session_tasks(orch.log, orch.session_id)])
 
 
 def _explain_worker(orch: ViewContext, writer: ViewWriter, worker_id: str) -> WorkerExplanation:
@@ -430,7 +426,7 @@ def conversation(
         raise InvalidTaskArgs("Invalid task_list arguments: conversation needs task_id.")
     recorded = read_recorded(orch.log, task_id)
     if recorded is None:
-        raise InvalidTaskArgs(f'Unknown task "{task_id}".' + known_tasks(orch, task_id))
+        raise unknown_task(orch.log, orch.session_id, task_id)
     if recorded.started.kind != "worker":
         raise InvalidTaskArgs(
             f'Invalid task_list arguments: task_id: "{task_id}" is an op; only a worker task '
