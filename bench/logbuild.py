@@ -30,10 +30,9 @@ from events.catalogue import (
     WorkerSpawned,
     event_from_json,
 )
-from events.projections import RegistryState, apply_registry
 from events.replay import replay
 from events.store import EventLog, Filter
-from events.streams import StreamView
+from events.streams import registry_view
 from orchestrator import Orchestrator
 
 SESSION_SIZE = 1000  # events per filler session
@@ -86,7 +85,7 @@ def build_log(url: str, size: int) -> float:
     ]
     # The registry is appended as the pool appends it: after refreshing its view, which
     # saves the registry's snapshot and checkpoint when due (the log writers leave).
-    view = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+    view = registry_view(log)
     written = 0
     n = 0
     started = time.perf_counter()

@@ -1,9 +1,10 @@
 """Live state of one stream: newest snapshot plus the events after it, caught up on demand.
 
 Loading a stream reads one snapshot and at most `SNAPSHOT_EVERY` events, however long the
-log is; catching up reads only the events appended since the last look. When the registry's
-snapshot is saved, its history's checkpoint is brought up to date and saved when due
-(`events.checkpoints`), so every writer leaves the log with them.
+log is; catching up reads only the events appended since the last look. A view may ride
+along with its snapshots (`on_snapshot`): the registry's (`registry_view`) brings its
+history's checkpoint up to date and saves it when due (`events.checkpoints`), so every
+writer leaves the log with them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from pydantic import BaseModel
 
 from events.catalogue import MEMORY_STREAM, REGISTRY_STREAM, Event, session_stream
 from events.checkpoints import registry_checkpoints
-from events.projections import MemoryState, SessionState, apply_memory, apply_session
+from events.projections import (
+    MemoryState,
+    RegistryState,
+    SessionState,
+    apply_memory,
+    apply_registry,
+    apply_session,
+)
 from events.store import EventLog, StreamConflict
 
 S = TypeVar("S", bound=BaseModel)
@@ -34,11 +42,13 @@ class StreamView(Generic[S]):
         stream: str,
         initial: Callable[[], S],
         fold: Callable[[S, Event], S],
+        on_snapshot: Callable[[EventLog], object] | None = None,
     ) -> None:
         self.log = log
         self.stream = stream
         self._initial = initial
         self._fold = fold
+        self._on_snapshot = on_snapshot  # called after each snapshot this view saves
         self._lock = threading.RLock()
         self.version = 0
         self.known = False  # has the stream been read past its snapshot yet?
@@ -67,10 +77,8 @@ class StreamView(Generic[S]):
                     self.stream, self.version, self.state.model_dump(mode="json")
                 )
                 self._snapshot_version = self.version
-                if self.stream == REGISTRY_STREAM:
-                    # The registry's history rides along: caught up from its newest saved
-                    # checkpoint, saving one when due, so no reader folds it from the start.
-                    registry_checkpoints(self.log)
+                if self._on_snapshot is not None:
+                    self._on_snapshot(self.log)
             return self.state
 
     def append(self, events: list[Event]) -> None:
@@ -158,6 +166,13 @@ def memory_view(log: EventLog) -> StreamView[MemoryState]:
     """The memory store's notes, links and done summaries (folded on demand: only the
     `memory` view needs them)."""
     return StreamView(log, MEMORY_STREAM, MemoryState, apply_memory)
+
+
+def registry_view(log: EventLog) -> StreamView[RegistryState]:
+    """The live state of the device registry. Its history rides along with its snapshots:
+    caught up from the newest saved checkpoint, saving one when due, so no reader folds it
+    from the start."""
+    return StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry, registry_checkpoints)
 
 
 def session_view(log: EventLog, session_id: str) -> StreamView[SessionState]:

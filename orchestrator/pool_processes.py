@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from events.catalogue import (
-    REGISTRY_STREAM,
     StopReason,
     WorkerDraining,
     WorkerExited,
     WorkerStopped,
 )
-from events.projections import RegistryEntry, RegistryState, apply_registry
+from events.projections import RegistryEntry, RegistryState
 from events.store import EventLog, state_dir
-from events.streams import StreamView
+from events.streams import StreamView, registry_view
 from orchestrator.backends.client import WorkerClient, WorkerReplyError, WorkerUnreachable
 from orchestrator.backends.registry_writes import Proofs, RegistryWrites
 from orchestrator.launcher import WorkerLauncher
@@ -52,9 +51,7 @@ class PoolProcesses:
         # How the pool's calls reach worker processes (None: HTTP on 127.0.0.1).
         self.transport = transport
         self.host = host_id()
-        self.registry: StreamView[RegistryState] = StreamView(
-            log, REGISTRY_STREAM, RegistryState, apply_registry
-        )
+        self.registry: StreamView[RegistryState] = registry_view(log)
         self.writes = RegistryWrites(self.registry, self.host, lambda state: state.claims)
         self.log_dir = log_dir or state_dir() / "workers"
         self.launcher = WorkerLauncher(self.log_dir)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from events.catalogue import REGISTRY_STREAM
-from events.projections import Override, Owner, RegistryState, apply_registry
+from events.projections import Override, Owner
 from events.reads import overrides_at as read_overrides_at
 from events.reads import session_tasks
 from events.store import EventLog, Filter
-from events.streams import StreamView, session_view
+from events.streams import registry_view, session_view
 from orchestrator.api import InvalidTaskArgs
 from orchestrator.backends import WorkerProcess, as_process
 from orchestrator.backends.spec import WorkerSpec
@@ -62,7 +62,7 @@ class RecordedProcesses:
 
     def __init__(self, log: EventLog, host: str) -> None:
         self.host = host
-        self.registry = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+        self.registry = registry_view(log)
 
     def processes(self, worker_id: str) -> list[WorkerProcess]:
         """The worker's processes on this host recorded as running (no agents: those live

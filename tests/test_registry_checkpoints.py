@@ -16,9 +16,8 @@ import pytest
 from events import checkpoints, streams
 from events.catalogue import REGISTRY_STREAM, Event, WorkerSpawned
 from events.checkpoints import RegistryCheckpoints, load_saved, registry_checkpoints, saved_name
-from events.projections import RegistryState, apply_registry
 from events.store import EventLog, Filter
-from events.streams import StreamView
+from events.streams import registry_view
 from orchestrator import views_at_scale
 from orchestrator.ui.data import ReadOnlyLog
 from orchestrator.ui.travel import RegistryHistory
@@ -40,7 +39,7 @@ def write_as_writers_do(log: EventLog, seed: int, count: int, first: int = 1) ->
     rng = random.Random(seed)
     started: list[tuple[str, str]] = []
     spawned: list[str] = []
-    registry = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+    registry = registry_view(log)
     for n in range(first, first + count):
         event = _event(rng, n, started, spawned)
         if event.stream_kind == "registry":

@@ -24,9 +24,8 @@ from eventsourcing.persistence import StoredEvent
 from events import checkpoints, streams
 from events.catalogue import REGISTRY_STREAM, WorkerSpawned
 from events.checkpoints import load_saved, registry_checkpoints, saved_name
-from events.projections import RegistryState, apply_registry
 from events.store import EventLog, Filter, StoreError
-from events.streams import StreamView
+from events.streams import registry_view
 from orchestrator import views_at_scale
 from orchestrator.model_servers.launch import SUPERVISOR
 from tests.conftest import postgres_schema
@@ -66,7 +65,7 @@ def test_a_saved_checkpoint_that_is_not_json_is_ignored_not_raised(
         # A new writer: its registry view saves a snapshot when due, and with it the
         # registry's checkpoint, starting from the (damaged) newest one.
         checkpoints._KEPT.pop(log, None)
-        writer = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+        writer = registry_view(log)
         writer.refresh()
         for n in range(6):
             writer.append([_spawned(f"late-{head}-{n}")])
@@ -106,14 +105,13 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from events import checkpoints, streams
-from events.catalogue import REGISTRY_STREAM, WorkerReady, WorkerSpawned, WorkerStopped
-from events.projections import RegistryState, apply_registry
+from events.catalogue import WorkerReady, WorkerSpawned, WorkerStopped
 from events.store import EventLog
-from events.streams import StreamView
+from events.streams import registry_view
 streams.SNAPSHOT_EVERY, checkpoints.CHECKPOINT_EVERY = 3, 2
 url, prefix, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 log = EventLog(url)
-registry = StreamView(log, REGISTRY_STREAM, RegistryState, apply_registry)
+registry = registry_view(log)
 deadline = time.monotonic() + 20
 while not go.exists() and time.monotonic() < deadline:
     time.sleep(0.005)
