@@ -921,16 +921,17 @@ def _require_store(url: str, env: dict[str, str]) -> None:
     tables = _tables(env, read_only=True)
     if not tables:
         raise NoStore(f"no orchestrator store at {_redact(url)}")
-    _check_marker(url, env)
+    _check_marker(url, env, tables)
     if not {_events_table(env), _events_table(env, "snapshots")} <= tables:
         # Being made: a writer makes the events (and index), snapshot and marker tables in
         # transactions of their own, and a SQLite reader takes no lock to wait for them.
         raise NoStore(f"no orchestrator store at {_redact(url)}")
 
 
-def _check_marker(url: str, env: dict[str, str]) -> None:
-    """Refuse a store someone else made, rather than read it as empty (ADR-0006)."""
-    tables = _tables(env)
+def _check_marker(url: str, env: dict[str, str], tables: set[str] | None = None) -> None:
+    """Refuse a store someone else made, rather than read it as empty (ADR-0006).
+    `tables`: the store's tables, when the caller has just read them."""
+    tables = _tables(env) if tables is None else tables
     if not tables or MARKER_TABLE in tables:
         return
     if _events_table(env) in tables and _only_our_streams(env):
